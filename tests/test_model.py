@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from transformers.integrations.bitnet import AutoBitLinear
+
+from st_bitembed import BitEmbed
+
+TEXTS = ["The cat sits on the mat.", "A quick brown fox jumps over the lazy dog near the river bank.", "Hi"]
+
+
+def encode_in_fresh_process(model_dir: Path, loader: str, output: Path) -> np.ndarray:
+    """Load ``model_dir`` in a new Python process (``loader``: "vanilla" or "bitembed") and encode TEXTS."""
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        if {loader!r} == "vanilla":
+            from sentence_transformers import SentenceTransformer as Loader
+        else:
+            from st_bitembed import BitEmbed as Loader
+        model = Loader({str(model_dir)!r})
+        np.save({str(output)!r}, model.encode({TEXTS!r}, convert_to_numpy=True))
+        assert ("st_bitembed" in sys.modules) == ({loader!r} == "bitembed"), "vanilla load imported the plugin"
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    return np.load(output)
+
+
+def train_one_step(model: BitEmbed) -> None:
+    """One AdamW step on an in-batch-negatives loss; asserts the latent weights and new norms really changed."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss_fn = MultipleNegativesRankingLoss(model)
+    features = [model.preprocess(TEXTS), model.preprocess(TEXTS[::-1])]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    loss_fn(features, None).backward()
+    optimizer.step()
+    model.eval()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert any(name.endswith("q_proj.weight") for name in changed)
+    assert any(name.endswith("rms_norm.weight") for name in changed)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_convert_train_save_reload_in_fresh_process(backbone_dirs, family, tmp_path):
+    model = BitEmbed.from_backbone(str(backbone_dirs[family]))
+    layers = [m for m in model[0].auto_model.modules() if isinstance(m, AutoBitLinear)]
+    assert len(layers) == 7 * model[0].auto_model.config.num_hidden_layers
+    assert not hasattr(model[0].auto_model, "lm_head")
+    train_one_step(model)
+    expected = model.encode(TEXTS, convert_to_numpy=True)
+    assert np.allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)
+
+    model.save(str(tmp_path / "model"))
+    for loader in ("vanilla", "bitembed"):
+        reloaded = encode_in_fresh_process(tmp_path / "model", loader, tmp_path / f"{loader}.npy")
+        assert np.abs(reloaded - expected).max() <= 1e-6, loader
+
+
+def test_subln_model_reloads_with_bitembed_and_vanilla_names_the_plugin(qwen3_dir, tmp_path):
+    model = BitEmbed.from_backbone(str(qwen3_dir), norm="subln")
+    normed = {n.rsplit(".", 1)[-1] for n, m in model[0].auto_model.named_modules() if getattr(m, "rms_norm", None)}
+    assert normed == {"o_proj", "down_proj"}
+    train_one_step(model)
+    expected = model.encode(TEXTS, convert_to_numpy=True)
+    model.save(str(tmp_path / "model"))
+
+    reloaded = encode_in_fresh_process(tmp_path / "model", "bitembed", tmp_path / "bitembed.npy")
+    assert np.abs(reloaded - expected).max() <= 1e-6
+    with pytest.raises(ValueError, match=r"st_bitembed\.modules\.subln_transformer\.SubLNTransformer"):
+        SentenceTransformer(str(tmp_path / "model"))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_last_token_pooling_is_padding_invariant_and_pools_on_eos(backbone_dirs, family, padding_side):
+    model = BitEmbed.from_backbone(str(backbone_dirs[family]))
+    tokenizer = model.tokenizer
+    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>" if family == "qwen3" else "<eos>")
+    assert tokenizer("some text")["input_ids"][-1] == eos_id
+
+    text = "Short one."
+    alone = model.encode([text], convert_to_tensor=True)[0]
+    tokenizer.padding_side = padding_side
+    batch = [text, "A much longer text, so that the short one has to be padded in this batch.", "Another long text."]
+    features = model.preprocess(batch)
+    assert features["attention_mask"][0].sum() < features["attention_mask"].shape[1]  # it really is padded
+    last_real = features["attention_mask"][0].nonzero().max()
+    assert features["input_ids"][0, last_real] == eos_id
+    in_batch = model.encode(batch, batch_size=len(batch), convert_to_tensor=True)[0]
+    torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=0)
+
+
+def test_real_minilm_converts_keeps_its_modules_and_encodes(minilm_dir):
+    teacher = SentenceTransformer(str(minilm_dir))
+    model = BitEmbed.from_backbone(str(minilm_dir))
+    assert [type(m).__name__ for m in model] == [type(m).__name__ for m in teacher]
+    assert model[1].pooling_mode == "mean"
+    layers = [m for m in model[0].auto_model.modules() if isinstance(m, AutoBitLinear)]
+    assert len(layers) == 6 * 6
+    pairs = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
+    embeddings = model.encode(pairs, convert_to_tensor=True)
+    assert embeddings.shape == (3, 384) and torch.isfinite(embeddings).all()
+    # Ternary, untrained, it still differs from the teacher but is not degenerate.
+    assert not torch.allclose(embeddings, teacher.encode(pairs, convert_to_tensor=True), atol=1e-3)
+    assert (embeddings @ embeddings.T).min() < 0.999
+
+
+def test_missing_local_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No model directory at"):
+        BitEmbed.from_backbone(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        BitEmbed.from_backbone(str(tmp_path / "empty"))
+
+
+def test_unknown_hub_id_offline_says_offline():
+    with pytest.raises(FileNotFoundError, match=r"'example-org/no-such-model'.*Hub is offline \(HF_HUB_OFFLINE=1\)"):
+        BitEmbed.from_backbone("example-org/no-such-model")
+
+
+def test_tokenizer_without_eos_is_refused_before_loading_weights(gemma3_dir, minilm_dir, tmp_path):
+    # A decoder checkpoint whose tokenizer (BERT's WordPiece) has no EOS token.
+    model_dir = tmp_path / "decoder-with-bert-tokenizer"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).write_bytes((gemma3_dir / name).read_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (model_dir / name).write_bytes((minilm_dir / name).read_bytes())
+    (model_dir / "model.safetensors").write_bytes(b"not weights: the check must fail before they are read")
+    with pytest.raises(ValueError, match=r"tokenizer \(BertTokenizer, model type 'gemma3_text'\) has no EOS token"):
+        BitEmbed.from_backbone(str(model_dir))
+    with pytest.raises(ValueError, match=r"EOS token '<\|endoftext\|>' is not in the vocabulary of BertTokenizer"):
+        BitEmbed.from_backbone(str(model_dir), eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"norm": "half"}, "Unknown norm placement 'half'"), ({"pooling": "median"}, "Unknown pooling 'median'")],
+)
+def test_bad_arguments_are_refused(qwen3_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BitEmbed.from_backbone(str(qwen3_dir), **kwargs)
