@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -16,6 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from st_bitembed import __version__
 from st_bitembed.hub import check_model_source
+from st_bitembed.modules.quantize import Quantize, check_precision
 from st_bitembed.modules.subln_transformer import SubLNTransformer
 from st_bitembed.quantization.convert import (
     NORM_PLACEMENTS,
@@ -29,6 +31,9 @@ from st_bitembed.quantization.convert import (
 from st_bitembed.tokenization import append_eos_token, pooling_eos_token
 
 PLUGIN_NAMESPACE = "st_bitembed."
+# The Quantize head lives in its own folder, outside modules.json, so vanilla sentence-transformers ignores it.
+QUANTIZE_FOLDER = "quantize"
+QUANTIZE_STATE_PREFIX = "quantize_head."
 
 
 class BitEmbed(SentenceTransformer):
@@ -45,8 +50,40 @@ class BitEmbed(SentenceTransformer):
 
             model = BitEmbed.from_backbone("Qwen/Qwen3-0.6B")  # ternary weights, last-token pooling on <|endoftext|>
             embeddings = model.encode(["The weather is lovely today.", "It's so sunny outside!"])
+            codes = model.encode(["The weather is lovely today."], precision="int4", pack=True)  # 2 codes per byte
             model.save("bitembed-qwen3-0.6b")
     """
+
+    def __init__(self, model_name_or_path: str | None = None, **kwargs: Any) -> None:
+        self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
+        super().__init__(model_name_or_path, **kwargs)
+        hub_kwargs = {key: kwargs.get(key) for key in ("token", "cache_folder", "revision")}
+        has_saved_head = model_name_or_path is not None and load_file_path(
+            model_name_or_path,
+            os.path.join(QUANTIZE_FOLDER, "config.json"),
+            local_files_only=kwargs.get("local_files_only", False),
+            **hub_kwargs,
+        )
+        if has_saved_head:
+            head = Quantize.load(
+                model_name_or_path,
+                subfolder=QUANTIZE_FOLDER,
+                local_files_only=kwargs.get("local_files_only", False),
+                **hub_kwargs,
+            )
+        elif self.get_embedding_dimension():
+            head = Quantize(self.get_embedding_dimension())
+        else:
+            head = None
+        # Not a registered child: SentenceTransformer runs and saves every child as a pipeline module.
+        object.__setattr__(self, "_quantize_head", head.to(self.device) if head is not None else None)
+
+    @property
+    def quantizer(self) -> Quantize:
+        """The Quantize head that turns float embeddings into codes for every storage precision."""
+        if self._quantize_head is None:
+            raise ValueError("This model has no Quantize head: its embedding dimension is unknown.")
+        return self._quantize_head
 
     @classmethod
     def from_backbone(
@@ -192,6 +229,92 @@ class BitEmbed(SentenceTransformer):
     def backbone_blocks(self) -> str:
         """Name of the backbone's module list of transformer blocks."""
         return find_transformer_blocks(self[0].auto_model)
+
+    def encode(
+        self,
+        inputs: Any,
+        *args: Any,
+        precision: str = "float32",
+        pack: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        output_value: str | None = "sentence_embedding",
+        **kwargs: Any,
+    ) -> Any:
+        """``SentenceTransformer.encode`` with every storage precision of the Quantize head.
+
+        Args:
+            precision: One of :data:`st_bitembed.PRECISIONS`: "float32", "float16", "bfloat16", "int8", "uint8",
+                "int4", "int2", "binary", "ubinary". Codes come from the model's own (trained) head, so a text's
+                codes never depend on the rest of the batch.
+            pack: For int4 / int2, return uint8 bytes with 2 / 4 codes each instead of one int8 code per dimension.
+                Binary and ubinary are always packed 8 dimensions per byte, as in sentence-transformers.
+            Other arguments as for ``SentenceTransformer.encode``.
+        """
+        check_precision(precision)
+        if precision == "float32":
+            return super().encode(
+                inputs,
+                *args,
+                convert_to_numpy=convert_to_numpy,
+                convert_to_tensor=convert_to_tensor,
+                output_value=output_value,
+                **kwargs,
+            )
+        if output_value != "sentence_embedding":
+            raise ValueError(
+                f"precision={precision!r} applies to sentence embeddings, not output_value={output_value!r}."
+            )
+        embeddings = super().encode(
+            inputs, *args, convert_to_numpy=False, convert_to_tensor=True, output_value=output_value, **kwargs
+        )
+        codes = self.quantizer.quantize(embeddings.to(self.quantizer.log_half_ranges["int8"].device), precision, pack)
+        if convert_to_tensor:
+            return codes
+        if convert_to_numpy:
+            return codes.cpu().float().numpy() if codes.dtype == torch.bfloat16 else codes.cpu().numpy()
+        return list(codes)
+
+    def bytes_per_vector(self, precision: str) -> int:
+        """Bytes one embedding takes at ``precision`` (e.g. 1024 dims: 2048 at float16, 512 at int4, 128 binary)."""
+        return self.quantizer.bytes_per_vector(precision, self.get_embedding_dimension())
+
+    def calibrate_quantizer(self, texts: Sequence[str], batch_size: int = 32) -> None:
+        """Fit the Quantize head's ranges to the float embeddings of ``texts`` (a few hundred is plenty)."""
+        embeddings = super().encode(list(texts), batch_size=batch_size, convert_to_tensor=True)
+        self.quantizer.calibrate(embeddings)
+
+    def save(self, path: str, *args: Any, **kwargs: Any) -> None:
+        super().save(path, *args, **kwargs)
+        if path is not None and self._quantize_head is not None:
+            folder = os.path.join(path, QUANTIZE_FOLDER)
+            os.makedirs(folder, exist_ok=True)
+            self._quantize_head.save(folder)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> BitEmbed:
+        # .to() / .half() / .cuda() reach the head, which is not a registered child.
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_quantize_head", None) is not None:
+            self._quantize_head._apply(fn, *args, **kwargs)
+        return self
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        # The head's parameters travel with the model's, so trainer checkpoints resume them too.
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._quantize_head is not None:
+            for key, value in self._quantize_head.state_dict(keep_vars=keep_vars).items():
+                state[prefix + QUANTIZE_STATE_PREFIX + key] = value
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        head_state = {
+            k[len(QUANTIZE_STATE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(QUANTIZE_STATE_PREFIX)
+        }
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(QUANTIZE_STATE_PREFIX)}
+        result = super().load_state_dict(rest, strict=strict, assign=assign)
+        if head_state and self._quantize_head is not None:
+            self._quantize_head.load_state_dict(head_state, strict=strict, assign=assign)
+        return result
 
     def _load_module_class_from_ref(self, class_ref: str, *args: Any, **kwargs: Any) -> type:
         # This package's own modules need no trust_remote_code under BitEmbed: the user already imported it.

@@ -123,3 +123,10 @@ def _converted_qwen3(qwen3_dir):
 def converted_qwen3(_converted_qwen3):
     """A fresh copy of a converted tiny Qwen3 for each test (conversion is done once per session)."""
     return copy.deepcopy(_converted_qwen3)
+
+
+@pytest.fixture(scope="session")
+def sts_sentences() -> list[str]:
+    """300 real sentences from the STS-B dev set in ../shared/data."""
+    rows = (SHARED / "data" / "raw" / "stsbenchmark" / "sts-dev.csv").read_text(encoding="utf8").splitlines()
+    return [row.split("\t")[5] for row in rows[:300]]

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sentence_transformers.util import quantize_embeddings
+
+from st_bitembed import PRECISIONS, BitEmbed, Quantize
+from st_bitembed.quantization.packing import pack_codes, unpack_codes
+
+CODE_RANGES = {"int8": (-128, 127), "int4": (-8, 7), "int2": (-2, 1), "uint8": (0, 255)}
+
+
+def unit_vectors(rows: int, dimension: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, dimension, generator=generator), dim=-1)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_codes_are_in_range_and_have_the_storage_size(precision):
+    head = Quantize(100)
+    embeddings = unit_vectors(64, 100) * 3  # beyond the ranges too: codes must clip, not wrap
+    codes = head.quantize(embeddings, precision, pack=True)
+    if precision in CODE_RANGES:
+        low, high = CODE_RANGES[precision]
+        unpacked = head.quantize(embeddings, precision)
+        assert unpacked.min() >= low and unpacked.max() <= high
+        assert unpacked.min() == low and unpacked.max() == high  # clipping reaches both ends
+    assert codes[0].numel() * codes.element_size() == head.bytes_per_vector(precision)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("dimension", [64, 37])
+def test_pack_unpack_round_trips_exactly(bits, dimension):
+    low = 0 if bits == 1 else -(2 ** (bits - 1))
+    high = 1 if bits == 1 else 2 ** (bits - 1) - 1
+    codes = torch.randint(low, high + 1, (5, dimension), dtype=torch.int8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-dimension * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, dimension), codes)
+
+
+def test_binary_bytes_equal_sentence_transformers():
+    head = Quantize(100)
+    embeddings = unit_vectors(16, 100)
+    for precision in ("binary", "ubinary"):
+        expected = quantize_embeddings(embeddings.numpy(), precision)
+        assert np.array_equal(head.quantize(embeddings, precision).numpy(), expected)
+
+
+def test_fake_quantize_matches_storage_codes_and_trains_the_ranges():
+    head = Quantize(32)
+    embeddings = unit_vectors(8, 32).requires_grad_()
+    for precision in PRECISIONS:
+        reconstructed = head.dequantize(head.quantize(embeddings.detach(), precision), precision)
+        torch.testing.assert_close(head.fake_quantize(embeddings, precision).detach(), reconstructed)
+    head.fake_quantize(embeddings, "int4").pow(2).sum().backward()
+    assert head.log_half_ranges["int4"].grad.abs().sum() > 0
+    assert embeddings.grad.abs().sum() > 0  # straight-through to the model
+
+
+def test_unknown_precision_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Unknown precision 'int3'; valid precisions are float32, float16.*ubinary"):
+        Quantize(8).quantize(unit_vectors(1, 8), "int3")
+
+
+def test_bytes_per_vector_for_a_1024_dimensional_model():
+    head = Quantize(1024)
+    assert [head.bytes_per_vector(p) for p in ("float32", "float16", "int8", "int4", "int2", "binary")] == [
+        4096,
+        2048,
+        1024,
+        512,
+        256,
+        128,
+    ]
+
+
+def test_reconstruction_error_rises_with_fewer_bits_on_real_minilm_embeddings(minilm_dir, sts_sentences):
+    model = BitEmbed(str(minilm_dir))
+    embeddings = model.encode(sts_sentences, convert_to_tensor=True)
+    errors = []
+    for precision in ("float16", "int8", "int4", "int2", "binary"):
+        codes = model.encode(sts_sentences, precision=precision, convert_to_tensor=True)
+        errors.append((model.quantizer.dequantize(codes, precision) - embeddings).pow(2).sum(-1).mean().item())
+    assert errors == sorted(errors) and len(set(errors)) == len(errors), errors
+    model.quantizer.calibrate(embeddings)  # fitting the ranges to real embeddings lowers the integer errors
+    for precision, before in zip(("int8", "int4", "int2"), errors[1:4]):
+        codes = model.quantizer.quantize(embeddings, precision)
+        assert (model.quantizer.dequantize(codes, precision) - embeddings).pow(2).sum(-1).mean() < before
+
+
+def test_codes_of_a_text_do_not_depend_on_the_batch(converted_qwen3):
+    text = "The same text, alone and in a batch."
+    others = ["Something else entirely, and quite a bit longer than the text itself.", "Short."]
+    for precision in ("int8", "int4", "int2", "binary"):
+        alone = converted_qwen3.encode([text], precision=precision)
+        in_batch = converted_qwen3.encode([*others, text], precision=precision)
+        assert np.array_equal(alone[0], in_batch[-1]), precision
+
+
+def test_head_saves_with_the_model_and_vanilla_still_loads(converted_qwen3, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    with torch.no_grad():
+        converted_qwen3.quantizer.log_half_ranges["int4"].add_(0.3)  # as if trained
+    expected = converted_qwen3.encode(["a text"], precision="int4")
+    converted_qwen3.save(str(tmp_path))
+    reloaded = BitEmbed(str(tmp_path))
+    torch.testing.assert_close(
+        reloaded.quantizer.log_half_ranges["int4"], converted_qwen3.quantizer.log_half_ranges["int4"]
+    )
+    assert np.array_equal(reloaded.encode(["a text"], precision="int4"), expected)
+    vanilla = SentenceTransformer(str(tmp_path))
+    assert np.allclose(vanilla.encode(["a text"]), converted_qwen3.encode(["a text"]), atol=1e-6)
+
+
+def test_head_parameters_travel_in_the_state_dict(converted_qwen3):
+    state = converted_qwen3.state_dict()
+    assert "quantize_head.log_half_ranges.int4" in state
+    state["quantize_head.log_half_ranges.int4"] = state["quantize_head.log_half_ranges.int4"] + 1.0
+    converted_qwen3.load_state_dict(state)
+    torch.testing.assert_close(
+        converted_qwen3.quantizer.log_half_ranges["int4"], state["quantize_head.log_half_ranges.int4"]
+    )
+
+
+def test_encode_returns_tensors_numpy_and_single_vectors(converted_qwen3):
+    tensor = converted_qwen3.encode(["a", "b"], precision="int4", pack=True, convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8 and tensor.shape == (2, 32)
+    single = converted_qwen3.encode("a", precision="binary")
+    assert isinstance(single, np.ndarray) and single.shape == (8,) and single.dtype == np.int8
+    with pytest.raises(ValueError, match="Unknown precision 'int16'"):
+        converted_qwen3.encode(["a"], precision="int16")
