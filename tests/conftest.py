@@ -130,3 +130,27 @@ def sts_sentences() -> list[str]:
     """300 real sentences from the STS-B dev set in ../shared/data."""
     rows = (SHARED / "data" / "raw" / "stsbenchmark" / "sts-dev.csv").read_text(encoding="utf8").splitlines()
     return [row.split("\t")[5] for row in rows[:300]]
+
+
+def full_precision_twin(backbone_dir: Path):
+    """A full-precision sentence-transformers model of a tiny decoder: the teacher of its BitEmbed student."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from st_bitembed.tokenization import append_eos_token, pooling_eos_token
+
+    transformer = Transformer.load(str(backbone_dir))  # text modality only, as BitEmbed.from_backbone builds it
+    append_eos_token(transformer.tokenizer, pooling_eos_token(transformer.tokenizer, transformer.config.model_type))
+    pooling = Pooling(transformer.get_embedding_dimension(), "lasttoken")
+    return SentenceTransformer(modules=[transformer, pooling, Normalize()])
+
+
+@pytest.fixture(scope="session")
+def _qwen3_teacher(qwen3_dir):
+    return full_precision_twin(qwen3_dir)
+
+
+@pytest.fixture
+def qwen3_teacher(_qwen3_teacher):
+    return copy.deepcopy(_qwen3_teacher)

@@ -1,0 +1,9 @@
+from __future__ import annotations
+
+from st_bitembed.losses.attention_relation import AttentionRelationLoss
+from st_bitembed.losses.bitembed import BitEmbedLoss
+from st_bitembed.losses.info_nce import InfoNCELoss
+from st_bitembed.losses.multi_precision import MultiPrecisionLoss
+from st_bitembed.losses.similarity_kl import SimilarityKLLoss
+
+__all__ = ["AttentionRelationLoss", "BitEmbedLoss", "InfoNCELoss", "MultiPrecisionLoss", "SimilarityKLLoss"]

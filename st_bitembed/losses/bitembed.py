@@ -1,0 +1,148 @@
+"""The BitEmbed training objective: multi-precision InfoNCE + similarity-KL + attention-relation distillation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from torch import Tensor, nn
+
+from st_bitembed.losses.attention_relation import AttentionRelationLoss, capture_outputs
+from st_bitembed.losses.info_nce import BITEMBED_CITATION, InfoNCELoss
+from st_bitembed.losses.multi_precision import DEFAULT_PRECISIONS, MultiPrecisionLoss
+from st_bitembed.losses.similarity_kl import SimilarityKLLoss
+
+
+class BitEmbedLoss(nn.Module):
+    """``MultiPrecision(InfoNCE) + alpha * SimilarityKL + beta * AttentionRelation``, from one student forward.
+
+    Returns a dict of terms (``infonce/<precision>``, ``similarity_kl``, ``attention_relation``), which
+    SentenceTransformerTrainer sums for the backward pass and logs one by one. Stage 1 (continual contrastive
+    pre-training) is ``alpha=0, beta=0`` (or ``alpha > 0`` with a teacher); stage 2 adds both distillation terms.
+    A non-finite term stops training with an error that names it.
+
+    Args:
+        model: A :class:`~st_bitembed.BitEmbed` student.
+        teacher: Frozen full-precision teacher, run inside the loss. Any tokenizer for the KL term; the attention
+            term needs the student's tokenizer. None: KL reads precomputed teacher embeddings from the labels.
+        alpha: Weight of the similarity-distribution KL term (0 turns it off).
+        beta: Weight of the attention-relation term (0 turns it off; needs ``teacher``).
+        precisions: Storage precisions InfoNCE is applied at; ``precision_weights`` their weights.
+        temperature: InfoNCE temperature; ``symmetric`` adds its document-to-query term;
+            ``gather_across_devices`` shares in-batch negatives across DDP processes.
+        student_temperature, teacher_temperature: Temperatures of the KL term.
+        teacher_layer, student_layer, relation_heads: Of the attention-relation term.
+
+    References:
+        - BitNet Text Embeddings: https://arxiv.org/abs/2606.25674
+        - MiniLMv2: https://arxiv.org/abs/2012.15828
+
+    Inputs:
+        +-----------------------------------------------+-------------------------------------------------------+
+        | Texts                                         | Labels                                                |
+        +===============================================+=======================================================+
+        | (query, positive, [negatives...])             | none, or teacher embeddings (batch, columns, dim)     |
+        +-----------------------------------------------+-------------------------------------------------------+
+
+    Example:
+        ::
+
+            from datasets import Dataset
+            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+            from st_bitembed import BitEmbed
+            from st_bitembed.losses import BitEmbedLoss
+
+            teacher = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+            model = BitEmbed.from_backbone("sentence-transformers/all-MiniLM-L6-v2")
+            train_dataset = Dataset.from_dict({
+                "anchor": ["It's nice weather outside today.", "He drove to work."],
+                "positive": ["It's so sunny.", "He took the car to the office."],
+            })
+            loss = BitEmbedLoss(model, teacher=teacher, alpha=1.0, beta=1.0)
+            SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss).train()
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        teacher: SentenceTransformer | None = None,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        precisions: Sequence[str] = DEFAULT_PRECISIONS,
+        precision_weights: Sequence[float] | None = None,
+        temperature: float = 0.05,
+        symmetric: bool = False,
+        gather_across_devices: bool = False,
+        student_temperature: float = 0.05,
+        teacher_temperature: float = 0.05,
+        teacher_layer: int = -1,
+        student_layer: int = -1,
+        relation_heads: int | None = None,
+    ) -> None:
+        super().__init__()
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}.")
+        if beta > 0 and teacher is None:
+            raise ValueError("beta > 0 (attention-relation distillation) needs teacher=, a model run inside the loss.")
+        self.model = model
+        self.alpha, self.beta = alpha, beta
+        self.contrastive = MultiPrecisionLoss(
+            model, InfoNCELoss(model, temperature, symmetric, gather_across_devices), precisions, precision_weights
+        )
+        self.similarity_kl = (
+            SimilarityKLLoss(model, teacher, student_temperature, teacher_temperature) if alpha > 0 else None
+        )
+        self.attention_relation = (
+            AttentionRelationLoss(model, teacher, teacher_layer, student_layer, relation_heads) if beta > 0 else None
+        )
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
+        sentence_features = list(sentence_features)
+        relation = self.attention_relation
+        with capture_outputs(relation.student_projections() if relation else {}) as student_projections:
+            # embed_columns runs the anchor column first and on its own: the first captured call is the anchor.
+            embeddings = embed_columns(self.model, sentence_features)
+        terms = {f"infonce/{p}": t for p, t in self.contrastive.compute_terms(embeddings, labels).items()}
+
+        shared_teacher = (
+            relation is not None and self.similarity_kl is not None and self.similarity_kl.teacher is relation.teacher
+        )
+        with capture_outputs(relation.teacher_projections() if shared_teacher else {}) as teacher_projections:
+            if self.similarity_kl is not None:
+                teacher_embeddings = self.similarity_kl.teacher_embeddings(sentence_features, labels)
+                kl = self.similarity_kl.compute_loss_from_embeddings(embeddings, teacher_embeddings)
+                terms["similarity_kl"] = self.alpha * kl
+        if relation is not None:
+            anchor = sentence_features[0]
+            teacher_outputs = (
+                {name: outputs[0] for name, outputs in teacher_projections.items()}
+                if shared_teacher
+                else relation.teacher_projection_outputs(anchor)
+            )
+            student_outputs = {name: outputs[0] for name, outputs in student_projections.items()}
+            terms["attention_relation"] = self.beta * relation.compute_loss_from_projections(
+                student_outputs, teacher_outputs, anchor
+            )
+        for name, value in terms.items():
+            if not math.isfinite(value.item()):
+                raise FloatingPointError(
+                    f"BitEmbedLoss term {name!r} is {value.item()}: training diverged or an input is degenerate. "
+                    "Lower the learning rate, raise the temperatures, or check the batch (empty or duplicate texts)."
+                )
+        return terms
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "contrastive": self.contrastive.get_config_dict(),
+            "similarity_kl": self.similarity_kl.get_config_dict() if self.similarity_kl else None,
+            "attention_relation": self.attention_relation.get_config_dict() if self.attention_relation else None,
+        }
+
+    @property
+    def citation(self) -> str:
+        return BITEMBED_CITATION

@@ -1,0 +1,45 @@
+"""A frozen full-precision teacher run inside a loss: freezing, tokenizer checks, and its inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sentence_transformers import SentenceTransformer
+from torch import Tensor
+
+
+def freeze(teacher: SentenceTransformer) -> SentenceTransformer:
+    """Put ``teacher`` in eval mode with no trainable parameters (so the trainer's optimizer skips it)."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def describe_tokenizer(model: SentenceTransformer) -> str:
+    tokenizer = model.tokenizer
+    return f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or 'unnamed'})"
+
+
+def same_tokenizer(student: SentenceTransformer, teacher: SentenceTransformer) -> bool:
+    """Whether both models turn text into the same token ids (same vocabulary and the same ids for a probe)."""
+    probe = "BitEmbed: ternary weights, 8-bit activations - 1.58 bits!"
+    student_tokenizer, teacher_tokenizer = student.tokenizer, teacher.tokenizer
+    return (
+        student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+        and student_tokenizer(probe)["input_ids"] == teacher_tokenizer(probe)["input_ids"]
+    )
+
+
+def teacher_inputs(
+    student: SentenceTransformer, teacher: SentenceTransformer, features: dict[str, Any], shares_tokenizer: bool
+) -> dict[str, Any]:
+    """The teacher's inputs for one text column: the student's own features when the tokenizers agree, else the
+    column's texts (decoded from the student's tokens) tokenized again by the teacher."""
+    if shares_tokenizer:
+        return {key: value for key, value in features.items() if key != "sentence_embedding"}
+    input_ids: Tensor = features["input_ids"]
+    texts = student.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    return {
+        key: value.to(input_ids.device) if isinstance(value, Tensor) else value
+        for key, value in teacher.preprocess(texts).items()
+    }
