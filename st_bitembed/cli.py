@@ -1,13 +1,17 @@
-"""The ``st-bitembed`` command line: thin wrappers that parse arguments and call the library."""
+"""The ``st-bitembed`` command line: thin wrappers that parse arguments and call the library.
+
+Nothing heavy is imported before the arguments are parsed, so that ``--offline-data`` can switch datasets and
+huggingface_hub to the local data kit before they load.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
-
-from st_bitembed.quantization.convert import NORM_PLACEMENTS
+from pathlib import Path
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -21,22 +25,84 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"Converted {args.base} ({layers} BitLinear layers, norm={args.norm}) -> {args.output_dir}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from st_bitembed.evaluation import evaluate_precisions
+
+    report = evaluate_precisions(
+        args.model,
+        tasks=args.tasks.split(",") if args.tasks else None,
+        benchmark=args.benchmark,
+        precisions=args.precisions.split(","),
+        teacher=args.teacher,
+        output_dir=args.output_dir,
+        posthoc=not args.no_posthoc,
+        batch_size=args.batch_size,
+        name=args.name,
+    )
+    print(report.to_markdown())
+    print(f"\nResults, table and plot in {args.output_dir}")
+
+
+def _card(args: argparse.Namespace) -> None:
+    from st_bitembed import BitEmbed
+    from st_bitembed.card import write_model_card
+    from st_bitembed.evaluation import EvaluationReport
+
+    report = EvaluationReport.load(Path(args.results) / "results.json") if args.results else None
+    path = write_model_card(BitEmbed(args.model_dir), args.model_dir, report, repo_id=args.repo_id)
+    print(f"Wrote {path}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from st_bitembed.card import push_to_hub
+
+    print(f"Pushed: {push_to_hub(args.model_dir, args.repo_id, token=args.token, private=args.private)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-bitembed", description="BitNet text-embedding models.")
+    parser.add_argument(
+        "--offline-data",
+        default=os.environ.get("ST_BITEMBED_OFFLINE_DATA"),
+        help="data kit (data/raw + tools/build_hf_cache.py, e.g. ../shared) to use instead of the Hub; "
+        "default $ST_BITEMBED_OFFLINE_DATA",
+    )
+    parser.add_argument("--offline-cache", default=".cache/hf-datasets", help="where the offline datasets cache goes")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="convert a Hugging Face backbone into an (untrained) BitEmbed model")
     convert.add_argument("base", help="Hub id or local directory of a transformers or sentence-transformers model")
     convert.add_argument("output_dir", help="where to save the converted sentence-transformers model")
-    convert.add_argument("--norm", choices=NORM_PLACEMENTS, default="all", help="where to insert RMSNorms")
-    convert.add_argument(
-        "--pooling",
-        choices=("lasttoken", "mean", "cls"),
-        default=None,
-        help="pooling for a plain transformers backbone (default: lasttoken for decoders)",
-    )
+    convert.add_argument("--norm", default="all", help="where to insert RMSNorms: all (default) or subln")
+    convert.add_argument("--pooling", default=None, help="pooling of a plain transformers backbone (lasttoken, mean)")
     convert.add_argument("--eos-token", default=None, help="token appended to every text for last-token pooling")
     convert.set_defaults(run=_convert)
+
+    evaluate = commands.add_parser("evaluate", help="mteb scores at every storage precision, table and plot")
+    evaluate.add_argument("model", help="BitEmbed model directory or Hub id")
+    selection = evaluate.add_mutually_exclusive_group(required=True)
+    selection.add_argument("--tasks", help="comma-separated mteb task names, e.g. STSBenchmark,SciFact")
+    selection.add_argument("--benchmark", help='an mteb benchmark, e.g. "MTEB(eng, v2)"')
+    evaluate.add_argument("--precisions", default="float32,int8,int4,int2,binary")
+    evaluate.add_argument("--teacher", default=None, help="full-precision reference model")
+    evaluate.add_argument("--output-dir", default="bitembed-eval")
+    evaluate.add_argument("--no-posthoc", action="store_true", help="skip the post-hoc quantization baseline")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--name", default=None, help='model name in the results ("org/name")')
+    evaluate.set_defaults(run=_evaluate)
+
+    card = commands.add_parser("card", help="write a Hub-ready README.md model card into a saved model")
+    card.add_argument("model_dir")
+    card.add_argument("--results", default=None, help="output directory of `st-bitembed evaluate`")
+    card.add_argument("--repo-id", default=None, help="Hub repository id shown in the usage examples")
+    card.set_defaults(run=_card)
+
+    push = commands.add_parser("push", help="upload a saved model to the Hugging Face Hub")
+    push.add_argument("model_dir")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", default=None)
+    push.set_defaults(run=_push)
     return parser
 
 
@@ -44,8 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.offline_data:
+            from st_bitembed.offline import use_offline_data
+
+            use_offline_data(args.offline_data, args.offline_cache)
         args.run(args)
-    except (ValueError, FileNotFoundError, ConnectionError) as error:
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as error:
         print(f"st-bitembed {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

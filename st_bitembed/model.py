@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -30,10 +30,15 @@ from st_bitembed.quantization.convert import (
 )
 from st_bitembed.tokenization import append_eos_token, pooling_eos_token
 
+if TYPE_CHECKING:
+    from st_bitembed.evaluation.report import EvaluationReport
+
 PLUGIN_NAMESPACE = "st_bitembed."
 # The Quantize head lives in its own folder, outside modules.json, so vanilla sentence-transformers ignores it.
 QUANTIZE_FOLDER = "quantize"
 QUANTIZE_STATE_PREFIX = "quantize_head."
+# What the model card tells about training (the recipe's stages), kept beside the model.
+BITEMBED_INFO_FILE = "bitembed.json"
 
 
 class BitEmbed(SentenceTransformer):
@@ -57,7 +62,18 @@ class BitEmbed(SentenceTransformer):
     def __init__(self, model_name_or_path: str | None = None, **kwargs: Any) -> None:
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
         super().__init__(model_name_or_path, **kwargs)
+        self.evaluation_report: EvaluationReport | None = None
+        self.training_recipe: list[dict[str, str]] | None = None
         hub_kwargs = {key: kwargs.get(key) for key in ("token", "cache_folder", "revision")}
+        info_file = model_name_or_path and load_file_path(
+            model_name_or_path,
+            BITEMBED_INFO_FILE,
+            local_files_only=kwargs.get("local_files_only", False),
+            **hub_kwargs,
+        )
+        if info_file:
+            with open(info_file, encoding="utf8") as file:
+                self.training_recipe = json.load(file).get("training_recipe")
         has_saved_head = model_name_or_path is not None and load_file_path(
             model_name_or_path,
             os.path.join(QUANTIZE_FOLDER, "config.json"),
@@ -223,6 +239,8 @@ class BitEmbed(SentenceTransformer):
             if tokenizer("a")["input_ids"][-1] != tokenizer.convert_tokens_to_ids(eos_token):
                 append_eos_token(tokenizer, eos_token)
         model.to(model.device)  # the new norms were created on the weights' device; keep everything together
+        if not os.path.isdir(name_or_path):
+            model.model_card_data.base_model = name_or_path
         return model
 
     @property
@@ -268,7 +286,7 @@ class BitEmbed(SentenceTransformer):
         embeddings = super().encode(
             inputs, *args, convert_to_numpy=False, convert_to_tensor=True, output_value=output_value, **kwargs
         )
-        codes = self.quantizer.quantize(embeddings.to(self.quantizer.log_half_ranges["int8"].device), precision, pack)
+        codes = self.quantizer.quantize(embeddings.to(self.quantizer.device), precision, pack)
         if convert_to_tensor:
             return codes
         if convert_to_numpy:
@@ -284,12 +302,25 @@ class BitEmbed(SentenceTransformer):
         embeddings = super().encode(list(texts), batch_size=batch_size, convert_to_tensor=True)
         self.quantizer.calibrate(embeddings)
 
-    def save(self, path: str, *args: Any, **kwargs: Any) -> None:
-        super().save(path, *args, **kwargs)
-        if path is not None and self._quantize_head is not None:
+    def save(self, path: str, model_name: str | None = None, create_model_card: bool = True, **kwargs: Any) -> None:
+        """Save as ``SentenceTransformer.save`` does, plus the Quantize head (``quantize/``) and a BitEmbed model card
+        (with this model's evaluation results, if :func:`~st_bitembed.evaluation.evaluate_precisions` ran on it)."""
+        super().save(path, model_name=model_name, create_model_card=create_model_card, **kwargs)
+        if path is None:
+            return
+        if self._quantize_head is not None:
             folder = os.path.join(path, QUANTIZE_FOLDER)
             os.makedirs(folder, exist_ok=True)
             self._quantize_head.save(folder)
+        if self.training_recipe:
+            with open(os.path.join(path, BITEMBED_INFO_FILE), "w", encoding="utf8") as file:
+                json.dump({"training_recipe": self.training_recipe}, file, indent=2)
+        if create_model_card and self._quantize_head is not None:
+            from st_bitembed.card import write_model_card
+
+            write_model_card(
+                self, path, self.evaluation_report, repo_id=model_name or os.path.basename(os.path.normpath(path))
+            )
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> BitEmbed:
         # .to() / .half() / .cuda() reach the head, which is not a registered child.

@@ -6,7 +6,20 @@ Nothing here touches the network: the Hugging Face Hub is switched off before an
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", REPO_ROOT.parent / "shared"))
+MODEL_ASSETS = SHARED / "models"
+DATASETS_CACHE = REPO_ROOT / ".cache" / "hf-datasets"
+
+# Real evaluation / training data from the shared kit, as a datasets cache (idempotent, seconds), and the Hub off.
+subprocess.run(
+    [sys.executable, str(SHARED / "tools" / "build_hf_cache.py"), "--out", str(DATASETS_CACHE), "-q"], check=True
+)
+os.environ["HF_DATASETS_CACHE"] = str(DATASETS_CACHE)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,15 +32,10 @@ import copy  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", REPO_ROOT.parent / "shared"))
-MODEL_ASSETS = SHARED / "models"
 
 # Small enough for seconds-long tests, shaped like the real models (GQA, head_dim, tied embeddings).
 TINY_SHAPES: dict[str, dict] = {

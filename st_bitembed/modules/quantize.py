@@ -108,6 +108,10 @@ class Quantize(Module):
             }
         )
 
+    @property
+    def device(self) -> torch.device:
+        return self.log_half_ranges["int8"].device
+
     def step(self, precision: str, dimension: int | None = None) -> torch.Tensor:
         """Quantization step per dimension of an integer precision (for the first ``dimension`` dimensions)."""
         half_range = self.log_half_ranges[precision][: dimension or self.embedding_dimension].exp()
@@ -188,7 +192,7 @@ class Quantize(Module):
     def calibrate(self, embeddings: torch.Tensor, candidates: int = 64) -> None:
         """Set every integer precision's per-dimension range to the least-MSE one on ``embeddings`` (``[N, dim]``),
         searched among multiples (0.25 to 8) of each dimension's root mean square."""
-        embeddings = embeddings.float().to(self.log_half_ranges["int8"].device)
+        embeddings = embeddings.float().to(self.device)
         root_mean_square = embeddings.pow(2).mean(dim=0).sqrt().clamp(min=1e-8)
         multiples = torch.linspace(0.25, 8.0, candidates, device=embeddings.device)
         for precision, bits in INTEGER_BITS.items():

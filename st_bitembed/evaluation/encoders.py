@@ -1,0 +1,77 @@
+"""mteb encoders that serve a model's embeddings at one storage precision: from its Quantize head or post hoc."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from st_bitembed.modules.quantize import FLOAT_DTYPES, INTEGER_BITS, PRECISIONS, Quantize, check_precision
+
+QuantizationMethod = Literal["head", "posthoc"]
+
+
+def posthoc_quantize(embeddings: torch.Tensor, precision: str) -> torch.Tensor:
+    """The after-the-fact baseline: quantize float embeddings with ranges calibrated on the embeddings themselves.
+
+    Integer precisions use per-dimension min / max of ``embeddings`` (as mteb's CompressionWrapper does), then
+    uniform codes, returned as the values they stand for; binary is the sign (+-1, Hamming-equivalent under cosine).
+    """
+    check_precision(precision)
+    if precision in FLOAT_DTYPES:
+        return embeddings.to(FLOAT_DTYPES[precision]).float()
+    if PRECISIONS[precision] == 1:
+        return torch.where(embeddings > 0, 1.0, -1.0)
+    levels = 2 ** INTEGER_BITS["int8" if precision == "uint8" else precision]
+    minimum, maximum = embeddings.min(dim=0).values, embeddings.max(dim=0).values
+    step = (maximum - minimum).clamp(min=1e-12) / levels
+    codes = torch.floor((embeddings - minimum) / step).clamp(0, levels - 1)
+    return minimum + (codes + 0.5) * step
+
+
+class QuantizedEncoder:
+    """Wraps an mteb encoder so that every embedding is stored at ``precision`` before mteb scores it.
+
+    ``method="head"`` uses the model's trained Quantize head: codes are dequantized to the values they stand for
+    (binary to +-1 / sqrt(dim), so cosine equals the Hamming ranking; int4 / int2 to their levels), never scored
+    as packed bytes. ``method="posthoc"`` is the baseline :func:`posthoc_quantize`. The wrapped encoder is meant to
+    be an ``mteb`` ``CachedEmbeddingWrapper``, so that every precision reuses one encoding pass.
+
+    The result namespace (``ModelMeta.name`` / ``revision``) is the model's name with ``{method}-{precision}`` as
+    revision, so that results of different precisions never overwrite each other in an mteb ``ResultCache``.
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        precision: str,
+        name: str,
+        method: QuantizationMethod = "head",
+        quantizer: Quantize | None = None,
+    ) -> None:
+        check_precision(precision)
+        if method == "head" and quantizer is None and precision != "float32":
+            raise ValueError("method='head' needs the model's Quantize head (quantizer=model.quantizer).")
+        self.encoder = encoder
+        self.precision = precision
+        self.method = method
+        self.quantizer = quantizer
+        self.mteb_model_meta = encoder.mteb_model_meta.model_copy(
+            update={"name": name, "revision": f"{method}-{precision}"}
+        )
+
+    def encode(self, inputs: Any, **kwargs: Any) -> np.ndarray:
+        embeddings = torch.as_tensor(np.asarray(self.encoder.encode(inputs, **kwargs)), dtype=torch.float32)
+        if self.precision == "float32":
+            return embeddings.numpy()
+        if self.method == "posthoc":
+            return posthoc_quantize(embeddings, self.precision).numpy()
+        codes = self.quantizer.quantize(embeddings.to(self.quantizer.device), self.precision)
+        return self.quantizer.dequantize(codes, self.precision, embeddings.shape[-1]).cpu().numpy()
+
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> Any:
+        return self.encoder.similarity(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> Any:
+        return self.encoder.similarity_pairwise(embeddings1, embeddings2)

@@ -1,0 +1,149 @@
+"""mteb evaluation of a BitEmbed model at every storage precision, from one encoding pass."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformer
+
+from st_bitembed.evaluation.encoders import QuantizedEncoder
+from st_bitembed.evaluation.plot import plot_precision_scores
+from st_bitembed.evaluation.report import EvaluationReport, Score
+from st_bitembed.model import BitEmbed
+from st_bitembed.modules.quantize import check_precision
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRECISIONS: tuple[str, ...] = ("float32", "int8", "int4", "int2", "binary")
+REPORT_FILES = {"json": "results.json", "markdown": "results.md", "plot": "precision_scores.png"}
+
+
+def model_label(model: SentenceTransformer, name_or_path: str | None = None) -> str:
+    """An mteb model name ("org/name") for a Hub id or a local folder."""
+    name = name_or_path or getattr(model.model_card_data, "model_id", None) or model.model_card_data.base_model
+    name = str(name or "model").rstrip("/")
+    if name.count("/") == 1 and not os.path.exists(name):
+        return name
+    folder = Path(name)
+    # a package's generic "model" folder says less than its parent's name
+    return f"local/{folder.parent.name if folder.name == 'model' and folder.parent.name else folder.name}"
+
+
+def _resolve_tasks(tasks: Sequence | None, benchmark: str | None) -> list:
+    import mteb
+
+    if (tasks is None) == (benchmark is None):
+        raise ValueError("Pass either tasks (names or mteb task objects) or benchmark (e.g. 'MTEB(eng, v2)').")
+    if benchmark is not None:
+        return list(mteb.get_benchmark(benchmark).tasks)
+    return [mteb.get_task(task) if isinstance(task, str) else task for task in tasks]
+
+
+def _scores(encoder, tasks: list, method: str, precision: str, cache, batch_size: int, progress: bool) -> list[Score]:
+    import mteb
+
+    result = mteb.evaluate(
+        encoder,
+        tasks,
+        cache=cache,
+        overwrite_strategy="only-missing",
+        encode_kwargs={"batch_size": batch_size},
+        show_progress_bar=progress,
+    )
+    metadata = {task.metadata.name: task.metadata for task in tasks}
+    return [
+        Score(
+            method=method,
+            precision=precision,
+            task=task_result.task_name,
+            task_type=metadata[task_result.task_name].type,
+            metric=metadata[task_result.task_name].main_score,
+            score=float(task_result.get_score()),
+            dataset=metadata[task_result.task_name].dataset.get("path", ""),
+        )
+        for task_result in result.task_results
+    ]
+
+
+def evaluate_precisions(
+    model: str | BitEmbed,
+    *,
+    tasks: Sequence | None = None,
+    benchmark: str | None = None,
+    precisions: Sequence[str] = DEFAULT_PRECISIONS,
+    teacher: str | SentenceTransformer | None = None,
+    output_dir: str | Path = "bitembed-eval",
+    posthoc: bool = True,
+    batch_size: int = 32,
+    show_progress_bar: bool = False,
+    name: str | None = None,
+) -> EvaluationReport:
+    """Evaluate ``model`` with mteb at each storage precision; write a JSON and markdown table and a PNG plot.
+
+    Every text is encoded once (mteb's ``CachedEmbeddingWrapper``, under ``output_dir/embeddings``); each precision
+    is then derived from that float output by the model's Quantize head (a deterministic function of it), so five
+    precisions cost about one encoding pass. Results go to an mteb ``ResultCache`` under ``output_dir/mteb``, one
+    namespace per method and precision (reruns skip what is done). With ``posthoc=True`` the same float embeddings
+    are also quantized after the fact (:func:`~st_bitembed.evaluation.encoders.posthoc_quantize`), the baseline that
+    shows what the trained head adds. A ``teacher`` is evaluated at float32, as the reference line.
+
+    Args:
+        model: A BitEmbed model or its path / Hub id.
+        tasks: mteb task names (e.g. ``["STSBenchmark", "SciFact"]``) or task objects; or ``benchmark``.
+        benchmark: An mteb benchmark name, e.g. ``"MTEB(eng, v2)"`` (needs the Hub, or its datasets cached).
+        precisions: Storage precisions, from :data:`st_bitembed.PRECISIONS`.
+        teacher: Full-precision reference model (or its path / Hub id).
+        output_dir: Where embeddings, mteb results, ``results.json``, ``results.md`` and the plot go.
+        posthoc: Also evaluate the post-hoc quantization baseline.
+        batch_size: Encoding batch size.
+        show_progress_bar: Show mteb's progress bars.
+        name: The model's name in results ("org/name"); by default its Hub id or folder name.
+
+    Returns:
+        The scores of every task, method and precision.
+    """
+    from mteb.cache import ResultCache
+    from mteb.models.cache_wrappers import CachedEmbeddingWrapper
+    from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+
+    for precision in precisions:
+        check_precision(precision)
+    tasks = _resolve_tasks(tasks, benchmark)
+    path = model if isinstance(model, str) else None
+    if isinstance(model, str):
+        model = BitEmbed(model)
+    label = name or model_label(model, path)
+    output_dir = Path(output_dir)
+    cache = ResultCache(output_dir / "mteb")
+    report = EvaluationReport(model_name=label, embedding_dimension=model.get_embedding_dimension())
+
+    def cached(encoder_model: SentenceTransformer, role: str):
+        wrapper = SentenceTransformerEncoderWrapper(encoder_model)
+        return CachedEmbeddingWrapper(wrapper, output_dir / "embeddings" / role)
+
+    encoder = cached(model, "model")
+    methods = ["head", "posthoc"] if posthoc else ["head"]
+    for method in methods:
+        for precision in precisions:
+            if method == "posthoc" and precision == "float32":
+                continue  # identical to the head's float32 row
+            logger.info("Evaluating %s at %s (%s)", label, precision, method)
+            wrapped = QuantizedEncoder(encoder, precision, label, method, quantizer=model.quantizer)
+            report.scores += _scores(wrapped, tasks, method, precision, cache, batch_size, show_progress_bar)
+
+    if teacher is not None:
+        teacher_name = teacher if isinstance(teacher, str) else None
+        teacher = SentenceTransformer(teacher) if isinstance(teacher, str) else teacher
+        report.teacher_name = model_label(teacher, teacher_name)
+        wrapped = QuantizedEncoder(cached(teacher, "teacher"), "float32", report.teacher_name, "teacher")
+        report.scores += _scores(wrapped, tasks, "teacher", "float32", cache, batch_size, show_progress_bar)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report.plot_path = str(plot_precision_scores(report, output_dir / REPORT_FILES["plot"]))
+    report.save(output_dir / REPORT_FILES["json"])
+    (output_dir / REPORT_FILES["markdown"]).write_text(report.to_markdown() + "\n")
+    model.evaluation_report = report  # model.save() now writes these results into its model card
+    return report
