@@ -53,6 +53,23 @@ def _card(args: argparse.Namespace) -> None:
     print(f"Wrote {path}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    import time
+
+    from st_bitembed.recipe import load_recipe
+    from st_bitembed.training import STAGES, run_recipe, summary_table
+
+    recipe = load_recipe(args.recipe)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    stages = {"train": STAGES, "pretrain": ("convert", "pretrain"), "finetune": ("finetune",)}[args.command]
+    start = time.perf_counter()
+    model, report = run_recipe(recipe, stages=stages, resume=args.resume)
+    if report is not None:
+        print(summary_table(report))
+    print(f"\nSaved {recipe.output_dir}/model; wall time {time.perf_counter() - start:.0f} s")
+
+
 def _push(args: argparse.Namespace) -> None:
     from st_bitembed.card import push_to_hub
 
@@ -96,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--results", default=None, help="output directory of `st-bitembed evaluate`")
     card.add_argument("--repo-id", default=None, help="Hub repository id shown in the usage examples")
     card.set_defaults(run=_card)
+
+    for name, help_text in (
+        ("train", "run a recipe: convert, pre-train, fine-tune, evaluate (default recipe: minilm-cpu)"),
+        ("pretrain", "run a recipe's conversion and continual contrastive pre-training only"),
+        ("finetune", "run a recipe's distillation fine-tuning only (after pretrain, or after convert)"),
+    ):
+        stage = commands.add_parser(name, help=help_text)
+        stage.add_argument(
+            "recipe",
+            nargs="?" if name == "train" else None,
+            default="minilm-cpu",
+            help="built-in recipe name (minilm-cpu, qwen3-0.6b, gemma3-270m) or a YAML / JSON file",
+        )
+        stage.add_argument("--resume", action="store_true", help="skip finished stages, continue from checkpoints")
+        stage.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
+        stage.set_defaults(run=_train)
 
     push = commands.add_parser("push", help="upload a saved model to the Hugging Face Hub")
     push.add_argument("model_dir")

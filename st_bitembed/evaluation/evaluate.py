@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
-from st_bitembed.evaluation.encoders import QuantizedEncoder
+from st_bitembed.evaluation.encoders import EncodeOnce, QuantizedEncoder
 from st_bitembed.evaluation.plot import plot_precision_scores
 from st_bitembed.evaluation.report import EvaluationReport, Score
 from st_bitembed.model import BitEmbed
@@ -80,10 +80,11 @@ def evaluate_precisions(
     batch_size: int = 32,
     show_progress_bar: bool = False,
     name: str | None = None,
+    teacher_name: str | None = None,
 ) -> EvaluationReport:
     """Evaluate ``model`` with mteb at each storage precision; write a JSON and markdown table and a PNG plot.
 
-    Every text is encoded once (mteb's ``CachedEmbeddingWrapper``, under ``output_dir/embeddings``); each precision
+    Every text is encoded once (:class:`~st_bitembed.evaluation.encoders.EncodeOnce`); each precision
     is then derived from that float output by the model's Quantize head (a deterministic function of it), so five
     precisions cost about one encoding pass. Results go to an mteb ``ResultCache`` under ``output_dir/mteb``, one
     namespace per method and precision (reruns skip what is done). With ``posthoc=True`` the same float embeddings
@@ -96,17 +97,17 @@ def evaluate_precisions(
         benchmark: An mteb benchmark name, e.g. ``"MTEB(eng, v2)"`` (needs the Hub, or its datasets cached).
         precisions: Storage precisions, from :data:`st_bitembed.PRECISIONS`.
         teacher: Full-precision reference model (or its path / Hub id).
-        output_dir: Where embeddings, mteb results, ``results.json``, ``results.md`` and the plot go.
+        output_dir: Where mteb results, ``results.json``, ``results.md`` and the plot go.
         posthoc: Also evaluate the post-hoc quantization baseline.
         batch_size: Encoding batch size.
         show_progress_bar: Show mteb's progress bars.
         name: The model's name in results ("org/name"); by default its Hub id or folder name.
+        teacher_name: The teacher's name in results and plots; by default its Hub id or folder name.
 
     Returns:
         The scores of every task, method and precision.
     """
     from mteb.cache import ResultCache
-    from mteb.models.cache_wrappers import CachedEmbeddingWrapper
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
     for precision in precisions:
@@ -119,27 +120,26 @@ def evaluate_precisions(
     output_dir = Path(output_dir)
     cache = ResultCache(output_dir / "mteb")
     report = EvaluationReport(model_name=label, embedding_dimension=model.get_embedding_dimension())
-
-    def cached(encoder_model: SentenceTransformer, role: str):
-        wrapper = SentenceTransformerEncoderWrapper(encoder_model)
-        return CachedEmbeddingWrapper(wrapper, output_dir / "embeddings" / role)
-
-    encoder = cached(model, "model")
-    methods = ["head", "posthoc"] if posthoc else ["head"]
-    for method in methods:
-        for precision in precisions:
-            if method == "posthoc" and precision == "float32":
-                continue  # identical to the head's float32 row
-            logger.info("Evaluating %s at %s (%s)", label, precision, method)
-            wrapped = QuantizedEncoder(encoder, precision, label, method, quantizer=model.quantizer)
-            report.scores += _scores(wrapped, tasks, method, precision, cache, batch_size, show_progress_bar)
-
+    encoder = EncodeOnce(SentenceTransformerEncoderWrapper(model))
+    rows = [("head", p) for p in precisions] + [("posthoc", p) for p in precisions if posthoc and p != "float32"]
     if teacher is not None:
-        teacher_name = teacher if isinstance(teacher, str) else None
+        teacher_path = teacher if isinstance(teacher, str) else None
         teacher = SentenceTransformer(teacher) if isinstance(teacher, str) else teacher
-        report.teacher_name = model_label(teacher, teacher_name)
-        wrapped = QuantizedEncoder(cached(teacher, "teacher"), "float32", report.teacher_name, "teacher")
-        report.scores += _scores(wrapped, tasks, "teacher", "float32", cache, batch_size, show_progress_bar)
+        report.teacher_name = teacher_name or model_label(teacher, teacher_path)
+        teacher_encoder = QuantizedEncoder(
+            SentenceTransformerEncoderWrapper(teacher), "float32", report.teacher_name, "teacher"
+        )
+
+    for task in tasks:  # task by task, so that only one task's embeddings are held in memory
+        for method, precision in rows:
+            logger.info("Evaluating %s on %s at %s (%s)", label, task.metadata.name, precision, method)
+            wrapped = QuantizedEncoder(encoder, precision, label, method, quantizer=model.quantizer)
+            report.scores += _scores(wrapped, [task], method, precision, cache, batch_size, show_progress_bar)
+        encoder.clear()
+        if teacher is not None:
+            report.scores += _scores(
+                teacher_encoder, [task], "teacher", "float32", cache, batch_size, show_progress_bar
+            )
 
     output_dir.mkdir(parents=True, exist_ok=True)
     report.plot_path = str(plot_precision_scores(report, output_dir / REPORT_FILES["plot"]))

@@ -8,6 +8,7 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 from torch import Tensor, nn
 
 from st_bitembed.losses.attention_relation import AttentionRelationLoss, capture_outputs
@@ -17,9 +18,11 @@ from st_bitembed.losses.similarity_kl import SimilarityKLLoss
 
 
 class BitEmbedLoss(nn.Module):
-    """``MultiPrecision(InfoNCE) + alpha * SimilarityKL + beta * AttentionRelation``, from one student forward.
+    """``MultiPrecision(InfoNCE) + alpha * SimilarityKL + beta * AttentionRelation [+ gamma * EmbeddingDistill]``,
+    from one student forward.
 
-    Returns a dict of terms (``infonce/<precision>``, ``similarity_kl``, ``attention_relation``), which
+    Returns a dict of terms (``infonce/<precision>``, ``similarity_kl``, ``attention_relation``,
+    ``embedding_distill``), which
     SentenceTransformerTrainer sums for the backward pass and logs one by one. Stage 1 (continual contrastive
     pre-training) is ``alpha=0, beta=0`` (or ``alpha > 0`` with a teacher); stage 2 adds both distillation terms.
     A non-finite term stops training with an error that names it.
@@ -30,6 +33,9 @@ class BitEmbedLoss(nn.Module):
             term needs the student's tokenizer. None: KL reads precomputed teacher embeddings from the labels.
         alpha: Weight of the similarity-distribution KL term (0 turns it off).
         beta: Weight of the attention-relation term (0 turns it off; needs ``teacher``).
+        gamma: Weight of direct embedding distillation, ``1 - cos(student, teacher)`` per text (sentence-transformers'
+            EmbedDistillLoss; needs equal embedding dimensions). Not in the paper's objective; off by default. It
+            speeds up recovery a lot when the teacher is the backbone's own full-precision model.
         precisions: Storage precisions InfoNCE is applied at; ``precision_weights`` their weights.
         temperature: InfoNCE temperature; ``symmetric`` adds its document-to-query term;
             ``gather_across_devices`` shares in-batch negatives across DDP processes.
@@ -71,6 +77,7 @@ class BitEmbedLoss(nn.Module):
         teacher: SentenceTransformer | None = None,
         alpha: float = 1.0,
         beta: float = 1.0,
+        gamma: float = 0.0,
         precisions: Sequence[str] = DEFAULT_PRECISIONS,
         precision_weights: Sequence[float] | None = None,
         temperature: float = 0.05,
@@ -83,18 +90,22 @@ class BitEmbedLoss(nn.Module):
         relation_heads: int | None = None,
     ) -> None:
         super().__init__()
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}.")
+        if min(alpha, beta, gamma) < 0:
+            raise ValueError(f"alpha, beta and gamma must be >= 0, got alpha={alpha}, beta={beta}, gamma={gamma}.")
         if beta > 0 and teacher is None:
             raise ValueError("beta > 0 (attention-relation distillation) needs teacher=, a model run inside the loss.")
         self.model = model
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.contrastive = MultiPrecisionLoss(
             model, InfoNCELoss(model, temperature, symmetric, gather_across_devices), precisions, precision_weights
         )
+        # Also the source of teacher embeddings (labels or in-loss teacher) for the embedding-distillation term.
         self.similarity_kl = (
-            SimilarityKLLoss(model, teacher, student_temperature, teacher_temperature) if alpha > 0 else None
+            SimilarityKLLoss(model, teacher, student_temperature, teacher_temperature)
+            if alpha > 0 or gamma > 0
+            else None
         )
+        self.embedding_distill = EmbedDistillLoss(model, distance_metric="cosine") if gamma > 0 else None
         self.attention_relation = (
             AttentionRelationLoss(model, teacher, teacher_layer, student_layer, relation_heads) if beta > 0 else None
         )
@@ -107,21 +118,24 @@ class BitEmbedLoss(nn.Module):
             embeddings = embed_columns(self.model, sentence_features)
         terms = {f"infonce/{p}": t for p, t in self.contrastive.compute_terms(embeddings, labels).items()}
 
+        # When the KL term runs the same teacher on the same columns, its anchor pass also yields the relations.
         shared_teacher = (
             relation is not None and self.similarity_kl is not None and self.similarity_kl.teacher is relation.teacher
         )
         with capture_outputs(relation.teacher_projections() if shared_teacher else {}) as teacher_projections:
             if self.similarity_kl is not None:
                 teacher_embeddings = self.similarity_kl.teacher_embeddings(sentence_features, labels)
-                kl = self.similarity_kl.compute_loss_from_embeddings(embeddings, teacher_embeddings)
-                terms["similarity_kl"] = self.alpha * kl
+                if self.alpha > 0:
+                    kl = self.similarity_kl.compute_loss_from_embeddings(embeddings, teacher_embeddings)
+                    terms["similarity_kl"] = self.alpha * kl
+                if self.embedding_distill is not None:
+                    distill = self.embedding_distill.compute_loss_from_embeddings(embeddings, teacher_embeddings)
+                    terms["embedding_distill"] = self.gamma * distill
         if relation is not None:
             anchor = sentence_features[0]
-            teacher_outputs = (
-                {name: outputs[0] for name, outputs in teacher_projections.items()}
-                if shared_teacher
-                else relation.teacher_projection_outputs(anchor)
-            )
+            teacher_outputs = {name: outputs[0] for name, outputs in teacher_projections.items() if outputs}
+            if len(teacher_outputs) != len(relation.relations):  # the KL term read precomputed labels instead
+                teacher_outputs = relation.teacher_projection_outputs(anchor)
             student_outputs = {name: outputs[0] for name, outputs in student_projections.items()}
             terms["attention_relation"] = self.beta * relation.compute_loss_from_projections(
                 student_outputs, teacher_outputs, anchor
@@ -138,6 +152,7 @@ class BitEmbedLoss(nn.Module):
         return {
             "alpha": self.alpha,
             "beta": self.beta,
+            "gamma": self.gamma,
             "contrastive": self.contrastive.get_config_dict(),
             "similarity_kl": self.similarity_kl.get_config_dict() if self.similarity_kl else None,
             "attention_relation": self.attention_relation.get_config_dict() if self.attention_relation else None,

@@ -98,15 +98,16 @@ class SimilarityKLLoss(nn.Module):
 
     @torch.no_grad()
     def teacher_embeddings(self, sentence_features: list[dict[str, Any]], labels: Tensor | None) -> list[Tensor]:
-        """One teacher embedding tensor per text column, from the in-loss teacher or from the labels."""
-        if self.teacher is None:
-            if labels is None or labels.dim() != 3 or labels.shape[1] != len(sentence_features):
-                raise ValueError(
-                    "SimilarityKLLoss without a teacher needs precomputed teacher embeddings as the 'label' column, "
-                    f"shaped (batch_size, {len(sentence_features)} text columns, teacher_dim); got "
-                    f"{None if labels is None else tuple(labels.shape)}. Pass teacher= to run the teacher in the loss."
-                )
+        """One teacher embedding tensor per text column: precomputed ones from the labels when the dataset has
+        them (cheapest), else from the in-loss teacher."""
+        if labels is not None and labels.dim() == 3 and labels.shape[1] == len(sentence_features):
             return list(labels.float().unbind(1))
+        if self.teacher is None:
+            raise ValueError(
+                "SimilarityKLLoss without a teacher needs precomputed teacher embeddings as the 'label' column, "
+                f"shaped (batch_size, {len(sentence_features)} text columns, teacher_dim); got "
+                f"{None if labels is None else tuple(labels.shape)}. Pass teacher= to run the teacher in the loss."
+            )
         self.teacher.eval()
         inputs = [teacher_inputs(self.model, self.teacher, f, self.shares_tokenizer) for f in sentence_features]
         return [self.teacher(features)["sentence_embedding"] for features in inputs]

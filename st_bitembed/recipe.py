@@ -1,0 +1,208 @@
+"""Recipe files for ``st-bitembed train``: a typed schema, loaded from YAML or JSON and validated strictly.
+
+Unknown keys are errors (a typo must not silently fall back to a default), at every level, with the path of the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_PACKAGE = "st_bitembed.recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with the key path that is wrong."""
+
+
+@dataclass
+class DatasetSpec:
+    """A Hub dataset (``name`` / ``config`` / ``split``) or a local file (``path``: json, jsonl, csv or parquet)."""
+
+    name: str | None = None
+    config: str | None = None
+    split: str = "train"
+    path: str | None = None
+    columns: list[str] = field(default_factory=list)
+    max_rows: int | None = None
+
+
+@dataclass
+class LossSpec:
+    """Weights and temperatures of :class:`~st_bitembed.losses.BitEmbedLoss`."""
+
+    alpha: float = 0.0
+    beta: float = 0.0
+    gamma: float = 0.0
+    temperature: float = 0.05
+    symmetric: bool = False
+    student_temperature: float = 0.05
+    teacher_temperature: float = 0.05
+    teacher_layer: int = -1
+    student_layer: int = -1
+    precisions: list[str] = field(default_factory=lambda: ["float32", "int8", "int4", "int2", "binary"])
+    precision_weights: list[float] | None = None
+
+
+@dataclass
+class TrainingSpec:
+    """SentenceTransformerTrainingArguments of one stage (the rest keep their defaults)."""
+
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 32
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    gradient_accumulation_steps: int = 1
+    logging_steps: int = 10
+    save_steps: int = 100
+    seed: int = 0
+    bf16: bool = False
+    gather_across_devices: bool = False
+
+
+@dataclass
+class StageSpec:
+    dataset: DatasetSpec
+    loss: LossSpec = field(default_factory=LossSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    precompute_teacher_embeddings: bool = True
+
+
+@dataclass
+class BackboneSpec:
+    name: str
+    norm: str = "all"
+    pooling: str | None = None
+    eos_token: str | None = None
+    max_seq_length: int | None = None
+
+
+@dataclass
+class CalibrationSpec:
+    dataset: DatasetSpec
+    texts: int = 256
+
+
+@dataclass
+class EvaluationSpec:
+    tasks: list[str] = field(default_factory=list)
+    benchmark: str | None = None
+    precisions: list[str] = field(default_factory=lambda: ["float32", "int8", "int4", "int2", "binary"])
+    posthoc: bool = False
+    batch_size: int = 64
+
+
+@dataclass
+class Recipe:
+    name: str
+    backbone: BackboneSpec
+    output_dir: str
+    teacher: str | None = None
+    calibration: CalibrationSpec | None = None
+    pretrain: StageSpec | None = None
+    finetune: StageSpec | None = None
+    evaluation: EvaluationSpec | None = None
+    description: str = ""
+
+
+def _build(kind: Any, value: Any, where: str) -> Any:
+    """Build ``kind`` (a dataclass or a typing form) from plain data, rejecting unknown keys and wrong types."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _build(option, value, where)
+            except RecipeError as error:
+                errors.append(str(error))
+        raise RecipeError(errors[0])
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}.")
+        hints = typing.get_type_hints(kind)
+        known = {f.name for f in dataclasses.fields(kind)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise RecipeError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}.")
+        required = [
+            f.name
+            for f in dataclasses.fields(kind)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in value]
+        if missing:
+            raise RecipeError(f"{where}: missing required key(s) {missing}.")
+        return kind(**{key: _build(hints[key], item, f"{where}.{key}") for key, item in value.items()})
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__}.")
+        (item_kind,) = typing.get_args(kind)
+        return [_build(item_kind, item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (str, int, float, bool) and not (
+        isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    ):
+        raise RecipeError(f"{where}: expected {kind.__name__}, got {value!r}.")
+    return value
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe given as plain data (as read from YAML or JSON).
+
+    Raises:
+        RecipeError: with the path of the first wrong key.
+    """
+    recipe = _build(Recipe, data, source)
+    for stage_name in ("pretrain", "finetune"):
+        stage = getattr(recipe, stage_name)
+        if stage is None:
+            continue
+        spec = stage.dataset
+        if (spec.name is None) == (spec.path is None):
+            raise RecipeError(f"{source}.{stage_name}.dataset: give exactly one of name (Hub) or path (local file).")
+        if len(spec.columns) < 2:
+            raise RecipeError(
+                f"{source}.{stage_name}.dataset.columns: name the (query, positive[, negatives]) columns."
+            )
+        if (stage.loss.alpha > 0 or stage.loss.beta > 0 or stage.loss.gamma > 0) and recipe.teacher is None:
+            raise RecipeError(f"{source}.{stage_name}.loss: alpha, beta or gamma > 0 needs a top-level teacher.")
+    if recipe.evaluation is not None and not recipe.evaluation.tasks and recipe.evaluation.benchmark is None:
+        raise RecipeError(f"{source}.evaluation: give tasks or a benchmark.")
+    return recipe
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in files(RECIPE_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """Load a built-in recipe by name (``minilm-cpu``, ``qwen3-0.6b``, ``gemma3-270m``) or a YAML / JSON file."""
+    path = Path(name_or_path)
+    if path.is_file():
+        text = path.read_text()
+    elif name_or_path in builtin_recipes():
+        text = (files(RECIPE_PACKAGE) / f"{name_or_path}.yaml").read_text()
+    else:
+        raise RecipeError(
+            f"No recipe file {name_or_path!r}, and no built-in recipe of that name ({builtin_recipes()})."
+        )
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return parse_recipe(data, path.stem)
+    except (ValueError, yaml.YAMLError) as error:  # RecipeError included
+        raise RecipeError(f"{name_or_path}: {error}") from None

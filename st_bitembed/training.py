@@ -1,0 +1,276 @@
+"""The BitEmbed recipe: convert -> calibrate -> continual contrastive pre-training -> distillation fine-tuning ->
+evaluation, every stage through SentenceTransformerTrainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, load_dataset
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from transformers import AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+
+from st_bitembed.evaluation import EvaluationReport, evaluate_precisions
+from st_bitembed.hub import check_model_source, resolve_model
+from st_bitembed.losses import BitEmbedLoss
+from st_bitembed.model import BitEmbed
+from st_bitembed.quantization.calibration import calibrate_inserted_norms
+from st_bitembed.recipe import DatasetSpec, Recipe, RecipeError, StageSpec
+
+logger = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("convert", "pretrain", "finetune", "evaluate")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_columns(spec: DatasetSpec, where: str) -> Dataset:
+    """The dataset of ``spec`` reduced to its ``columns`` (in that order) and ``max_rows``.
+
+    Raises:
+        RecipeError: a named column is missing (the message lists the dataset's columns).
+    """
+    if spec.path is not None:
+        suffix = Path(spec.path).suffix
+        if suffix not in LOCAL_FORMATS:
+            raise RecipeError(f"{where}.path: unsupported file type {suffix!r}; use one of {sorted(LOCAL_FORMATS)}.")
+        dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=spec.path, split="train")
+    else:
+        dataset = load_dataset(spec.name, spec.config, split=spec.split)
+    columns = spec.columns or dataset.column_names
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise RecipeError(f"{where}.columns: {missing} not in the dataset, whose columns are {dataset.column_names}.")
+    dataset = dataset.select_columns(columns)
+    if spec.max_rows is not None:
+        dataset = dataset.select(range(min(spec.max_rows, len(dataset))))
+    return dataset
+
+
+def preflight(recipe: Recipe) -> dict[str, Dataset]:
+    """Every check that can fail, before any training: models exist, datasets and columns, tokenizers.
+
+    Returns the loaded stage datasets.
+    """
+    for role, name in (("backbone.name", recipe.backbone.name), ("teacher", recipe.teacher)):
+        if name is not None:
+            try:
+                check_model_source(resolve_model(name))
+            except (FileNotFoundError, ConnectionError) as error:
+                raise RecipeError(f"{recipe.name}.{role}: {error}") from None
+    datasets = {}
+    for stage_name in ("pretrain", "finetune"):
+        stage: StageSpec | None = getattr(recipe, stage_name)
+        if stage is not None:
+            datasets[stage_name] = load_columns(stage.dataset, f"{recipe.name}.{stage_name}.dataset")
+            if stage.loss.beta > 0:
+                _check_same_tokenizer(recipe, stage_name)
+    if recipe.calibration is not None:
+        datasets["calibration"] = load_columns(recipe.calibration.dataset, f"{recipe.name}.calibration.dataset")
+    return datasets
+
+
+def _check_same_tokenizer(recipe: Recipe, stage_name: str) -> None:
+    student = AutoTokenizer.from_pretrained(resolve_model(recipe.backbone.name))
+    teacher = AutoTokenizer.from_pretrained(resolve_model(recipe.teacher))
+    if student.get_vocab() != teacher.get_vocab():
+        raise RecipeError(
+            f"{recipe.name}.{stage_name}.loss.beta > 0 (attention-relation distillation) needs teacher and student "
+            f"to share a tokenizer: the backbone {recipe.backbone.name} uses {type(student).__name__} "
+            f"({len(student)} tokens), the teacher {recipe.teacher} uses {type(teacher).__name__} ({len(teacher)} "
+            "tokens). Set beta: 0 or use a teacher with the backbone's tokenizer."
+        )
+
+
+def convert(recipe: Recipe, calibration_texts: list[str] | None) -> BitEmbed:
+    """Convert the backbone; calibrate the inserted norms and the Quantize head on the calibration texts."""
+    backbone = recipe.backbone
+    model = BitEmbed.from_backbone(
+        resolve_model(backbone.name), norm=backbone.norm, pooling=backbone.pooling, eos_token=backbone.eos_token
+    )
+    if not Path(backbone.name).exists():
+        model.model_card_data.base_model = backbone.name
+    if backbone.max_seq_length is not None:
+        model.max_seq_length = backbone.max_seq_length
+    if calibration_texts:
+        calibrate_inserted_norms(model, calibration_texts)
+        model.calibrate_quantizer(calibration_texts)
+    return model
+
+
+def with_teacher_embeddings(dataset: Dataset, teacher: SentenceTransformer, batch_size: int) -> Dataset:
+    """Add a ``label`` column of the teacher's embeddings of every text column, ``(n_columns, dim)`` per row.
+
+    Each distinct text is encoded once, so the teacher's cost is paid once instead of at every training step.
+    """
+    columns = dataset.column_names
+    texts = list(dict.fromkeys(text for column in columns for text in dataset[column]))
+    logger.info("Encoding %d distinct texts with the teacher", len(texts))
+    embeddings = teacher.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True)
+    index = {text: i for i, text in enumerate(texts)}
+    labels = np.stack([embeddings[[index[t] for t in dataset[column]]] for column in columns], axis=1)
+    return dataset.add_column("label", labels.tolist())
+
+
+def train_stage(
+    model: BitEmbed,
+    stage: StageSpec,
+    dataset: Dataset,
+    teacher: SentenceTransformer | None,
+    output_dir: Path,
+    resume: bool,
+) -> BitEmbed:
+    """One SentenceTransformerTrainer run of ``stage``; the trained model is saved to ``output_dir/final``."""
+    loss_spec = stage.loss
+    needs_teacher_embeddings = loss_spec.alpha > 0 or loss_spec.gamma > 0
+    if needs_teacher_embeddings and stage.precompute_teacher_embeddings:
+        dataset = with_teacher_embeddings(dataset, teacher, stage.training.batch_size)
+    loss = BitEmbedLoss(
+        model,
+        teacher=teacher
+        if (loss_spec.beta > 0 or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings))
+        else None,
+        alpha=loss_spec.alpha,
+        beta=loss_spec.beta,
+        gamma=loss_spec.gamma,
+        precisions=loss_spec.precisions,
+        precision_weights=loss_spec.precision_weights,
+        temperature=loss_spec.temperature,
+        symmetric=loss_spec.symmetric,
+        gather_across_devices=stage.training.gather_across_devices,
+        student_temperature=loss_spec.student_temperature,
+        teacher_temperature=loss_spec.teacher_temperature,
+        teacher_layer=loss_spec.teacher_layer,
+        student_layer=loss_spec.student_layer,
+    )
+    spec = stage.training
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        warmup_ratio=spec.warmup_ratio,
+        weight_decay=spec.weight_decay,
+        lr_scheduler_type=spec.lr_scheduler,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        logging_steps=spec.logging_steps,
+        save_steps=spec.save_steps,
+        save_total_limit=2,
+        seed=spec.seed,
+        bf16=spec.bf16,
+        report_to="none",
+        dataloader_drop_last=True,
+        batch_sampler="no_duplicates",  # duplicate texts would be false in-batch negatives
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    model.save(str(output_dir / "final"))
+    return model
+
+
+def describe_stage(name: str, stage: StageSpec, teacher: str | None) -> dict[str, str]:
+    loss = stage.loss
+    terms = [f"InfoNCE at {'/'.join(loss.precisions)} (temperature {loss.temperature})"]
+    if loss.alpha:
+        terms.append(f"{loss.alpha} x similarity-distribution KL from {teacher}")
+    if loss.beta:
+        terms.append(
+            f"{loss.beta} x attention-relation distillation (layer {loss.teacher_layer} -> {loss.student_layer})"
+        )
+    if loss.gamma:
+        terms.append(f"{loss.gamma} x embedding distillation (cosine) from {teacher}")
+    data = stage.dataset.name or stage.dataset.path
+    t = stage.training
+    schedule = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs} epoch(s)"
+    return {
+        "name": name,
+        "description": f"{' + '.join(terms)}; {data} ({', '.join(stage.dataset.columns)}), {schedule}, "
+        f"batch {t.batch_size}, lr {t.learning_rate}",
+    }
+
+
+def run_recipe(recipe: Recipe, stages: tuple[str, ...] = STAGES, resume: bool = False) -> tuple[BitEmbed, Any]:
+    """Run ``stages`` of ``recipe``; each stage starts from the previous stage's saved model.
+
+    With ``resume``, a stage whose final model exists is skipped and an interrupted stage continues from its last
+    checkpoint. Returns the final model and the evaluation report (None without an evaluate stage).
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise RecipeError(f"Unknown stage(s) {unknown}; stages are {list(STAGES)}.")
+    datasets = preflight(recipe)
+    output = Path(recipe.output_dir)
+    teacher = SentenceTransformer(resolve_model(recipe.teacher)) if recipe.teacher else None
+    if teacher is not None:
+        teacher.eval()
+    converted = output / "converted"
+    if "convert" in stages and not (resume and (converted / "modules.json").exists()):
+        calibration = datasets.get("calibration")
+        texts = [t for column in calibration.column_names for t in calibration[column]] if calibration else None
+        model = convert(recipe, texts[: recipe.calibration.texts] if texts else None)
+        model.save(str(converted))
+    previous = converted
+    recipe_summary = []
+    for stage_name in ("pretrain", "finetune"):
+        stage: StageSpec | None = getattr(recipe, stage_name)
+        final = output / stage_name / "final"
+        if stage is None or stage_name not in stages:
+            previous = final if (final / "modules.json").exists() else previous
+            continue
+        recipe_summary.append(describe_stage(stage_name, stage, recipe.teacher))
+        if resume and (final / "modules.json").exists():
+            logger.info("Stage %s already done: %s", stage_name, final)
+        else:
+            if not (previous / "modules.json").exists():
+                raise RecipeError(f"No model at {previous} to start {stage_name} from: run the earlier stages first.")
+            model = BitEmbed(str(previous))
+            train_stage(model, stage, datasets[stage_name], teacher, output / stage_name, resume)
+        previous = final
+    if not (previous / "modules.json").exists():
+        raise RecipeError(f"No model at {previous}: run the earlier stages first (st-bitembed train / pretrain).")
+    model = BitEmbed(str(previous))
+    model.training_recipe = [{"name": "convert", "description": _convert_description(recipe)}, *recipe_summary]
+    report = None
+    if "evaluate" in stages and recipe.evaluation is not None:
+        evaluation = recipe.evaluation
+        report = evaluate_precisions(
+            model,
+            tasks=evaluation.tasks or None,
+            benchmark=evaluation.benchmark,
+            precisions=evaluation.precisions,
+            teacher=teacher,
+            output_dir=output / "eval",
+            posthoc=evaluation.posthoc,
+            batch_size=evaluation.batch_size,
+            name=f"local/{recipe.name}",
+            teacher_name=recipe.teacher,
+        )
+    model.save(str(output / "model"), model_name=f"bitembed-{recipe.name}")
+    return model, report
+
+
+def _convert_description(recipe: Recipe) -> str:
+    calibration = recipe.calibration
+    text = f"{recipe.backbone.name} -> W1.58A8 BitLinear, norm={recipe.backbone.norm}"
+    if calibration is not None:
+        data = calibration.dataset.name or calibration.dataset.path
+        text += f"; inserted norms and Quantize head calibrated on {calibration.texts} texts of {data}"
+    return text
+
+
+def summary_table(report: EvaluationReport) -> str:
+    """Teacher vs student per task and precision, with the student's share of the teacher's mean score."""
+    teacher_mean = report.mean_score("teacher", "float32")
+    lines = [report.to_markdown()]
+    if teacher_mean:
+        shares = [
+            f"{p}: {100 * m / teacher_mean:.1f}%"
+            for p in report.precisions("head")
+            if (m := report.mean_score("head", p)) is not None
+        ]
+        lines.append(f"\nStudent mean as a share of the teacher's ({100 * teacher_mean:.2f}): {', '.join(shares)}")
+    return "\n".join(lines)

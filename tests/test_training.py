@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from st_bitembed import BitEmbed
+from st_bitembed.cli import main
+from st_bitembed.recipe import RecipeError, builtin_recipes, load_recipe, parse_recipe
+from st_bitembed.training import preflight, run_recipe
+
+
+def tiny_recipe(backbone, teacher, output_dir, **overrides) -> dict:
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(output_dir),
+        "backbone": {"name": str(backbone)},
+        "teacher": str(teacher),
+        "calibration": {"dataset": {"name": "sentence-transformers/stsb", "columns": ["sentence1"]}, "texts": 32},
+        "pretrain": {
+            "dataset": {
+                "name": "sentence-transformers/all-nli",
+                "config": "pair",
+                "columns": ["anchor", "positive"],
+                "max_rows": 64,
+            },
+            "loss": {"alpha": 1.0, "gamma": 1.0, "precisions": ["float32", "int4", "binary"]},
+            "training": {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 2},
+        },
+        "finetune": {
+            "dataset": {
+                "name": "sentence-transformers/all-nli",
+                "config": "triplet",
+                "columns": ["anchor", "positive", "negative"],
+                "max_rows": 64,
+            },
+            "loss": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "precisions": ["float32", "int4", "binary"]},
+            "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 2},
+        },
+        "evaluation": {"tasks": ["STS13"], "precisions": ["float32", "int4", "binary"]},
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(_qwen3_teacher, tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    _qwen3_teacher.save(str(path))
+    return path
+
+
+def test_builtin_recipes_are_valid():
+    assert set(builtin_recipes()) >= {"minilm-cpu", "qwen3-0.6b", "gemma3-270m"}
+    for name in builtin_recipes():
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.finetune is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r["finetune"]["training"].update(lr=1e-3), r"tiny\.finetune\.training: unknown key\(s\) \['lr'\]"),
+        (lambda r: r.update(teachr="x"), r"tiny: unknown key\(s\) \['teachr'\]"),
+        (lambda r: r["pretrain"]["loss"].update(alpha="big"), r"tiny\.pretrain\.loss\.alpha: expected float"),
+        (lambda r: r["pretrain"].pop("dataset"), r"tiny\.pretrain: missing required key\(s\) \['dataset'\]"),
+        (lambda r: r.pop("teacher"), r"tiny\.pretrain\.loss: alpha, beta or gamma > 0 needs a top-level teacher"),
+    ],
+)
+def test_bad_recipes_are_refused_with_the_key_path(change, message, tmp_path):
+    recipe = tiny_recipe("backbone", "teacher", tmp_path)
+    change(recipe)
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(recipe, "tiny")
+
+
+def test_missing_dataset_column_is_named_before_training(qwen3_dir, teacher_dir, tmp_path):
+    recipe = tiny_recipe(qwen3_dir, teacher_dir, tmp_path)
+    recipe["pretrain"]["dataset"]["columns"] = ["anchor", "answer"]
+    with pytest.raises(
+        RecipeError,
+        match=r"pretrain\.dataset\.columns: \['answer'\] not in the dataset, whose columns "
+        r"are \['anchor', 'positive'\]",
+    ):
+        preflight(parse_recipe(recipe, "tiny"))
+    assert not (tmp_path / "converted").exists()
+
+
+def test_attention_distillation_with_another_tokenizer_fails_before_training(qwen3_dir, minilm_dir, tmp_path):
+    recipe = parse_recipe(tiny_recipe(qwen3_dir, minilm_dir, tmp_path), "tiny")
+    with pytest.raises(RecipeError, match=r"finetune\.loss\.beta > 0 .* uses Qwen2Tokenizer .* uses BertTokenizer"):
+        run_recipe(recipe)
+    assert not (tmp_path / "converted").exists()
+
+
+def test_cli_reports_a_bad_recipe_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "output_dir": "x", "backbone": {"name": "b", "nrom": "all"}}))
+    assert main(["train", str(path)]) == 2
+    assert "bad.backbone: unknown key(s) ['nrom']" in capsys.readouterr().err
+
+
+def test_end_to_end_tiny_recipe_and_resume_reaches_the_same_model(qwen3_dir, teacher_dir, tmp_path, capsys):
+    recipe_path = tmp_path / "tiny.json"
+    recipe_path.write_text(json.dumps(tiny_recipe(qwen3_dir, teacher_dir, tmp_path / "run")))
+    assert main(["train", str(recipe_path)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "| teacher | float32 |" in printed
+        and "| BitEmbed head | int4 |" in printed
+        and "share of the teacher" in printed
+    )
+    run = tmp_path / "run"
+    card = (run / "model" / "README.md").read_text()
+    assert "**pretrain**" in card and "attention-relation distillation" in card and "model-index" in card
+    assert json.loads((run / "eval" / "results.json").read_text())["teacher_name"] == str(teacher_dir)
+
+    # Interrupt the fine-tuning after its first checkpoint, then resume: the same final model as uninterrupted.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(run, interrupted)
+    shutil.rmtree(interrupted / "finetune" / "final")
+    shutil.rmtree(interrupted / "finetune" / "checkpoint-4")
+    recipe_path.write_text(json.dumps(tiny_recipe(qwen3_dir, teacher_dir, interrupted)))
+    assert main(["finetune", str(recipe_path), "--resume"]) == 0
+    resumed = BitEmbed(str(interrupted / "finetune" / "final")).state_dict()
+    reference = BitEmbed(str(run / "finetune" / "final")).state_dict()
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], atol=1e-5, rtol=1e-4, msg=key)
