@@ -25,6 +25,14 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"Converted {args.base} ({layers} BitLinear layers, norm={args.norm}) -> {args.output_dir}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from st_bitembed.export import export_packed
+
+    output = export_packed(args.model_dir, args.output_dir, dtype=args.dtype)
+    size = sum(p.stat().st_size for p in output.rglob("*.safetensors"))
+    print(f"Exported {args.model_dir} -> {output} (2-bit packed BitLinear weights, {size / 2**20:.1f} MiB of tensors)")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from st_bitembed.evaluation import evaluate_precisions
 
@@ -94,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pooling", default=None, help="pooling of a plain transformers backbone (lasttoken, mean)")
     convert.add_argument("--eos-token", default=None, help="token appended to every text for last-token pooling")
     convert.set_defaults(run=_convert)
+
+    export = commands.add_parser("export", help="deployment copy with ternary weights packed 2 bits per weight")
+    export.add_argument("model_dir")
+    export.add_argument("output_dir")
+    export.add_argument("--dtype", default="float32", help="dtype of embeddings and norms: float32 (exact), bfloat16")
+    export.set_defaults(run=_export)
 
     evaluate = commands.add_parser("evaluate", help="mteb scores at every storage precision, table and plot")
     evaluate.add_argument("model", help="BitEmbed model directory or Hub id")

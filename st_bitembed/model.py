@@ -19,6 +19,7 @@ from st_bitembed import __version__
 from st_bitembed.hub import check_model_source
 from st_bitembed.modules.quantize import Quantize, check_precision
 from st_bitembed.modules.subln_transformer import SubLNTransformer
+from st_bitembed.quantization.bitlinear import Kernel, install_bitlinear
 from st_bitembed.quantization.convert import (
     NORM_PLACEMENTS,
     SUBLN_TARGETS,
@@ -80,6 +81,8 @@ class BitEmbed(SentenceTransformer):
             local_files_only=kwargs.get("local_files_only", False),
             **hub_kwargs,
         )
+        if isinstance(self[0] if len(self) else None, Transformer):
+            install_bitlinear(self[0].auto_model)  # integer inference path; training runs transformers' forward
         if has_saved_head:
             head = Quantize.load(
                 model_name_or_path,
@@ -229,6 +232,7 @@ class BitEmbed(SentenceTransformer):
         backbone = transformer.auto_model
         rms_norm_eps = default_rms_norm_eps(backbone)
         convert_to_bitlinear(backbone, norm=norm, subln_targets=subln_targets, rms_norm_eps=rms_norm_eps)
+        install_bitlinear(backbone)
         backbone.config.quantization_config = bitnet_quantization_config(
             backbone, use_rms_norm=norm == "all", rms_norm_eps=rms_norm_eps
         )
@@ -292,6 +296,12 @@ class BitEmbed(SentenceTransformer):
         if convert_to_numpy:
             return codes.cpu().float().numpy() if codes.dtype == torch.bfloat16 else codes.cpu().numpy()
         return list(codes)
+
+    def set_bitlinear_kernel(self, kernel: Kernel) -> None:
+        """``"int8"`` (default): inference runs int8 x ternary integer matmuls, fused with torch.compile where that
+        works; ``"int8-eager"``: the same, never compiled; ``"reference"``: always transformers' float forward (the
+        arithmetic every kernel is tested against). Training always uses the latter."""
+        install_bitlinear(self[0].auto_model, kernel)
 
     def bytes_per_vector(self, precision: str) -> int:
         """Bytes one embedding takes at ``precision`` (e.g. 1024 dims: 2048 at float16, 512 at int4, 128 binary)."""

@@ -33,6 +33,9 @@ class DatasetSpec:
     path: str | None = None
     columns: list[str] = field(default_factory=list)
     max_rows: int | None = None
+    # Join every ``concatenate`` consecutive rows of each column into one passage: long training texts from a
+    # dataset of sentences (row i of every column still belongs together).
+    concatenate: int = 1
 
 
 @dataclass
@@ -173,6 +176,8 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         if stage is None:
             continue
         spec = stage.dataset
+        if spec.concatenate < 1:
+            raise RecipeError(f"{source}.{stage_name}.dataset.concatenate: must be >= 1, got {spec.concatenate}.")
         if (spec.name is None) == (spec.path is None):
             raise RecipeError(f"{source}.{stage_name}.dataset: give exactly one of name (Hub) or path (local file).")
         if len(spec.columns) < 2:
