@@ -12,6 +12,7 @@ from sentence_transformers import SentenceTransformer
 from st_bitembed.evaluation.encoders import EncodeOnce, QuantizedEncoder
 from st_bitembed.evaluation.plot import plot_precision_scores
 from st_bitembed.evaluation.report import EvaluationReport, Score
+from st_bitembed.hub import resolve_model
 from st_bitembed.model import BitEmbed
 from st_bitembed.modules.quantize import check_precision
 
@@ -115,7 +116,7 @@ def evaluate_precisions(
     tasks = _resolve_tasks(tasks, benchmark)
     path = model if isinstance(model, str) else None
     if isinstance(model, str):
-        model = BitEmbed(model)
+        model = BitEmbed(resolve_model(model))
     label = name or model_label(model, path)
     output_dir = Path(output_dir)
     cache = ResultCache(output_dir / "mteb")
@@ -124,7 +125,7 @@ def evaluate_precisions(
     rows = [("head", p) for p in precisions] + [("posthoc", p) for p in precisions if posthoc and p != "float32"]
     if teacher is not None:
         teacher_path = teacher if isinstance(teacher, str) else None
-        teacher = SentenceTransformer(teacher) if isinstance(teacher, str) else teacher
+        teacher = SentenceTransformer(resolve_model(teacher)) if isinstance(teacher, str) else teacher
         report.teacher_name = teacher_name or model_label(teacher, teacher_path)
         teacher_encoder = QuantizedEncoder(
             SentenceTransformerEncoderWrapper(teacher), "float32", report.teacher_name, "teacher"

@@ -44,7 +44,7 @@ class BitLinear(AutoBitLinear):
         new.weight, new.bias, new.rms_norm = layer.weight, layer.bias, layer.rms_norm
         if not layer.online_quant:
             new.weight_scale = layer.weight_scale
-        return new
+        return new.train(layer.training)
 
     def _inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.weight.data_ptr(), self.weight._version, self.weight.device)

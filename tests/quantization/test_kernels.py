@@ -87,5 +87,8 @@ def test_install_swaps_layers_without_copying_parameters(converted_qwen3):
     assert install_bitlinear(backbone, "reference") == 14
     assert all(type(m) is BitLinear for m in backbone.modules() if isinstance(m, AutoBitLinear))
     assert all(weights[name] is p for name, p in backbone.named_parameters())
+    backbone.eval()
+    install_bitlinear(backbone, "int8")  # swapping keeps each layer's train / eval mode (a new Module would train)
+    assert not any(m.training for m in backbone.modules() if isinstance(m, BitLinear))
     with pytest.raises(ValueError, match="Unknown BitLinear kernel 'cuda'"):
         install_bitlinear(backbone, "cuda")
