@@ -72,6 +72,8 @@ class TrainingSpec:
     seed: int = 0
     bf16: bool = False
     gather_across_devices: bool = False
+    # Keep the token embeddings fixed: a large vocabulary (Gemma3: 262k x 640) dominates the optimizer's work.
+    freeze_embeddings: bool = False
 
 
 @dataclass

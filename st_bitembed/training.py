@@ -155,6 +155,8 @@ def train_stage(
         student_layer=loss_spec.student_layer,
     )
     spec = stage.training
+    if spec.freeze_embeddings:
+        model[0].auto_model.get_input_embeddings().requires_grad_(False)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=spec.epochs,

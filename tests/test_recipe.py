@@ -28,7 +28,14 @@ def tiny_recipe(backbone, teacher, output_dir, **overrides) -> dict:
                 "max_rows": 64,
             },
             "loss": {"alpha": 1.0, "gamma": 1.0, "precisions": ["float32", "int4", "binary"]},
-            "training": {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 2},
+            "training": {
+                "max_steps": 2,
+                "batch_size": 8,
+                "learning_rate": 1e-3,
+                "logging_steps": 1,
+                "save_steps": 2,
+                "freeze_embeddings": True,
+            },
         },
         "finetune": {
             "dataset": {
@@ -117,6 +124,12 @@ def test_end_to_end_tiny_recipe_and_resume_reaches_the_same_model(qwen3_dir, tea
     card = (run / "model" / "README.md").read_text()
     assert "**pretrain**" in card and "attention-relation distillation" in card and "model-index" in card
     assert json.loads((run / "eval" / "results.json").read_text())["teacher_name"] == str(teacher_dir)
+    embeddings = {
+        stage: BitEmbed(str(run / stage))[0].auto_model.get_input_embeddings().weight
+        for stage in ("converted", "pretrain/final", "finetune/final")
+    }
+    assert torch.equal(embeddings["converted"], embeddings["pretrain/final"])  # frozen in pre-training
+    assert not torch.equal(embeddings["pretrain/final"], embeddings["finetune/final"])  # trained in fine-tuning
 
     # Interrupt the fine-tuning after its first checkpoint, then resume: the same final model as uninterrupted.
     interrupted = tmp_path / "interrupted"
