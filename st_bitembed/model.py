@@ -27,7 +27,6 @@ from st_bitembed.quantization.convert import (
     bitnet_quantization_config,
     convert_to_bitlinear,
     default_rms_norm_eps,
-    find_transformer_blocks,
 )
 from st_bitembed.tokenization import append_eos_token, pooling_eos_token
 
@@ -246,11 +245,6 @@ class BitEmbed(SentenceTransformer):
         if not os.path.isdir(name_or_path):
             model.model_card_data.base_model = name_or_path
         return model
-
-    @property
-    def backbone_blocks(self) -> str:
-        """Name of the backbone's module list of transformer blocks."""
-        return find_transformer_blocks(self[0].auto_model)
 
     def encode(
         self,

@@ -4,6 +4,7 @@ evaluation, every stage through SentenceTransformerTrainer."""
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ def preflight(recipe: Recipe) -> dict[str, Dataset]:
 def _check_same_tokenizer(recipe: Recipe, stage_name: str) -> None:
     student = AutoTokenizer.from_pretrained(resolve_model(recipe.backbone.name))
     teacher = AutoTokenizer.from_pretrained(resolve_model(recipe.teacher))
+    # Vocabularies, not token ids: the raw backbone does not append the EOS that the student's tokenizer will.
     if student.get_vocab() != teacher.get_vocab():
         raise RecipeError(
             f"{recipe.name}.{stage_name}.loss.beta > 0 (attention-relation distillation) needs teacher and student "
@@ -136,23 +138,13 @@ def train_stage(
     needs_teacher_embeddings = loss_spec.alpha > 0 or loss_spec.gamma > 0
     if needs_teacher_embeddings and stage.precompute_teacher_embeddings:
         dataset = with_teacher_embeddings(dataset, teacher, stage.training.batch_size)
+    in_loss_teacher = loss_spec.beta > 0 or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings)
+    # LossSpec's fields are BitEmbedLoss's keyword arguments, by design.
     loss = BitEmbedLoss(
         model,
-        teacher=teacher
-        if (loss_spec.beta > 0 or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings))
-        else None,
-        alpha=loss_spec.alpha,
-        beta=loss_spec.beta,
-        gamma=loss_spec.gamma,
-        precisions=loss_spec.precisions,
-        precision_weights=loss_spec.precision_weights,
-        temperature=loss_spec.temperature,
-        symmetric=loss_spec.symmetric,
+        teacher=teacher if in_loss_teacher else None,
         gather_across_devices=stage.training.gather_across_devices,
-        student_temperature=loss_spec.student_temperature,
-        teacher_temperature=loss_spec.teacher_temperature,
-        teacher_layer=loss_spec.teacher_layer,
-        student_layer=loss_spec.student_layer,
+        **asdict(loss_spec),
     )
     spec = stage.training
     if spec.freeze_embeddings:

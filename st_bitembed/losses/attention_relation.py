@@ -147,7 +147,7 @@ class AttentionRelationLoss(nn.Module):
         self.relations = tuple(relations)
         if not self.relations or set(self.relations) - set(RELATIONS):
             raise ValueError(f"relations must be a non-empty subset of {RELATIONS}, got {self.relations}.")
-        if not same_tokenizer(model, teacher):
+        if not same_tokenizer(model.tokenizer, teacher.tokenizer):
             raise ValueError(
                 "AttentionRelationLoss compares token-to-token relations, so teacher and student must share a "
                 f"tokenizer: the student uses {describe_tokenizer(model)}, the teacher {describe_tokenizer(teacher)}. "

@@ -87,7 +87,7 @@ class SimilarityKLLoss(nn.Module):
                 raise ValueError(f"{name} must be positive, got {value}.")
         self.model = model
         self.teacher = freeze(teacher) if teacher is not None else None
-        self.shares_tokenizer = teacher is not None and same_tokenizer(model, teacher)
+        self.shares_tokenizer = teacher is not None and same_tokenizer(model.tokenizer, teacher.tokenizer)
         self.student_temperature = student_temperature
         self.teacher_temperature = teacher_temperature
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 
 def freeze(teacher: SentenceTransformer) -> SentenceTransformer:
@@ -20,14 +21,10 @@ def describe_tokenizer(model: SentenceTransformer) -> str:
     return f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or 'unnamed'})"
 
 
-def same_tokenizer(student: SentenceTransformer, teacher: SentenceTransformer) -> bool:
-    """Whether both models turn text into the same token ids (same vocabulary and the same ids for a probe)."""
+def same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> bool:
+    """Whether both tokenizers turn text into the same token ids (same vocabulary and the same ids for a probe)."""
     probe = "BitEmbed: ternary weights, 8-bit activations - 1.58 bits!"
-    student_tokenizer, teacher_tokenizer = student.tokenizer, teacher.tokenizer
-    return (
-        student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
-        and student_tokenizer(probe)["input_ids"] == teacher_tokenizer(probe)["input_ids"]
-    )
+    return student.get_vocab() == teacher.get_vocab() and student(probe)["input_ids"] == teacher(probe)["input_ids"]
 
 
 def teacher_inputs(
