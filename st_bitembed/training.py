@@ -234,14 +234,14 @@ def run_recipe(recipe: Recipe, stages: tuple[str, ...] = STAGES, resume: bool = 
         else:
             if not (previous / "modules.json").exists():
                 raise RecipeError(f"No model at {previous} to start {stage_name} from: run the earlier stages first.")
-            model = BitEmbed(str(previous))
+            model = BitEmbed(str(previous), keep_latent_weights=True)
             if calibration_texts:  # the head's ranges start each stage fitted to the current embeddings
                 model.calibrate_quantizer(calibration_texts)
             train_stage(model, stage, datasets[stage_name], teacher, output / stage_name, resume)
         previous = final
     if not (previous / "modules.json").exists():
         raise RecipeError(f"No model at {previous}: run the earlier stages first (st-bitembed train / pretrain).")
-    model = BitEmbed(str(previous))
+    model = BitEmbed(str(previous), keep_latent_weights=True)  # saved again below: with its own latent weights
     if calibration_texts and recipe_summary:
         # Training moves the embedding distribution further than the ranges' own gradient steps follow (int2
         # suffered most: 71.1 -> 75.4 STS-B after refitting, minilm-cpu); refit them to the final embeddings.

@@ -10,6 +10,7 @@ from transformers.integrations.bitnet import AutoBitLinear, WeightQuant, unpack_
 
 from st_bitembed import BitEmbed
 from st_bitembed.cli import main
+from st_bitembed.quantization.bitlinear import BitLinear
 
 
 @pytest.mark.parametrize("source", ["qwen3", "minilm"])
@@ -36,6 +37,9 @@ def test_packed_export_reloads_vanilla_and_bitembed_with_equal_embeddings(source
         # can flip one int8 activation code and grow through the layers. Untrained all-MiniLM-L6-v2 is the most
         # sensitive case seen (cosine 0.9948 for "Hi", about what the int8 kernel vs the reference gives).
         assert (reloaded * training_form).sum(axis=1).min() >= 0.99, loader
+    deployed = BitEmbed(str(tmp_path / "export"))  # offline layers load as codes only, like the training form
+    assert all(m.latent_weight_released for m in deployed.modules() if isinstance(m, BitLinear))
+    assert (deployed.encode(TEXTS) * training_form).sum(axis=1).min() >= 0.99
 
 
 def test_export_refuses_an_unknown_dtype(converted_qwen3, tmp_path):

@@ -13,6 +13,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from transformers.integrations.bitnet import AutoBitLinear
 
 from st_bitembed import BitEmbed
+from st_bitembed.quantization.bitlinear import BitLinear
 
 TEXTS = ["The cat sits on the mat.", "A quick brown fox jumps over the lazy dog near the river bank.", "Hi"]
 
@@ -151,3 +152,29 @@ def test_tokenizer_without_eos_is_refused_before_loading_weights(gemma3_dir, min
 def test_bad_arguments_are_refused(qwen3_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         BitEmbed.from_backbone(str(qwen3_dir), **kwargs)
+
+
+def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_dir, tmp_path):
+    """BitEmbed(path) frees the float latent weights; keep_latent_weights=True keeps them; both encode the same, and
+    training the released model starts from latent weights rebuilt from the codes (the same quantized model)."""
+    source = BitEmbed.from_backbone(str(qwen3_dir))
+    train_one_step(source)
+    source.save(str(tmp_path / "model"))
+
+    kept = BitEmbed(str(tmp_path / "model"), keep_latent_weights=True)
+    released = BitEmbed(str(tmp_path / "model"))
+    layers = {name: [m for m in model.modules() if isinstance(m, BitLinear)] for name, model in
+              (("kept", kept), ("released", released))}  # fmt: skip
+    assert len(layers["released"]) == 14
+    assert all(layer.latent_weight_released for layer in layers["released"])
+    assert not any(layer.latent_weight_released for layer in layers["kept"])
+    latent_bytes = sum(layer.weight.untyped_storage().nbytes() for layer in layers["released"])
+    assert latent_bytes == 4 * len(layers["released"])  # one float each instead of in x out
+    np.testing.assert_array_equal(released.encode(TEXTS), kept.encode(TEXTS))
+    codes_before = [layer.ternary_codes()[0].clone() for layer in layers["released"]]
+
+    released.train()  # what the trainer does first: latent weights come back, rebuilt from the same codes
+    assert not any(layer.latent_weight_released for layer in layers["released"])
+    assert all(torch.equal(layer.ternary_codes()[0], before) for layer, before in
+               zip(layers["released"], codes_before))  # fmt: skip
+    train_one_step(released)  # asserts that the latent weights and norms changed

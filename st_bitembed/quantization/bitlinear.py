@@ -1,38 +1,53 @@
 """BitLinear: transformers' ``AutoBitLinear`` (training form, straight-through estimator) with an integer inference
-path that quantizes the weights once instead of at every forward."""
+path that quantizes the weights once, folds the RMSNorm into the activation codes and can drop the latent weights."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers.integrations.bitnet import AutoBitLinear
 
-from st_bitembed.quantization.kernels import fused_int8_linear, int8_linear
+from st_bitembed.quantization.kernels import TernaryWeight, gemm_backend, prepare_ternary_weight, ternary_linear
+from st_bitembed.quantization.packing import pack_codes, unpack_codes
 from st_bitembed.quantization.ternary import ternary_weight_codes
 
-Kernel = Literal["int8", "int8-eager", "reference"]
-KERNELS: tuple[str, ...] = ("int8", "int8-eager", "reference")
+Kernel = Literal["int8", "reference"]
+KERNELS: tuple[str, ...] = ("int8", "reference")
 
 
 class BitLinear(AutoBitLinear):
-    """``AutoBitLinear`` whose inference (eval mode, no gradients) runs int8 x ternary integer matmuls.
+    """``AutoBitLinear`` whose inference (eval mode, no gradients) runs int8 x ternary integer GEMMs.
 
     Training, and anything that needs gradients, runs transformers' own forward (fake quantization of the latent
-    weights with a straight-through estimator). At inference the ternary codes and scale are computed once and
-    cached (recomputed whenever the latent weights change), and activations are quantized per token to int8:
-    the same arithmetic, with an int32 accumulator instead of float32 sums of quantized values.
+    weights with a straight-through estimator). At inference the ternary codes are computed once and laid out for
+    the device's integer GEMM (:func:`~st_bitembed.quantization.kernels.gemm_backend`), recomputed whenever the
+    latent weights change; the RMSNorm in front is folded into the per-token int8 activation codes.
+
+    :meth:`release_latent_weight` frees the float latent weight and keeps only the codes (what ``BitEmbed(path)``
+    does for a model loaded to encode). The layer then materialises a latent weight from its codes when it is
+    needed: ``train()``, a forward with gradients, ``state_dict()`` (without keeping it) or ``load_state_dict()``.
+    The materialised weight ``codes * scale / mean(|codes|)`` has the same ternary codes and scale, so the model
+    computes exactly what it did; what it loses is how far each latent weight was from a rounding threshold.
 
     Saved checkpoints do not record this class: transformers rebuilds ``AutoBitLinear`` from the BitNet
     quantization config, and :class:`~st_bitembed.BitEmbed` swaps in this class after loading.
 
     Attributes:
-        kernel: ``"int8"`` (default: the integer path at inference, on ``torch._int_mm`` where it works, else the
-            exact float32 product of the integer codes, fused by ``torch.compile`` where that works),
-            ``"int8-eager"`` (the same, never compiled) or ``"reference"`` (transformers' float forward always).
+        kernel: ``"int8"`` (default: the integer path at inference) or ``"reference"`` (transformers' float
+            forward always).
     """
 
     kernel: Kernel = "int8"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ternary: TernaryWeight | None = None
+        self._ternary_key: tuple | None = None
+        # While the latent weight is released: its codes, 2 bits each (the GEMM's layout of them cannot be read back).
+        self._released_codes: torch.Tensor | None = None
+        self.register_state_dict_post_hook(_materialize_in_state_dict)
+        self.register_load_state_dict_pre_hook(_materialize_before_loading)
 
     @classmethod
     def from_autobitlinear(cls, layer: AutoBitLinear) -> BitLinear:
@@ -46,32 +61,84 @@ class BitLinear(AutoBitLinear):
             new.weight_scale = layer.weight_scale
         return new.train(layer.training)
 
-    def _inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
-        cache = getattr(self, "_cached_codes", None)
-        if cache is None or cache[0] != key:
-            if self.online_quant:
-                codes, scale = ternary_weight_codes(self.weight)
-            else:  # offline checkpoints already hold ternary values, with their scale beside them
-                codes, scale = (
-                    self.weight.detach().round().to(torch.int8),
-                    self.weight_scale.detach().float().reshape(()),
-                )
-            self._cached_codes = (key, codes.t().contiguous(), scale.to(self.weight.device))
-        return self._cached_codes[1], self._cached_codes[2]
+    @property
+    def latent_weight_released(self) -> bool:
+        """Whether the float latent weight is freed and only the ternary codes are kept."""
+        return self._released_codes is not None
+
+    def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scale)``: the ``[N, K]`` int8 ternary codes and 0-d float32 scale this layer computes with."""
+        if self._released_codes is not None:
+            return unpack_codes(self._released_codes, 2, self.in_features), self._ternary.scale
+        if self.online_quant:
+            return ternary_weight_codes(self.weight)
+        # Offline (exported) checkpoints hold the ternary values, with their scale beside them.
+        return self.weight.detach().round().to(torch.int8), self.weight_scale.detach().float().reshape(())
+
+    def _inference_weight(self) -> TernaryWeight:
+        backend = gemm_backend(self.weight.device.type)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, backend)
+        if self._ternary_key != key:  # first use, new latent weights, or another device
+            codes, scale = self.ternary_codes()
+            self._ternary = prepare_ternary_weight(codes.to(self.weight.device), scale, backend)
+            self._ternary_key = key
+        return self._ternary
+
+    def release_latent_weight(self) -> None:
+        """Keep only the int8 ternary codes (and the GEMM's layout of them): the float latent weight is freed.
+
+        The weight parameter stays (same object, shape and dtype, so optimizers and module code still see it) but
+        points at a single float: it takes no memory until it is materialised again."""
+        if self._released_codes is not None:
+            return
+        self._inference_weight()
+        self._released_codes = pack_codes(self.ternary_codes()[0], 2)
+        placeholder = torch.zeros(1, dtype=self.weight.dtype, device=self.weight.device)
+        self.weight.data = placeholder.expand(self.weight.shape)
+        self._ternary_key = (self.weight.data_ptr(), self.weight._version, *self._ternary_key[2:])
+
+    def materialize_latent_weight(self) -> None:
+        """Give the layer a float latent weight again, rebuilt from its codes (see the class docstring)."""
+        if self._released_codes is None:
+            return
+        self.weight.data = self._weight_from_codes()
+        self._released_codes = None
+
+    def _weight_from_codes(self) -> torch.Tensor:
+        codes, scale = self.ternary_codes()
+        if not self.online_quant:  # offline layers store the ternary values themselves
+            return codes.to(self.weight.dtype)
+        # absmean(codes * s) = s * mean|codes|: dividing by mean|codes| gives back exactly scale s and these codes.
+        nonzero_share = codes.abs().float().mean().clamp(min=1 / codes.numel())
+        return (codes.float() * (scale / nonzero_share)).to(self.weight.dtype)
+
+    def train(self, mode: bool = True) -> BitLinear:
+        if mode:
+            self.materialize_latent_weight()
+        return super().train(mode)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference" or self.training or torch.is_grad_enabled():
+            self.materialize_latent_weight()
             return super().forward(input)
-        if self.rms_norm is not None:
-            input = self.rms_norm(input)
-        codes_t, scale = self._inference_weights()
+        weight = self._inference_weight()
         bias = self.bias
         if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
-            bias = bias * scale
-        if self.kernel == "int8-eager":
-            return int8_linear(input, codes_t, scale, bias)
-        return fused_int8_linear(input, codes_t, scale, bias)
+            bias = bias * weight.scale
+        norm = self.rms_norm
+        if norm is None:
+            return ternary_linear(input, weight, bias)
+        return ternary_linear(input, weight, bias, norm.weight, norm.variance_epsilon)
+
+
+def _materialize_in_state_dict(module: BitLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # A released layer saves the latent weight it stands for, never its one-float placeholder.
+    if module.latent_weight_released:
+        state_dict[prefix + "weight"] = module._weight_from_codes()
+
+
+def _materialize_before_loading(module: BitLinear, *args: Any, **kwargs: Any) -> None:
+    module.materialize_latent_weight()  # loading copies into the weight: it needs its own memory again
 
 
 def install_bitlinear(model: torch.nn.Module, kernel: Kernel = "int8") -> int:
@@ -88,3 +155,12 @@ def install_bitlinear(model: torch.nn.Module, kernel: Kernel = "int8") -> int:
             module.kernel = kernel
             layers += 1
     return layers
+
+
+def release_latent_weights(model: torch.nn.Module) -> int:
+    """Free the float latent weights of every :class:`BitLinear` in ``model``, keeping their int8 codes (for
+    inference). Returns the number of layers."""
+    layers = [module for module in model.modules() if isinstance(module, BitLinear)]
+    for layer in layers:
+        layer.release_latent_weight()
+    return len(layers)

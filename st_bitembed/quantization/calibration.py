@@ -27,31 +27,35 @@ def calibrate_inserted_norms(model: SentenceTransformer, texts: Sequence[str], m
         ValueError: the model has no inserted norms, or no texts were given.
     """
     texts = list(texts)[:max_texts]
-    norms = [
-        m.rms_norm for m in model[0].auto_model.modules() if isinstance(m, AutoBitLinear) and m.rms_norm is not None
-    ]
-    if not norms:
+    layers = [m for m in model[0].auto_model.modules() if isinstance(m, AutoBitLinear) and m.rms_norm is not None]
+    if not layers:
         raise ValueError("The model has no RMSNorms in front of BitLinear layers to calibrate.")
     if not texts:
         raise ValueError("Calibration needs some texts.")
     features = model.preprocess(texts)
     features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
     real_tokens = features["attention_mask"].bool()
+    calibrated: set[int] = set()
 
-    def calibrate(norm: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
+    # Hooked on the layer, not on its norm: the integer inference path folds the norm and never calls it.
+    def calibrate(layer: AutoBitLinear, args: tuple[Tensor, ...]) -> None:
+        norm = layer.rms_norm
         inputs = args[0].float()
         tokens = inputs[real_tokens] if inputs.shape[:2] == real_tokens.shape else inputs.reshape(-1, inputs.shape[-1])
         rms = tokens.pow(2).mean(dim=-1, keepdim=True).add(norm.variance_epsilon).sqrt()
         scale = tokens.abs().mean(dim=0) / (tokens / rms).abs().mean(dim=0).clamp(min=1e-12)
         norm.weight.copy_(scale.to(norm.weight.dtype))
+        calibrated.add(id(layer))
 
     was_training = model.training
     model.eval()
-    handles = [norm.register_forward_pre_hook(calibrate) for norm in norms]
+    handles = [layer.register_forward_pre_hook(calibrate) for layer in layers]
     try:
         model(features)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return len(norms)
+    if len(calibrated) != len(layers):
+        raise RuntimeError(f"Only {len(calibrated)} of {len(layers)} norms saw the calibration texts.")
+    return len(layers)

@@ -1,15 +1,28 @@
-"""Integer kernels for BitLinear inference: int8 activations x ternary (int8) weights -> int32, then rescale.
+"""Integer kernels for BitLinear inference: RMSNorm folded into per-token int8 activation codes, an int8 x ternary
+GEMM with an int32 accumulator, then one rescale per token.
 
-``torch._int_mm`` runs the int8 GEMM (oneDNN with AMX / VNNI on CPU, cuBLASLt on CUDA). Where it is missing or
-refuses the shapes, the same integer codes are multiplied in float32, which is exact while ``127 * in_features``
-stays below 2**24 (every BitLinear of the models we target). Both are tested against
-:mod:`st_bitembed.quantization.ternary`.
+Norm folding: per-token absmax quantization does not change when a token's vector is scaled, so the codes of
+``quant(RMSNorm(x) * g)`` are those of ``quant(x * g)``; ``1 / rms(x)`` only scales the output:
+``y = (codes(x * g) @ W_codes.T) * w_scale * absmax(x * g) / 127 / rms(x)``. The normalised activations are never
+materialised.
+
+The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
+
+- ``"onednn"`` (CPU): ``torch.ops.onednn.qlinear_pointwise`` with uint8 activations (codes + 128, zero point 128)
+  and prepacked int8 weights; oneDNN picks AVX2 / AVX512-VNNI / AMX kernels for the processor.
+- ``"int_mm"`` (CUDA): ``torch._int_mm`` (cuBLASLt).
+- ``"float"`` (anything else): the same integer codes multiplied in float32, which is exact while
+  ``127 * in_features`` stays below 2**24 (every BitLinear of the models we target).
+
+All three are tested against :mod:`st_bitembed.quantization.ternary`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,89 +31,152 @@ from st_bitembed.quantization.ternary import INT8_MAX, MIN_SCALE
 
 logger = logging.getLogger(__name__)
 
+GemmBackend = Literal["onednn", "int_mm", "float"]
+# oneDNN's uint8 activations are the signed codes shifted by this zero point.
+UINT8_ZERO_POINT = 128
+# Activations quantized at a time by ternary_linear (8 MiB of float32): fastest of 2**17..2**21 on a 2-core AVX2 CPU.
+CHUNK_ELEMENTS = 2**21
+
+
+@dataclass(frozen=True)
+class TernaryWeight:
+    """A BitLinear weight prepared for one GEMM backend: ``W = codes * scale``.
+
+    Attributes:
+        backend: The backend ``operand`` is laid out for.
+        operand: onednn: the prepacked int8 codes; int_mm: int8 codes ``[K, N]``; float: float32 codes ``[K, N]``.
+        scale: 0-d float32 scale of the ternary codes.
+        out_features: ``N``.
+        onednn_qparams: For onednn, the per-output weight scales (ones: the GEMM returns the integer product) and
+            zero points it takes, made once instead of at every call.
+    """
+
+    backend: GemmBackend
+    operand: torch.Tensor
+    scale: torch.Tensor
+    out_features: int
+    onednn_qparams: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _onednn_works() -> bool:
+    weight = prepare_ternary_weight(torch.ones(8, 32, dtype=torch.int8), torch.tensor(1.0), "onednn")
+    product = integer_product(torch.full((3, 32), UINT8_ZERO_POINT + 2.0), weight)
+    return bool((product == 64).all())
+
+
+def _int_mm_works() -> bool:
+    a = torch.ones(32, 64, dtype=torch.int8, device="cuda")
+    return bool((torch._int_mm(a, a.t().contiguous()[:, :32]) == 64).all())
+
 
 @functools.cache
-def int_mm_available(device_type: str) -> bool:
-    """Whether ``torch._int_mm`` works on this device type (checked once, on a small product)."""
-    if not hasattr(torch, "_int_mm"):
-        return False
-    try:
-        a = torch.ones(32, 64, dtype=torch.int8, device=device_type)
-        b = torch.ones(64, 32, dtype=torch.int8, device=device_type)
-        return bool((torch._int_mm(a, b) == 64).all())
-    except (RuntimeError, NotImplementedError) as error:
-        logger.info("torch._int_mm unavailable on %s (%s); BitLinear uses the float32 fallback", device_type, error)
-        return False
+def gemm_backend(device_type: str) -> GemmBackend:
+    """The integer GEMM used on ``device_type`` (checked once, on a small product; ``"float"`` when none works)."""
+    probes = {"cpu": ("onednn", _onednn_works), "cuda": ("int_mm", _int_mm_works)}
+    if device_type in probes:
+        backend, works = probes[device_type]
+        try:
+            if works():
+                return backend
+        except (RuntimeError, NotImplementedError, AttributeError) as error:
+            logger.info("%s int8 GEMM unavailable (%s); BitLinear multiplies integer codes in float32", backend, error)
+    return "float"
 
 
-def quantize_activations(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8 codes (``[..., K]``) and their float32 step (``[..., 1]``), as in transformers'
-    ``ActQuant`` (scale ``127 / absmax``, round, clamp to [-128, 127])."""
-    activations = activations.float()
-    scale = INT8_MAX / activations.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_SCALE)
-    codes = (activations * scale).round().clamp(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
-    return codes, 1.0 / scale
+def prepare_ternary_weight(codes: torch.Tensor, scale: torch.Tensor, backend: GemmBackend) -> TernaryWeight:
+    """Lay out ``[N, K]`` int8 ternary ``codes`` (and their 0-d ``scale``) for ``backend``."""
+    scale = scale.detach().float().reshape(())
+    if backend == "onednn":
+        packed = torch.ops.onednn.qlinear_prepack(codes.cpu().contiguous(), None)
+        qparams = torch.ones(codes.shape[0]), torch.zeros(codes.shape[0], dtype=torch.int64)
+        return TernaryWeight(backend, packed, scale, codes.shape[0], qparams)
+    operand = codes.t().contiguous() if backend == "int_mm" else codes.t().float().contiguous()
+    return TernaryWeight(backend, operand, scale, codes.shape[0])
 
 
-def int8_linear(
-    activations: torch.Tensor,
-    weight_codes_t: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    use_int_mm: bool | None = None,
-) -> torch.Tensor:
-    """``x @ W.T (+ b)`` for int8-quantized ``x`` and ternary ``W = codes * weight_scale``.
+def activation_codes(
+    activations: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-6, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes of ``RMSNorm(activations) * norm_weight`` (or of ``activations`` without a norm) and the
+    per-token step that turns them back into values.
 
     Args:
-        activations: ``[..., K]`` float activations.
-        weight_codes_t: ``[K, N]`` int8 ternary codes, transposed (contiguous) for the GEMM.
-        weight_scale: 0-d float32 scale of the ternary weights.
-        bias: Optional ``[N]`` bias.
-        use_int_mm: Force (True) or forbid (False) ``torch._int_mm``; by default used where available.
+        activations: ``[..., K]`` activations.
+        norm_weight: The RMSNorm's weight; ``None`` for a projection without a norm in front.
+        eps: The RMSNorm's epsilon.
+        offset: Added to every code (128 gives the uint8 codes of a zero point 128).
+
+    Returns:
+        ``(codes, step)``: float32 integer values in ``[-127, 127] + offset`` shaped like ``activations`` (the
+        caller casts them to its GEMM's integer type), and float32 ``[..., 1]`` with ``(codes - offset) * step``
+        the quantized (normalised) activations, as transformers' ``ActQuant`` after ``RMSNorm`` computes them.
+    """
+    activations = activations.float()
+    weighted = activations * norm_weight.float() if norm_weight is not None else activations
+    absmax = torch.maximum(weighted.amax(dim=-1, keepdim=True), weighted.amin(dim=-1, keepdim=True).neg_())
+    if norm_weight is None:
+        step = absmax.clamp(min=MIN_SCALE) / INT8_MAX
+        codes = weighted / step
+    else:
+        mean_square = torch.linalg.vector_norm(activations, dim=-1, keepdim=True).square_() / activations.shape[-1]
+        inverse_rms = torch.rsqrt(mean_square + eps)  # one pass, no [..., K] temporary
+        step = (absmax * inverse_rms).clamp(min=MIN_SCALE) / INT8_MAX  # the step of the normalised activations
+        codes = weighted.mul_(inverse_rms / step)
+    # round(v) + offset == round(v + offset) for an even offset (ties go to the even integer either way).
+    return codes.add_(offset).round_(), step
+
+
+def integer_product(codes: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
+    """``codes @ W_codes.T`` (exact integers, as float32) for 2-D float32 integer-valued ``codes`` (shifted by
+    :data:`UINT8_ZERO_POINT` for the onednn backend), on ``weight.backend``."""
+    if weight.backend == "onednn":
+        codes_uint8 = codes.to(torch.int16).to(torch.uint8)  # two steps: float -> uint8 directly is 3x slower
+        ones, zero_points = weight.onednn_qparams
+        return torch.ops.onednn.qlinear_pointwise(
+            codes_uint8, 1.0, UINT8_ZERO_POINT, weight.operand, ones, zero_points, None, 1.0, 0, torch.float32,
+            "none", [], "",
+        )  # fmt: skip
+    if weight.backend == "int_mm":
+        rows = codes.shape[0]
+        padded = max(rows, 17) + (-max(rows, 17) % 8) - rows  # cuBLASLt wants more than 16 rows, in multiples of 8
+        codes_int8 = F.pad(codes.to(torch.int8), (0, 0, 0, padded))
+        return torch._int_mm(codes_int8, weight.operand)[:rows].float()
+    return codes @ weight.operand
+
+
+def ternary_linear(
+    activations: torch.Tensor,
+    weight: TernaryWeight,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``Linear(quant(RMSNorm(x) * norm_weight))`` with ternary weights: what transformers' ``AutoBitLinear``
+    computes (with its RMSNorm when ``norm_weight`` is given), on integer codes.
+
+    Tokens are processed in chunks of about :data:`CHUNK_ELEMENTS` activations, so that the element-wise passes of
+    the quantization reuse memory that is already in cache (and already mapped) instead of streaming the whole batch
+    through memory several times (up to 1.9x faster, for 8192 x 1536 inputs on a 2-core AVX2 CPU).
+
+    Args:
+        activations: ``[..., K]`` activations.
+        weight: The prepared ternary weight (:func:`prepare_ternary_weight`).
+        bias: Optional ``[N]`` bias, added after the rescale.
+        norm_weight: The weight of the RMSNorm in front of the projection, folded into the quantization.
+        eps: That RMSNorm's epsilon.
 
     Returns:
         ``[..., N]`` in the activations' dtype.
     """
-    codes, step = quantize_activations(activations)
-    flat = codes.reshape(-1, codes.shape[-1])
-    if use_int_mm is None:
-        use_int_mm = int_mm_available(flat.device.type)
-    if use_int_mm:
-        rows = flat.shape[0]
-        padded = max(rows, 17) + (-max(rows, 17) % 8) - rows  # cuBLASLt wants more than 16 rows, in multiples of 8
-        product = torch._int_mm(F.pad(flat, (0, 0, 0, padded)) if padded else flat, weight_codes_t)[:rows].float()
-    else:
-        product = flat.float() @ weight_codes_t.float()
-    output = product.reshape(*codes.shape[:-1], -1) * (step * weight_scale)
-    if bias is not None:
-        output = output + bias.float()
-    return output.to(activations.dtype)
-
-
-@functools.cache
-def _compiled_int8_linear():
-    return torch.compile(int8_linear, dynamic=True)
-
-
-_COMPILE_FAILED: set[str] = set()
-
-
-def fused_int8_linear(
-    activations: torch.Tensor,
-    weight_codes_t: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`int8_linear` compiled with ``torch.compile`` (activation quantization, GEMM and rescale fused), on the
-    eager function where compilation is unavailable or fails (logged once per device type)."""
-    device_type = activations.device.type
-    use_int_mm = int_mm_available(device_type)
-    if device_type not in _COMPILE_FAILED:
-        try:
-            return _compiled_int8_linear()(activations, weight_codes_t, weight_scale, bias, use_int_mm)
-        except Exception as error:  # any compiler / backend failure: the eager kernel computes the same thing
-            _COMPILE_FAILED.add(device_type)
-            logger.warning(
-                "torch.compile of the int8 BitLinear kernel failed on %s (%s); using eager.", device_type, error
-            )
-    return int8_linear(activations, weight_codes_t, weight_scale, bias, use_int_mm)
+    flat = activations.reshape(-1, activations.shape[-1])
+    offset = UINT8_ZERO_POINT if weight.backend == "onednn" else 0
+    rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
+    output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], rows):
+        codes, step = activation_codes(flat[start : start + rows], norm_weight, eps, offset)
+        product = integer_product(codes, weight)
+        del codes  # its memory serves the next chunk
+        chunk = torch.mul(product, step * weight.scale, out=output[start : start + rows])
+        if bias is not None:
+            chunk.add_(bias)
+    return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)

@@ -1,47 +1,90 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers.integrations.bitnet import AutoBitLinear
 
 from st_bitembed.quantization import kernels
-from st_bitembed.quantization.bitlinear import BitLinear, install_bitlinear
-from st_bitembed.quantization.kernels import int8_linear, int_mm_available, quantize_activations
-from st_bitembed.quantization.ternary import bitlinear_reference, ternary_weight_codes
+from st_bitembed.quantization.bitlinear import BitLinear, install_bitlinear, release_latent_weights
+from st_bitembed.quantization.kernels import (
+    UINT8_ZERO_POINT,
+    activation_codes,
+    gemm_backend,
+    integer_product,
+    prepare_ternary_weight,
+)
+from st_bitembed.quantization.ternary import bitlinear_reference, int8_activation_codes, ternary_weight_codes
+
+CPU_BACKENDS = ["onednn", "float"] if gemm_backend("cpu") == "onednn" else ["float"]
 
 
-def layer(in_features: int = 96, out_features: int = 40, seed: int = 0) -> BitLinear:
+def layer(in_features: int = 96, out_features: int = 40, seed: int = 0, bias: bool = True) -> BitLinear:
     torch.manual_seed(seed)
-    return BitLinear.from_autobitlinear(
-        AutoBitLinear(in_features, out_features, bias=True, online_quant=True, use_rms_norm=True)
+    bitlinear = BitLinear.from_autobitlinear(
+        AutoBitLinear(in_features, out_features, bias=bias, online_quant=True, use_rms_norm=True)
     )
+    bitlinear.rms_norm.weight.data = torch.rand(in_features) * 2  # calibrated norms are not all ones
+    return bitlinear
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 64])
-def test_integer_product_is_exact(rows):
+def test_onednn_is_the_cpu_backend_on_x86():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    assert gemm_backend("cpu") == "onednn"
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_folded_norm_codes_equal_the_codes_of_the_normalised_activations(scale):
+    """quant(RMSNorm(x) * g) == quant(x * g): the norm only rescales the output (one code off at rounding ties)."""
+    bitlinear = layer(256, 8)
+    activations = torch.randn(6, 50, 256) * scale
+    norm = bitlinear.rms_norm
+    expected_codes, expected_step = int8_activation_codes(norm(activations))
+    codes, step = activation_codes(activations, norm.weight, norm.variance_epsilon)
+    differing = codes != expected_codes.float()
+    assert (codes - expected_codes.float()).abs().max() <= 1
+    assert differing.float().mean() < 1e-3
+    torch.testing.assert_close(step, expected_step, rtol=1e-5, atol=0)
+    shifted, _ = activation_codes(activations, norm.weight, norm.variance_epsilon, offset=UINT8_ZERO_POINT)
+    torch.testing.assert_close(shifted - UINT8_ZERO_POINT, codes)
+
+
+def test_codes_without_a_norm_and_of_a_zero_token():
+    activations = torch.randn(5, 64)
+    activations[2] = 0
+    codes, step = activation_codes(activations)
+    expected_codes, expected_step = int8_activation_codes(activations)
+    torch.testing.assert_close(codes, expected_codes.float())
+    torch.testing.assert_close(step, expected_step)
+    assert codes[2].abs().sum() == 0 and codes.abs().max() == 127
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 300])
+def test_integer_product_is_exact(backend, rows):
     torch.manual_seed(rows)
-    activations, weight = torch.randn(rows, 96), torch.randn(40, 96)
-    codes, step = quantize_activations(activations)
-    weight_codes, weight_scale = ternary_weight_codes(weight)
-    exact = (codes.double() @ weight_codes.double().T) * step.double() * weight_scale.double()
-    for use_int_mm in (False, True) if int_mm_available("cpu") else (False,):
-        got = int8_linear(activations, weight_codes.t().contiguous(), weight_scale, use_int_mm=use_int_mm)
-        torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=1e-6)
-    if int_mm_available("cpu"):  # the int32 accumulator itself equals the exact integer product
-        integer = torch._int_mm(
-            torch.nn.functional.pad(codes, (0, 0, 0, -rows % 8 + (8 if rows <= 16 else 0))),
-            weight_codes.t().contiguous(),
-        )[:rows]
-        assert torch.equal(integer.double(), codes.double() @ weight_codes.double().T)
+    codes = torch.randint(-127, 128, (rows, 96)).float()
+    weight_codes, weight_scale = ternary_weight_codes(torch.randn(40, 96))
+    weight = prepare_ternary_weight(weight_codes, weight_scale, backend)
+    offset = UINT8_ZERO_POINT if backend == "onednn" else 0
+    product = integer_product(codes + offset, weight)
+    assert torch.equal(product.double(), codes.double() @ weight_codes.double().T)  # the int32 accumulator, exactly
 
 
-def test_inference_path_agrees_with_the_reference_and_training_uses_the_reference():
-    bitlinear = layer().eval()
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_path_agrees_with_the_reference_and_training_uses_the_reference(backend, bias, monkeypatch):
+    monkeypatch.setattr(kernels, "gemm_backend", lambda device_type: backend)
+    monkeypatch.setattr("st_bitembed.quantization.bitlinear.gemm_backend", lambda device_type: backend)
+    bitlinear = layer(bias=bias).eval()
     inputs = torch.randn(3, 7, 96)
     with torch.no_grad():
         fast = bitlinear(inputs)
         bitlinear.kernel = "reference"
         reference = bitlinear(inputs)
+    assert bitlinear._ternary.backend == backend
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         fast,
@@ -55,6 +98,16 @@ def test_inference_path_agrees_with_the_reference_and_training_uses_the_referenc
     assert bitlinear.weight.grad is not None and bitlinear.weight.grad.abs().sum() > 0
 
 
+def test_chunks_of_tokens_give_the_same_output_and_empty_input_is_empty(monkeypatch):
+    bitlinear = layer().eval()
+    inputs = torch.randn(5, 7, 96)
+    with torch.no_grad():
+        whole = bitlinear(inputs)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 96 * 4)  # 4 tokens a chunk: 9 chunks, the last one short
+        torch.testing.assert_close(bitlinear(inputs), whole, atol=0, rtol=0)
+        assert bitlinear(torch.randn(0, 96)).shape == (0, 40)
+
+
 def test_cached_weight_codes_follow_weight_updates():
     bitlinear = layer().eval()
     inputs = torch.randn(4, 96)
@@ -65,20 +118,72 @@ def test_cached_weight_codes_follow_weight_updates():
     torch.testing.assert_close(after - bitlinear.bias, -(before - bitlinear.bias), atol=1e-5, rtol=1e-5)
 
 
-def test_fallback_when_int_mm_is_unavailable(monkeypatch):
+def test_float_fallback_when_onednn_is_unavailable(monkeypatch):
     bitlinear = layer().eval()
     inputs = torch.randn(20, 96)
     with torch.no_grad():
-        with_int_mm = bitlinear(inputs)
-    monkeypatch.delattr(torch, "_int_mm", raising=False)
-    kernels.int_mm_available.cache_clear()
+        default = bitlinear(inputs)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no oneDNN in this build")
+
+    monkeypatch.setattr(kernels, "_onednn_works", broken)
+    kernels.gemm_backend.cache_clear()
     try:
-        assert not int_mm_available("cpu")
+        assert gemm_backend("cpu") == "float"
         with torch.no_grad():
-            torch.testing.assert_close(bitlinear(inputs), with_int_mm, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(bitlinear(inputs), default, atol=1e-5, rtol=1e-5)
+        assert bitlinear._ternary.backend == "float"
     finally:
         monkeypatch.undo()
-        kernels.int_mm_available.cache_clear()
+        kernels.gemm_backend.cache_clear()
+
+
+def test_released_layer_keeps_only_codes_and_computes_the_same():
+    bitlinear = layer(512, 256).eval()
+    inputs = torch.randn(9, 512)
+    with torch.no_grad():
+        before = bitlinear(inputs)
+        codes, scale = bitlinear.ternary_codes()
+        bitlinear.release_latent_weight()
+        assert bitlinear.latent_weight_released
+        assert bitlinear.weight.untyped_storage().nbytes() == 4  # one float, not 512 x 256
+        assert bitlinear.weight.shape == (256, 512) and bitlinear.weight.dtype == torch.float32
+        torch.testing.assert_close(bitlinear(inputs), before, atol=0, rtol=0)
+        saved = bitlinear.state_dict()["weight"]  # the latent weight it stands for, not the placeholder
+    assert saved.shape == (256, 512) and bitlinear.latent_weight_released
+    assert torch.equal(ternary_weight_codes(saved)[0], codes)
+    torch.testing.assert_close(ternary_weight_codes(saved)[1], scale)
+    # Training materialises a latent weight with the same codes and scale: the model it trains is the same model.
+    bitlinear.train()
+    assert not bitlinear.latent_weight_released and bitlinear.weight.untyped_storage().nbytes() == 4 * 256 * 512
+    assert torch.equal(ternary_weight_codes(bitlinear.weight)[0], codes)
+    with torch.no_grad():
+        torch.testing.assert_close(bitlinear.eval()(inputs), before, atol=1e-4, rtol=1e-4)
+
+
+def test_loading_a_state_dict_into_a_released_layer():
+    source, target = layer(seed=1), layer(seed=2).eval()
+    target.release_latent_weight()
+    target.load_state_dict(source.state_dict())
+    assert not target.latent_weight_released
+    assert torch.equal(target.weight, source.weight)
+
+
+def test_no_compilation_for_any_batch_or_length(converted_qwen3, monkeypatch):
+    """The inference path is eager: no torch.compile graphs (hence no recompilation) whatever the shapes."""
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # the suite disables torch.compile: count for real
+    backbone = converted_qwen3[0].auto_model.eval()
+    release_latent_weights(backbone)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    rng = random.Random(0)
+    with torch.inference_mode():
+        for _ in range(20):
+            batch, length = rng.randint(1, 64), rng.randint(3, 512)
+            input_ids = torch.randint(10, 1000, (batch, length))
+            backbone(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
 def test_install_swaps_layers_without_copying_parameters(converted_qwen3):
