@@ -67,10 +67,11 @@ class BitEmbed(SentenceTransformer):
         Args:
             model_name_or_path: A local folder or Hub id of a BitEmbed (or any sentence-transformers) model.
             keep_latent_weights: Keep the float latent weights of the BitLinear layers beside their ternary codes, to
-                continue training exactly where the saved model stopped. By default a loaded model keeps only the
-                int8 codes (a quarter of the float32 memory): it encodes the same, and training it starts from latent
-                weights rebuilt from the codes (see :meth:`BitLinear.release_latent_weight
-                <st_bitembed.quantization.bitlinear.BitLinear.release_latent_weight>`).
+                continue training exactly where the saved model stopped. By default a loaded model frees them when it
+                first encodes and keeps only the int8 codes (a quarter of the float32 memory): it encodes the same,
+                and training it afterwards starts from latent weights rebuilt from the codes (see
+                :class:`~st_bitembed.quantization.bitlinear.BitLinear`). A model put in training mode before it
+                encodes keeps its latent weights.
             kwargs: As for ``SentenceTransformer``.
         """
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
@@ -96,7 +97,7 @@ class BitEmbed(SentenceTransformer):
         if isinstance(self[0] if len(self) else None, Transformer):
             install_bitlinear(self[0].auto_model)  # integer inference path; training runs transformers' forward
             if model_name_or_path is not None and not keep_latent_weights:
-                release_latent_weights(self[0].auto_model)
+                release_latent_weights(self[0].auto_model, at_first_inference=True)
         if has_saved_head:
             head = Quantize.load(
                 model_name_or_path,

@@ -166,6 +166,8 @@ def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_d
     layers = {name: [m for m in model.modules() if isinstance(m, BitLinear)] for name, model in
               (("kept", kept), ("released", released))}  # fmt: skip
     assert len(layers["released"]) == 14
+    assert not any(layer.latent_weight_released for layer in layers["released"])  # until it first encodes
+    np.testing.assert_array_equal(released.encode(TEXTS), kept.encode(TEXTS))
     assert all(layer.latent_weight_released for layer in layers["released"])
     assert not any(layer.latent_weight_released for layer in layers["kept"])
     latent_bytes = sum(layer.weight.untyped_storage().nbytes() for layer in layers["released"])
@@ -178,3 +180,5 @@ def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_d
     assert all(torch.equal(layer.ternary_codes()[0], before) for layer, before in
                zip(layers["released"], codes_before))  # fmt: skip
     train_one_step(released)  # asserts that the latent weights and norms changed
+    released.encode(TEXTS)  # a model that trained keeps its latent weights through evaluations
+    assert not any(layer.latent_weight_released for layer in layers["released"])

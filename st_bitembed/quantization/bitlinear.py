@@ -39,6 +39,8 @@ class BitLinear(AutoBitLinear):
     """
 
     kernel: Kernel = "int8"
+    # Release the latent weight at the first inference forward (BitEmbed(path)); cleared for good by train().
+    release_at_inference: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -113,7 +115,8 @@ class BitLinear(AutoBitLinear):
         return (codes.float() * (scale / nonzero_share)).to(self.weight.dtype)
 
     def train(self, mode: bool = True) -> BitLinear:
-        if mode:
+        if mode:  # a layer that trains keeps its latent weight from now on, also through evaluations
+            self.release_at_inference = False
             self.materialize_latent_weight()
         return super().train(mode)
 
@@ -122,6 +125,8 @@ class BitLinear(AutoBitLinear):
             self.materialize_latent_weight()
             return super().forward(input)
         weight = self._inference_weight()
+        if self.release_at_inference:
+            self.release_latent_weight()
         bias = self.bias
         if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
             bias = bias * weight.scale
@@ -157,10 +162,15 @@ def install_bitlinear(model: torch.nn.Module, kernel: Kernel = "int8") -> int:
     return layers
 
 
-def release_latent_weights(model: torch.nn.Module) -> int:
+def release_latent_weights(model: torch.nn.Module, at_first_inference: bool = False) -> int:
     """Free the float latent weights of every :class:`BitLinear` in ``model``, keeping their int8 codes (for
-    inference). Returns the number of layers."""
+    inference): now, or with ``at_first_inference`` when each layer first runs its inference path, unless the model
+    is put in training mode before (so that a model loaded only to read its state, as a trainer resuming from a
+    checkpoint does, keeps its exact latent weights). Returns the number of layers."""
     layers = [module for module in model.modules() if isinstance(module, BitLinear)]
     for layer in layers:
-        layer.release_latent_weight()
+        if at_first_inference:
+            layer.release_at_inference = True
+        else:
+            layer.release_latent_weight()
     return len(layers)

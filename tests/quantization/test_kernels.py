@@ -170,15 +170,15 @@ def test_loading_a_state_dict_into_a_released_layer():
     assert torch.equal(target.weight, source.weight)
 
 
-def test_no_compilation_for_any_batch_or_length(converted_qwen3, monkeypatch):
+def test_no_compilation_for_any_batch_or_length(converted_qwen3):
     """The inference path is eager: no torch.compile graphs (hence no recompilation) whatever the shapes."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # the suite disables torch.compile: count for real
     backbone = converted_qwen3[0].auto_model.eval()
     release_latent_weights(backbone)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     rng = random.Random(0)
-    with torch.inference_mode():
+    # The suite disables torch.compile (TORCH_COMPILE_DISABLE=1): enable it here, so that compilations would count.
+    with torch._dynamo.config.patch(disable=False), torch.inference_mode():
         for _ in range(20):
             batch, length = rng.randint(1, 64), rng.randint(3, 512)
             input_ids = torch.randint(10, 1000, (batch, length))
