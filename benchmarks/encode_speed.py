@@ -13,7 +13,8 @@ Two suites, every variant in a fresh process (so that its memory is its own), al
   in fp32 / bf16 vs BitEmbed (converted, latent weights released as ``BitEmbed(path)`` does), forward of batch 32 x
   128 tokens and of one 16- and one 64-token query; plus checkpoint sizes (bf16 vs the 2-bit packed export).
 
-Peak RSS is reported twice: while loading, and while encoding (the kernel's high-water mark is reset between them).
+Peak RSS is reported twice: while loading (and the warm-up), and while encoding (the kernel's high-water mark is
+reset between them).
 Texts/s, tokens/s and latencies are medians of ``--repeats`` timed passes after a short warm-up.
 
 Usage:
@@ -94,8 +95,8 @@ def measure_real(variant: str, path: str, repeats: int) -> dict:
     else:
         model = BitEmbed(path, device="cpu")
     result = {"load_peak_mib": peak_rss_mib(), "texts_per_s": {}}
+    model.encode(workloads()["2,000 STS-B sentences, batch 32"][0][:64])  # warm-up (BitEmbed frees latent weights)
     reset_peak_rss()
-    model.encode(workloads()["2,000 STS-B sentences, batch 32"][0][:64])  # warm-up
     for name, (texts, batch_size) in workloads().items():
         seconds = timed(lambda: model.encode(texts, batch_size=batch_size), repeats)
         result["texts_per_s"][name] = len(texts) / seconds
