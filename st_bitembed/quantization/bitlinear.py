@@ -77,13 +77,19 @@ class BitLinear(AutoBitLinear):
         # Offline (exported) checkpoints hold the ternary values, with their scale beside them.
         return self.weight.detach().round().to(torch.int8), self.weight_scale.detach().float().reshape(())
 
+    def _weight_key(self, backend: str) -> tuple:
+        # What the prepared weight depends on: the latent weight's storage and version, its device, the backend.
+        return self.weight.data_ptr(), self.weight._version, self.weight.device, backend
+
+    def _prepare(self, codes: torch.Tensor, scale: torch.Tensor, backend: str) -> TernaryWeight:
+        self._ternary = prepare_ternary_weight(codes.to(self.weight.device), scale, backend)
+        self._ternary_key = self._weight_key(backend)
+        return self._ternary
+
     def _inference_weight(self) -> TernaryWeight:
         backend = gemm_backend(self.weight.device.type)
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, backend)
-        if self._ternary_key != key:  # first use, new latent weights, or another device
-            codes, scale = self.ternary_codes()
-            self._ternary = prepare_ternary_weight(codes.to(self.weight.device), scale, backend)
-            self._ternary_key = key
+        if self._ternary_key != self._weight_key(backend):  # first use, new latent weights, or another device
+            return self._prepare(*self.ternary_codes(), backend)
         return self._ternary
 
     def release_latent_weight(self) -> None:
@@ -93,11 +99,11 @@ class BitLinear(AutoBitLinear):
         points at a single float: it takes no memory until it is materialised again."""
         if self._released_codes is not None:
             return
-        self._inference_weight()
-        self._released_codes = pack_codes(self.ternary_codes()[0], 2)
+        codes, scale = self.ternary_codes()  # computed once, for the GEMM's layout and the 2-bit copy
+        self._released_codes = pack_codes(codes, 2)
         placeholder = torch.zeros(1, dtype=self.weight.dtype, device=self.weight.device)
         self.weight.data = placeholder.expand(self.weight.shape)
-        self._ternary_key = (self.weight.data_ptr(), self.weight._version, *self._ternary_key[2:])
+        self._prepare(codes, scale, gemm_backend(self.weight.device.type))
 
     def materialize_latent_weight(self) -> None:
         """Give the layer a float latent weight again, rebuilt from its codes (see the class docstring)."""
@@ -124,9 +130,9 @@ class BitLinear(AutoBitLinear):
         if self.kernel == "reference" or self.training or torch.is_grad_enabled():
             self.materialize_latent_weight()
             return super().forward(input)
-        weight = self._inference_weight()
         if self.release_at_inference:
             self.release_latent_weight()
+        weight = self._inference_weight()
         bias = self.bias
         if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
             bias = bias * weight.scale
