@@ -14,10 +14,20 @@ from st_bitembed.quantization.kernels import (
     gemm_backend,
     integer_product,
     prepare_ternary_weight,
+    torch_activation_codes,
 )
+from st_bitembed.quantization.native import native_activation_codes
 from st_bitembed.quantization.ternary import bitlinear_reference, int8_activation_codes, ternary_weight_codes
 
-CPU_BACKENDS = ["onednn", "float"] if gemm_backend("cpu") == "onednn" else ["float"]
+
+def available(backend: str) -> bool:
+    try:
+        return {"fbgemm": kernels._fbgemm_works, "onednn": kernels._onednn_works}[backend]()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
+CPU_BACKENDS = [backend for backend in ("fbgemm", "onednn") if available(backend)] + ["float"]
 
 
 def layer(in_features: int = 96, out_features: int = 40, seed: int = 0, bias: bool = True) -> BitLinear:
@@ -29,10 +39,11 @@ def layer(in_features: int = 96, out_features: int = 40, seed: int = 0, bias: bo
     return bitlinear
 
 
-def test_onednn_is_the_cpu_backend_on_x86():
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch build has no oneDNN")
-    assert gemm_backend("cpu") == "onednn"
+def test_the_cpu_backend_is_an_integer_gemm_where_one_works():
+    if len(CPU_BACKENDS) == 1:
+        pytest.skip("this torch build has neither FBGEMM nor oneDNN int8 GEMMs")
+    expected = "onednn" if torch.cpu._is_amx_tile_supported() and "onednn" in CPU_BACKENDS else CPU_BACKENDS[0]
+    assert gemm_backend("cpu") == expected
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
@@ -118,18 +129,26 @@ def test_cached_weight_codes_follow_weight_updates():
     torch.testing.assert_close(after - bitlinear.bias, -(before - bitlinear.bias), atol=1e-5, rtol=1e-5)
 
 
-def test_float_fallback_when_onednn_is_unavailable(monkeypatch):
+@pytest.mark.parametrize("amx", [True, False])
+def test_each_cpu_backend_falls_back_to_the_next(monkeypatch, amx):
+    if len(CPU_BACKENDS) < 3:
+        pytest.skip("this torch build lacks FBGEMM or oneDNN int8 GEMMs")
     bitlinear = layer().eval()
     inputs = torch.randn(20, 96)
     with torch.no_grad():
         default = bitlinear(inputs)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("no oneDNN in this build")
+        raise RuntimeError("not in this build")
 
-    monkeypatch.setattr(kernels, "_onednn_works", broken)
-    kernels.gemm_backend.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    first, second = ("_onednn_works", "_fbgemm_works") if amx else ("_fbgemm_works", "_onednn_works")
     try:
+        monkeypatch.setattr(kernels, first, broken)
+        kernels.gemm_backend.cache_clear()
+        assert gemm_backend("cpu") == second.split("_")[1]
+        monkeypatch.setattr(kernels, second, broken)
+        kernels.gemm_backend.cache_clear()
         assert gemm_backend("cpu") == "float"
         with torch.no_grad():
             torch.testing.assert_close(bitlinear(inputs), default, atol=1e-5, rtol=1e-5)
@@ -197,3 +216,47 @@ def test_install_swaps_layers_without_copying_parameters(converted_qwen3):
     assert not any(m.training for m in backbone.modules() if isinstance(m, BitLinear))
     with pytest.raises(ValueError, match="Unknown BitLinear kernel 'cuda'"):
         install_bitlinear(backbone, "cuda")
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("offset", [0, UINT8_ZERO_POINT])
+def test_compiled_quantizer_matches_the_torch_operators(with_norm, offset):
+    compiled = native_activation_codes()
+    if compiled is None:
+        pytest.skip("no C compiler here: the PyTorch quantizer runs (tested above)")
+    torch.manual_seed(0)
+    norm_weight = torch.rand(384) * 2 if with_norm else None
+    activations = torch.randn(300, 400)[:, :384] * torch.logspace(-4, 3, 300)[:, None]  # rows of stride 400
+    activations[7] = 0
+    codes, step = compiled(activations, norm_weight, 1e-6, offset)
+    expected_codes, expected_step = torch_activation_codes(activations, norm_weight, 1e-6, offset)
+    assert (codes - expected_codes).abs().max() <= 1  # the sum of squares in another order: a tie may round apart
+    assert (codes != expected_codes).float().mean() < 1e-3
+    torch.testing.assert_close(step, expected_step, rtol=1e-6, atol=0)
+    assert codes.min() >= offset - 127 and codes.max() <= offset + 127 and (codes[7] == offset).all()
+    # activation_codes takes the compiled path for float32 CPU input, and the PyTorch one otherwise
+    torch.testing.assert_close(activation_codes(activations, norm_weight, 1e-6, offset), (codes, step))
+    grad_input = activations.clone().requires_grad_()
+    assert activation_codes(grad_input, norm_weight, 1e-6, offset)[0].equal(expected_codes)
+    activations[3, 5], activations[4, 6] = float("nan"), float("inf")
+    for quantizer in (compiled, torch_activation_codes):  # damage is carried to the output, not hidden in codes
+        assert not quantizer(activations, norm_weight, 1e-6, offset)[1][3:5].isfinite().any()
+
+
+def test_compiled_quantizer_is_cached_and_optional(tmp_path, monkeypatch):
+    monkeypatch.setenv("ST_BITEMBED_CACHE", str(tmp_path))
+    native_activation_codes.cache_clear()
+    try:
+        if native_activation_codes() is None:
+            pytest.skip("no C compiler here")
+        assert len(list((tmp_path / "kernels").glob("activation_codes-*.so"))) == 1
+        monkeypatch.setenv("ST_BITEMBED_NATIVE", "0")
+        native_activation_codes.cache_clear()
+        assert native_activation_codes() is None
+        monkeypatch.setenv("ST_BITEMBED_NATIVE", "1")
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("ST_BITEMBED_CACHE", str(tmp_path / "other"))
+        native_activation_codes.cache_clear()
+        assert native_activation_codes() is None  # logged, not raised: the PyTorch path runs
+    finally:
+        native_activation_codes.cache_clear()
