@@ -70,6 +70,10 @@ def render_model_card(model: BitEmbed, repo_id: str | None = None, report: Evalu
     }
     if base_model:
         metadata["base_model"] = base_model
+        # Weights trained from the base model's (by distillation): a fine-tune in the Hub's model tree.
+        metadata["base_model_relation"] = "finetune"
+    if card_data.language:
+        metadata["language"] = card_data.language
     if card_data.license:
         metadata["license"] = card_data.license
     datasets = [d["id"] for d in card_data.train_datasets if d.get("id")] if card_data.train_datasets else []

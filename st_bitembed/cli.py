@@ -18,7 +18,9 @@ def _convert(args: argparse.Namespace) -> None:
     from transformers.integrations.bitnet import AutoBitLinear
 
     from st_bitembed import BitEmbed
+    from st_bitembed.saving import check_target
 
+    check_target(args.output_dir, args.overwrite)
     model = BitEmbed.from_backbone(args.base, norm=args.norm, pooling=args.pooling, eos_token=args.eos_token)
     model.save(args.output_dir)
     layers = sum(1 for module in model[0].auto_model.modules() if isinstance(module, AutoBitLinear))
@@ -28,7 +30,7 @@ def _convert(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from st_bitembed.export import export_packed
 
-    output = export_packed(args.model_dir, args.output_dir, dtype=args.dtype)
+    output = export_packed(args.model_dir, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
     size = sum(p.stat().st_size for p in output.rglob("*.safetensors"))
     print(f"Exported {args.model_dir} -> {output} (2-bit packed BitLinear weights, {size / 2**20:.1f} MiB of tensors)")
 
@@ -46,6 +48,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         posthoc=not args.no_posthoc,
         batch_size=args.batch_size,
         name=args.name,
+        languages=args.languages.split(",") if args.languages else None,
     )
     print(report.to_markdown())
     print(f"\nResults, table and plot in {args.output_dir}")
@@ -56,6 +59,9 @@ def _card(args: argparse.Namespace) -> None:
     from st_bitembed.card import write_model_card
     from st_bitembed.evaluation import EvaluationReport
 
+    card_file = Path(args.model_dir) / "README.md"
+    if card_file.is_file() and not args.overwrite:
+        raise FileExistsError(f"{card_file} exists; pass --overwrite to replace it with the card written now.")
     report = EvaluationReport.load(Path(args.results) / "results.json") if args.results else None
     path = write_model_card(BitEmbed(args.model_dir), args.model_dir, report, repo_id=args.repo_id)
     print(f"Wrote {path}")
@@ -65,14 +71,16 @@ def _train(args: argparse.Namespace) -> None:
     import time
 
     from st_bitembed.recipe import load_recipe
-    from st_bitembed.training import STAGES, run_recipe, summary_table
+    from st_bitembed.training import STAGES, run_recipe, running_processes, summary_table
 
     recipe = load_recipe(args.recipe)
     if args.output_dir:
         recipe.output_dir = args.output_dir
     stages = {"train": STAGES, "pretrain": ("convert", "pretrain"), "finetune": ("finetune",)}[args.command]
     start = time.perf_counter()
-    model, report = run_recipe(recipe, stages=stages, resume=args.resume)
+    model, report = run_recipe(recipe, stages=stages, resume=args.resume, overwrite=args.overwrite)
+    if not running_processes().is_main_process:  # under torchrun, the main process reports
+        return
     if report is not None:
         print(summary_table(report))
     print(f"\nSaved {recipe.output_dir}/model; wall time {time.perf_counter() - start:.0f} s")
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default $ST_BITEMBED_OFFLINE_DATA",
     )
     parser.add_argument("--offline-cache", default=".cache/hf-datasets", help="where the offline datasets cache goes")
+    parser.add_argument("--verbose", action="store_true", help="log INFO messages of every library, not only ours")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="convert a Hugging Face backbone into an (untrained) BitEmbed model")
@@ -101,12 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--norm", default="all", help="where to insert RMSNorms: all (default) or subln")
     convert.add_argument("--pooling", default=None, help="pooling of a plain transformers backbone (lasttoken, mean)")
     convert.add_argument("--eos-token", default=None, help="token appended to every text for last-token pooling")
+    convert.add_argument("--overwrite", action="store_true", help="replace a model already in output_dir")
     convert.set_defaults(run=_convert)
 
     export = commands.add_parser("export", help="deployment copy with ternary weights packed 2 bits per weight")
     export.add_argument("model_dir")
     export.add_argument("output_dir")
     export.add_argument("--dtype", default="float32", help="dtype of embeddings and norms: float32 (exact), bfloat16")
+    export.add_argument("--overwrite", action="store_true", help="replace a model already in output_dir")
     export.set_defaults(run=_export)
 
     evaluate = commands.add_parser("evaluate", help="mteb scores at every storage precision, table and plot")
@@ -120,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-posthoc", action="store_true", help="skip the post-hoc quantization baseline")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--name", default=None, help='model name in the results ("org/name")')
+    evaluate.add_argument("--languages", default=None, help="only these languages' subsets, e.g. eng (ISO 639-3)")
     evaluate.set_defaults(run=_evaluate)
 
     card = commands.add_parser("card", help="write a Hub-ready README.md model card into a saved model")
     card.add_argument("model_dir")
     card.add_argument("--results", default=None, help="output directory of `st-bitembed evaluate`")
     card.add_argument("--repo-id", default=None, help="Hub repository id shown in the usage examples")
+    card.add_argument("--overwrite", action="store_true", help="replace the folder's README.md")
     card.set_defaults(run=_card)
 
     for name, help_text in (
@@ -142,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         stage.add_argument("--resume", action="store_true", help="skip finished stages, continue from checkpoints")
         stage.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
+        stage.add_argument(
+            "--overwrite", action="store_true", help="start over where an earlier run of the recipe saved models"
+        )
         stage.set_defaults(run=_train)
 
     push = commands.add_parser("push", help="upload a saved model to the Hugging Face Hub")
@@ -154,15 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # Quiet by default: progress bars, warnings, and this package's few lines (stages, tasks being evaluated).
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("st_bitembed").setLevel(logging.INFO)
     try:
         if args.offline_data:
             from st_bitembed.offline import use_offline_data
 
             use_offline_data(args.offline_data, args.offline_cache)
         args.run(args)
-    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, RuntimeError) as error:
         print(f"st-bitembed {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

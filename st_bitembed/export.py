@@ -13,6 +13,7 @@ from st_bitembed.model import BitEmbed
 from st_bitembed.modules.subln_transformer import SubLNTransformer
 from st_bitembed.quantization.bitlinear import BitLinear
 from st_bitembed.quantization.ternary import ternary_weight_codes
+from st_bitembed.saving import check_target, staged_folder
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +38,9 @@ def packed_state_dict(backbone: torch.nn.Module, dtype: torch.dtype) -> dict[str
     return state
 
 
-def export_packed(model: str | BitEmbed, output_dir: str | Path, dtype: str = "float32") -> Path:
+def export_packed(
+    model: str | BitEmbed, output_dir: str | Path, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """Save ``model`` with its BitLinear weights packed 2 bits per weight, loadable by vanilla
     ``SentenceTransformer(output_dir)`` (transformers rebuilds offline ``AutoBitLinear`` layers) and by ``BitEmbed``.
 
@@ -46,14 +49,25 @@ def export_packed(model: str | BitEmbed, output_dir: str | Path, dtype: str = "f
         output_dir: Where to write the deployment model.
         dtype: dtype of everything that is not a packed weight (embeddings, norms, scales): "float32" reproduces the
             training-form embeddings up to float rounding; "bfloat16" halves those tensors.
+        overwrite: Replace a model already in ``output_dir`` (otherwise refused). The export is written aside and
+            moved in when complete (:func:`st_bitembed.saving.staged_folder`).
 
     Returns:
         ``output_dir``.
+
+    Raises:
+        FileExistsError: ``output_dir`` holds a model and ``overwrite`` is False.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"Unknown export dtype {dtype!r}; choose one of {list(EXPORT_DTYPES)}.")
+    check_target(output_dir, overwrite, "overwrite=True (--overwrite)")
     model = BitEmbed(model) if isinstance(model, str) else model
-    output_dir = Path(output_dir)
+    with staged_folder(output_dir) as staging:
+        _write_packed(model, staging, dtype)
+    return Path(output_dir)
+
+
+def _write_packed(model: BitEmbed, output_dir: Path, dtype: str) -> None:
     model.save(str(output_dir))
     backbone = model[0].auto_model
     state = packed_state_dict(backbone, EXPORT_DTYPES[dtype])
@@ -67,4 +81,3 @@ def export_packed(model: str | BitEmbed, output_dir: str | Path, dtype: str = "f
     config["quantization_config"] = {**config["quantization_config"], "quantization_mode": "offline"}
     config["dtype"] = dtype
     (output_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return output_dir

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -28,6 +30,7 @@ from st_bitembed.quantization.convert import (
     convert_to_bitlinear,
     default_rms_norm_eps,
 )
+from st_bitembed.saving import staged_folder
 from st_bitembed.tokenization import append_eos_token, pooling_eos_token
 
 if TYPE_CHECKING:
@@ -75,7 +78,8 @@ class BitEmbed(SentenceTransformer):
             kwargs: As for ``SentenceTransformer``.
         """
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
-        super().__init__(model_name_or_path, **kwargs)
+        with _without_cpu_unpacking_warning():
+            super().__init__(model_name_or_path, **kwargs)
         self.evaluation_report: EvaluationReport | None = None
         self.training_recipe: list[dict[str, str]] | None = None
         hub_kwargs = {key: kwargs.get(key) for key in ("token", "cache_folder", "revision")}
@@ -88,14 +92,28 @@ class BitEmbed(SentenceTransformer):
         if info_file:
             with open(info_file, encoding="utf8") as file:
                 self.training_recipe = json.load(file).get("training_recipe")
-        has_saved_head = model_name_or_path is not None and load_file_path(
-            model_name_or_path,
-            os.path.join(QUANTIZE_FOLDER, "config.json"),
-            local_files_only=kwargs.get("local_files_only", False),
-            **hub_kwargs,
-        )
+
+        def saved_file(name: str) -> str | None:
+            if model_name_or_path is None:
+                return None
+            local_only = kwargs.get("local_files_only", False)
+            return load_file_path(model_name_or_path, name, local_files_only=local_only, **hub_kwargs)
+
+        has_saved_head = saved_file(f"{QUANTIZE_FOLDER}/config.json")
+        if not has_saved_head and saved_file(f"{QUANTIZE_FOLDER}/model.safetensors"):
+            raise ValueError(
+                f"{model_name_or_path!r} has trained Quantize head weights ({QUANTIZE_FOLDER}/model.safetensors) but "
+                f"no {QUANTIZE_FOLDER}/config.json: the head cannot be rebuilt. Restore that file from the original "
+                "model (it holds the embedding dimension), or copy the model again."
+            )
         if isinstance(self[0] if len(self) else None, Transformer):
-            install_bitlinear(self[0].auto_model)  # integer inference path; training runs transformers' forward
+            layers = install_bitlinear(self[0].auto_model)  # integer inference; training runs transformers' forward
+            if layers == 0 and (has_saved_head or info_file):
+                raise ValueError(
+                    f"{model_name_or_path!r} is a BitEmbed model (it has {QUANTIZE_FOLDER}/ or {BITEMBED_INFO_FILE}) "
+                    "but its backbone loaded with no BitNet layers: its config.json lacks the 'quantization_config' "
+                    "entry that makes transformers build them. Restore config.json from the original model."
+                )
             if model_name_or_path is not None and not keep_latent_weights:
                 release_latent_weights(self[0].auto_model, at_first_inference=True)
         if has_saved_head:
@@ -109,6 +127,8 @@ class BitEmbed(SentenceTransformer):
             head = Quantize(self.get_embedding_dimension())
         else:
             head = None
+        if model_name_or_path is not None:
+            check_finite_weights(self, head, model_name_or_path)
         # Not a registered child: SentenceTransformer runs and saves every child as a pipeline module.
         object.__setattr__(self, "_quantize_head", head.to(self.device) if head is not None else None)
 
@@ -284,8 +304,11 @@ class BitEmbed(SentenceTransformer):
             Other arguments as for ``SentenceTransformer.encode``.
         """
         check_precision(precision)
+        if isinstance(inputs, (list, tuple)) and not inputs and output_value == "sentence_embedding":
+            embeddings = torch.empty(0, self.get_embedding_dimension(), device=self.quantizer.device)
+            return self._codes_as_requested(embeddings, precision, pack, convert_to_numpy, convert_to_tensor)
         if precision == "float32":
-            return super().encode(
+            embeddings = super().encode(
                 inputs,
                 *args,
                 convert_to_numpy=convert_to_numpy,
@@ -293,6 +316,9 @@ class BitEmbed(SentenceTransformer):
                 output_value=output_value,
                 **kwargs,
             )
+            if output_value == "sentence_embedding":
+                check_finite(embeddings, precision)
+            return embeddings
         if output_value != "sentence_embedding":
             raise ValueError(
                 f"precision={precision!r} applies to sentence embeddings, not output_value={output_value!r}."
@@ -300,6 +326,12 @@ class BitEmbed(SentenceTransformer):
         embeddings = super().encode(
             inputs, *args, convert_to_numpy=False, convert_to_tensor=True, output_value=output_value, **kwargs
         )
+        check_finite(embeddings, precision)
+        return self._codes_as_requested(embeddings, precision, pack, convert_to_numpy, convert_to_tensor)
+
+    def _codes_as_requested(
+        self, embeddings: torch.Tensor, precision: str, pack: bool, convert_to_numpy: bool, convert_to_tensor: bool
+    ) -> Any:
         codes = self.quantizer.quantize(embeddings.to(self.quantizer.device), precision, pack)
         if convert_to_tensor:
             return codes
@@ -329,23 +361,27 @@ class BitEmbed(SentenceTransformer):
 
     def save(self, path: str, model_name: str | None = None, create_model_card: bool = True, **kwargs: Any) -> None:
         """Save as ``SentenceTransformer.save`` does, plus the Quantize head (``quantize/``) and a BitEmbed model card
-        (with this model's evaluation results, if :func:`~st_bitembed.evaluation.evaluate_precisions` ran on it)."""
-        super().save(path, model_name=model_name, create_model_card=create_model_card, **kwargs)
-        if path is None:
-            return
-        if self._quantize_head is not None:
-            folder = os.path.join(path, QUANTIZE_FOLDER)
-            os.makedirs(folder, exist_ok=True)
-            self._quantize_head.save(folder)
-        if self.training_recipe:
-            with open(os.path.join(path, BITEMBED_INFO_FILE), "w", encoding="utf8") as file:
-                json.dump({"training_recipe": self.training_recipe}, file, indent=2)
-        if create_model_card and self._quantize_head is not None:
-            from st_bitembed.card import write_model_card
+        (with this model's evaluation results, if :func:`~st_bitembed.evaluation.evaluate_precisions` ran on it).
 
-            write_model_card(
-                self, path, self.evaluation_report, repo_id=model_name or os.path.basename(os.path.normpath(path))
-            )
+        The files are written into a hidden sibling folder first and moved into ``path`` when all are written
+        (:func:`st_bitembed.saving.staged_folder`): a save that is interrupted leaves a model already in ``path``
+        intact, and a model saved over another one replaces all of its weights (other files in ``path`` stay).
+        """
+        if path is None:
+            return super().save(path, model_name=model_name, create_model_card=create_model_card, **kwargs)
+        repo_id = model_name or os.path.basename(os.path.normpath(path))
+        with staged_folder(path) as staging:
+            super().save(str(staging), model_name=model_name, create_model_card=create_model_card, **kwargs)
+            if self._quantize_head is not None:
+                (staging / QUANTIZE_FOLDER).mkdir()
+                self._quantize_head.save(str(staging / QUANTIZE_FOLDER))
+            if self.training_recipe:
+                with open(staging / BITEMBED_INFO_FILE, "w", encoding="utf8") as file:
+                    json.dump({"training_recipe": self.training_recipe}, file, indent=2)
+            if create_model_card and self._quantize_head is not None:
+                from st_bitembed.card import write_model_card
+
+                write_model_card(self, staging, self.evaluation_report, repo_id=repo_id)
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> BitEmbed:
         # .to() / .half() / .cuda() reach the head, which is not a registered child.
@@ -384,6 +420,51 @@ class BitEmbed(SentenceTransformer):
             # Loading needs this package: vanilla sentence-transformers then names it instead of failing obscurely.
             config["requirements"] = {"st_bitembed": f">={__version__}"}
         return config
+
+
+@contextmanager
+def _without_cpu_unpacking_warning() -> Iterator[None]:
+    """Drop transformers' "no GPU ... slow because of weight unpacking" warning while BitEmbed loads a model: BitEmbed
+    prepares each layer's integer weights once and unpacks nothing per forward. Other warnings pass."""
+    bitnet_logger = logging.getLogger("transformers.quantizers.quantizer_bitnet")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "weight unpacking" not in record.getMessage()
+
+    bitnet_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        bitnet_logger.removeFilter(keep)
+
+
+def check_finite_weights(model: torch.nn.Module, head: torch.nn.Module | None, source: str) -> None:
+    """Refuse a model whose loaded weights hold NaN or infinities (a damaged file), naming the first such tensor."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    named += [(f"{QUANTIZE_FOLDER}/{name}", p) for name, p in (head.named_parameters() if head is not None else [])]
+    for name, tensor in named:
+        # A float32 sum is NaN or infinite exactly when a value is (real weights are far too small to overflow it).
+        if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor.sum(dtype=torch.float32)):
+            raise ValueError(
+                f"The weights loaded from {source!r} hold NaN or infinite values ({name}): a weights file "
+                f"(model.safetensors, or {QUANTIZE_FOLDER}/model.safetensors for the head) is damaged. Download or "
+                "copy the model again."
+            )
+
+
+def check_finite(embeddings: Any, precision: str) -> None:
+    """Refuse to turn NaN or infinite embeddings into codes (they would look like ordinary ones)."""
+    if isinstance(embeddings, list) and not embeddings:
+        return
+    values = torch.stack(embeddings) if isinstance(embeddings, list) else torch.as_tensor(embeddings)
+    if values.numel() and not torch.isfinite(values).all():
+        rows = values.reshape(-1, values.shape[-1])  # one row per text
+        damaged = int((~torch.isfinite(rows)).any(dim=-1).sum())
+        raise ValueError(
+            f"{damaged} of {len(rows)} embeddings are NaN or infinite (precision="
+            f"{precision!r}): the model's weights are damaged or overflow in this dtype. Reload the model from an "
+            "intact copy, or run it in float32."
+        )
 
 
 def is_decoder(config: PretrainedConfig) -> bool:

@@ -8,6 +8,7 @@ they are imported: call :func:`use_offline_data` before importing them (the CLI 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,15 @@ from pathlib import Path
 
 OFFLINE_DATA_ENV = "ST_BITEMBED_OFFLINE_DATA"
 BUILD_TOOL = Path("tools") / "build_hf_cache.py"
+# What datasets says, twice per load_dataset call, when it reads the offline cache: true by construction here.
+CACHE_NOTICES = {
+    "datasets.load": "Using the latest cached version of the dataset",
+    "datasets.packaged_modules.cache.cache": "Found the latest cached dataset configuration",
+}
+
+
+def _not_a_cache_notice(record: logging.LogRecord) -> bool:
+    return not any(record.getMessage().startswith(notice) for notice in CACHE_NOTICES.values())
 
 
 def use_offline_data(kit: str | os.PathLike, cache_dir: str | os.PathLike = ".cache/hf-datasets") -> Path:
@@ -39,4 +49,6 @@ def use_offline_data(kit: str | os.PathLike, cache_dir: str | os.PathLike = ".ca
     subprocess.run([sys.executable, str(tool), "--out", str(cache_dir), "-q"], check=True)
     cache = Path(cache_dir).resolve()
     os.environ.update(HF_DATASETS_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for logger_name in CACHE_NOTICES:
+        logging.getLogger(logger_name).addFilter(_not_a_cache_notice)
     return cache

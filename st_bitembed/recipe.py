@@ -119,6 +119,9 @@ class Recipe:
     finetune: StageSpec | None = None
     evaluation: EvaluationSpec | None = None
     description: str = ""
+    # What the model card's metadata says of the trained model (ISO 639-1 codes; a Hub licence identifier).
+    language: list[str] = field(default_factory=list)
+    license: str | None = None
 
 
 def _build(kind: Any, value: Any, where: str) -> Any:

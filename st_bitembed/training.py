@@ -3,16 +3,23 @@ evaluation, every stage through SentenceTransformerTrainer."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from transformers import AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from st_bitembed.evaluation import EvaluationReport, evaluate_precisions
 from st_bitembed.hub import check_model_source, resolve_model
@@ -20,8 +27,12 @@ from st_bitembed.losses import BitEmbedLoss
 from st_bitembed.model import BitEmbed
 from st_bitembed.quantization.calibration import calibrate_inserted_norms
 from st_bitembed.recipe import DatasetSpec, Recipe, RecipeError, StageSpec
+from st_bitembed.saving import check_target
 
 logger = logging.getLogger(__name__)
+
+# The teacher's embeddings of a stage's texts, saved in the stage's folder for a resumed run.
+TEACHER_EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
 
 STAGES: tuple[str, ...] = ("convert", "pretrain", "finetune", "evaluate")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -101,8 +112,7 @@ def convert(recipe: Recipe, calibration_texts: list[str] | None) -> BitEmbed:
     model = BitEmbed.from_backbone(
         resolve_model(backbone.name), norm=backbone.norm, pooling=backbone.pooling, eos_token=backbone.eos_token
     )
-    if not Path(backbone.name).exists():
-        model.model_card_data.base_model = backbone.name
+    model.model_card_data.base_model = hub_name(backbone.name)
     if backbone.max_seq_length is not None:
         model.max_seq_length = backbone.max_seq_length
     if calibration_texts:
@@ -111,18 +121,52 @@ def convert(recipe: Recipe, calibration_texts: list[str] | None) -> BitEmbed:
     return model
 
 
-def with_teacher_embeddings(dataset: Dataset, teacher: SentenceTransformer, batch_size: int) -> Dataset:
+def running_processes() -> PartialState:
+    """This process among those that ``torchrun`` / ``accelerate launch`` started (or the only one). On a machine
+    without an accelerator they train on CPU (gloo), as :func:`train_stage`'s trainer does."""
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
+def with_teacher_embeddings(
+    dataset: Dataset,
+    teacher: SentenceTransformer,
+    batch_size: int,
+    cache_file: Path | None = None,
+    teacher_name: str = "",
+    reuse: bool = False,
+) -> Dataset:
     """Add a ``label`` column of the teacher's embeddings of every text column, ``(n_columns, dim)`` per row.
 
     Each distinct text is encoded once, so the teacher's cost is paid once instead of at every training step.
+    Computed embeddings are saved to ``cache_file``; with ``reuse``, embeddings saved there for the same texts and
+    ``teacher_name`` are read instead of computed (a resumed stage does not encode its data again).
     """
     columns = dataset.column_names
     texts = list(dict.fromkeys(text for column in columns for text in dataset[column]))
-    logger.info("Encoding %d distinct texts with the teacher", len(texts))
-    embeddings = teacher.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True)
+    fingerprint = hashlib.sha256("\0".join([teacher_name, *texts]).encode()).hexdigest()
+    embeddings = _cached_embeddings(cache_file, fingerprint) if cache_file is not None and reuse else None
+    if embeddings is None:
+        logger.info("Encoding %d distinct texts with the teacher", len(texts))
+        embeddings = teacher.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache_file.with_name(cache_file.name + ".partial")
+            save_file({"embeddings": torch.from_numpy(embeddings)}, str(partial), metadata={"texts": fingerprint})
+            os.replace(partial, cache_file)  # a run killed while writing leaves no half-written cache
+    else:
+        logger.info("Read the teacher's embeddings of %d texts from %s", len(texts), cache_file)
     index = {text: i for i, text in enumerate(texts)}
     labels = np.stack([embeddings[[index[t] for t in dataset[column]]] for column in columns], axis=1)
     return dataset.add_column("label", labels.tolist())
+
+
+def _cached_embeddings(cache_file: Path, fingerprint: str) -> np.ndarray | None:
+    if not cache_file.is_file():
+        return None
+    with safe_open(str(cache_file), framework="pt") as file:
+        if file.metadata().get("texts") != fingerprint:  # other texts or another teacher: not these embeddings
+            return None
+        return file.get_tensor("embeddings").numpy()
 
 
 def train_stage(
@@ -132,12 +176,26 @@ def train_stage(
     teacher: SentenceTransformer | None,
     output_dir: Path,
     resume: bool,
+    teacher_name: str = "",
 ) -> BitEmbed:
-    """One SentenceTransformerTrainer run of ``stage``; the trained model is saved to ``output_dir/final``."""
+    """One SentenceTransformerTrainer run of ``stage``; the trained model is saved to ``output_dir/final``.
+
+    The teacher's embeddings of the stage's texts are saved in ``output_dir`` (:data:`TEACHER_EMBEDDINGS_FILE`);
+    with ``resume`` they are read from there when they match these texts and ``teacher_name``."""
     loss_spec = stage.loss
     needs_teacher_embeddings = loss_spec.alpha > 0 or loss_spec.gamma > 0
+    processes = running_processes()
     if needs_teacher_embeddings and stage.precompute_teacher_embeddings:
-        dataset = with_teacher_embeddings(dataset, teacher, stage.training.batch_size)
+        cache_file = output_dir / TEACHER_EMBEDDINGS_FILE
+        with processes.main_process_first():  # the main process encodes and saves them, the others read them
+            dataset = with_teacher_embeddings(
+                dataset,
+                teacher,
+                stage.training.batch_size,
+                cache_file,
+                teacher_name,
+                reuse=resume or not processes.is_main_process,
+            )
     in_loss_teacher = loss_spec.beta > 0 or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings)
     # LossSpec's fields are BitEmbedLoss's keyword arguments, by design.
     loss = BitEmbedLoss(
@@ -155,7 +213,7 @@ def train_stage(
         max_steps=spec.max_steps,
         per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.learning_rate,
-        warmup_ratio=spec.warmup_ratio,
+        warmup_steps=spec.warmup_ratio,  # transformers 5 takes the ratio here (warmup_ratio is deprecated)
         weight_decay=spec.weight_decay,
         lr_scheduler_type=spec.lr_scheduler,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
@@ -166,13 +224,32 @@ def train_stage(
         bf16=spec.bf16,
         report_to="none",
         dataloader_drop_last=True,
+        dataloader_pin_memory=torch.accelerator.is_available(),  # pinned memory only helps copies to a device
+        use_cpu=not torch.accelerator.is_available(),  # else torchrun on a CPU-only machine trains each process alone
         batch_sampler="no_duplicates",  # duplicate texts would be false in-batch negatives
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
-    checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
-    model.save(str(output_dir / "final"))
+    processes = running_processes()  # the trainer's arguments set the processes' state up again
+    if processes.is_main_process:
+        model.save(str(output_dir / "final"))
+    processes.wait_for_everyone()
     return model
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The trainer checkpoint in ``output_dir`` with the most steps among those written to the end.
+
+    The trainer writes ``trainer_state.json`` last: a folder without it is a checkpoint that a killed run left half
+    written, which resuming from would fail on (or silently restart from the wrong optimizer state)."""
+    checkpoints = [
+        path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.split("-")[-1].isdigit()
+    ]
+    complete = [path for path in checkpoints if (path / TRAINER_STATE_NAME).is_file()]
+    for partial in set(checkpoints) - set(complete):
+        logger.info("Ignoring %s: a checkpoint left half written", partial)
+    return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None
 
 
 def describe_stage(name: str, stage: StageSpec, teacher: str | None) -> dict[str, str]:
@@ -196,17 +273,31 @@ def describe_stage(name: str, stage: StageSpec, teacher: str | None) -> dict[str
     }
 
 
-def run_recipe(recipe: Recipe, stages: tuple[str, ...] = STAGES, resume: bool = False) -> tuple[BitEmbed, Any]:
+def run_recipe(
+    recipe: Recipe, stages: tuple[str, ...] = STAGES, resume: bool = False, overwrite: bool = False
+) -> tuple[BitEmbed, Any]:
     """Run ``stages`` of ``recipe``; each stage starts from the previous stage's saved model.
 
     With ``resume``, a stage whose final model exists is skipped and an interrupted stage continues from its last
-    checkpoint. Returns the final model and the evaluation report (None without an evaluate stage).
+    checkpoint. Without it, models that an earlier run saved where this one would save are only replaced with
+    ``overwrite``. Returns the final model and the evaluation report (None without an evaluate stage).
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs this function: the stages train data-parallel,
+    and the main process alone converts, saves and evaluates (the others return no report).
+
+    Raises:
+        FileExistsError: the output folder holds an earlier run's models, and neither ``resume`` nor ``overwrite``.
     """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise RecipeError(f"Unknown stage(s) {unknown}; stages are {list(STAGES)}.")
-    datasets = preflight(recipe)
     output = Path(recipe.output_dir)
+    if not resume:
+        written = [output / "model"] + [output / "converted"] * ("convert" in stages)
+        written += [output / name / "final" for name in ("pretrain", "finetune") if name in stages]
+        for folder in written:
+            check_target(folder, overwrite, "--resume to continue that run, or --overwrite to start over")
+    datasets = preflight(recipe)
     teacher = SentenceTransformer(resolve_model(recipe.teacher)) if recipe.teacher else None
     if teacher is not None:
         teacher.eval()
@@ -217,9 +308,10 @@ def run_recipe(recipe: Recipe, stages: tuple[str, ...] = STAGES, resume: bool = 
         if calibration
         else None
     )
-    if "convert" in stages and not (resume and (converted / "modules.json").exists()):
-        model = convert(recipe, calibration_texts)
-        model.save(str(converted))
+    processes = running_processes()
+    if processes.is_main_process and "convert" in stages and not (resume and (converted / "modules.json").exists()):
+        convert(recipe, calibration_texts).save(str(converted))
+    processes.wait_for_everyone()
     previous = converted
     recipe_summary = []
     for stage_name in ("pretrain", "finetune"):
@@ -237,7 +329,7 @@ def run_recipe(recipe: Recipe, stages: tuple[str, ...] = STAGES, resume: bool = 
             model = BitEmbed(str(previous), keep_latent_weights=True)
             if calibration_texts:  # the head's ranges start each stage fitted to the current embeddings
                 model.calibrate_quantizer(calibration_texts)
-            train_stage(model, stage, datasets[stage_name], teacher, output / stage_name, resume)
+            train_stage(model, stage, datasets[stage_name], teacher, output / stage_name, resume, recipe.teacher or "")
         previous = final
     if not (previous / "modules.json").exists():
         raise RecipeError(f"No model at {previous}: run the earlier stages first (st-bitembed train / pretrain).")
@@ -247,7 +339,10 @@ def run_recipe(recipe: Recipe, stages: tuple[str, ...] = STAGES, resume: bool = 
         # suffered most: 71.1 -> 75.4 STS-B after refitting, minilm-cpu); refit them to the final embeddings.
         model.calibrate_quantizer(calibration_texts)
     model.training_recipe = [{"name": "convert", "description": _convert_description(recipe)}, *recipe_summary]
+    describe_origin(model, recipe)
     report = None
+    if not running_processes().is_main_process:
+        return model, None
     if "evaluate" in stages and recipe.evaluation is not None:
         evaluation = recipe.evaluation
         report = evaluate_precisions(
@@ -264,6 +359,24 @@ def run_recipe(recipe: Recipe, stages: tuple[str, ...] = STAGES, resume: bool = 
         )
     model.save(str(output / "model"), model_name=f"bitembed-{recipe.name}")
     return model, report
+
+
+def hub_name(name: str) -> str | None:
+    """``name`` if it names a Hub repository (what the card's ``base_model`` links to), None for a local folder."""
+    return None if Path(name).exists() else name
+
+
+def describe_origin(model: BitEmbed, recipe: Recipe) -> None:
+    """What the model card's metadata says the model was made from and with: the backbone as the recipe names it,
+    the datasets of the training stages (Hub names; local files are described in the card's text), language and
+    licence."""
+    card_data = model.model_card_data
+    card_data.base_model = hub_name(recipe.backbone.name)
+    stages = [recipe.pretrain, recipe.finetune]
+    names = [stage.dataset.name for stage in stages if stage is not None and stage.dataset.name]
+    card_data.train_datasets = [{"id": name} for name in dict.fromkeys(names)]
+    card_data.language = recipe.language or None
+    card_data.license = recipe.license
 
 
 def _convert_description(recipe: Recipe) -> str:

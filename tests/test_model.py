@@ -182,3 +182,85 @@ def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_d
     train_one_step(released)  # asserts that the latent weights and norms changed
     released.encode(TEXTS)  # a model that trained keeps its latent weights through evaluations
     assert not any(layer.latent_weight_released for layer in layers["released"])
+
+
+@pytest.fixture(scope="module")
+def saved_model(qwen3_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("saved") / "model"
+    model = BitEmbed.from_backbone(str(qwen3_dir))
+    model.calibrate_quantizer(TEXTS * 4)
+    model.save(str(path))
+    return path
+
+
+def damaged_copy(source: Path, destination: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, destination)
+    return destination
+
+
+def test_a_model_whose_config_lost_its_quantization_config_is_refused(saved_model, tmp_path):
+    import json
+
+    model_dir = damaged_copy(saved_model, tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no BitNet layers: its config.json lacks the 'quantization_config'"):
+        BitEmbed(str(model_dir))
+
+
+def test_a_head_without_its_config_is_refused(saved_model, tmp_path):
+    model_dir = damaged_copy(saved_model, tmp_path / "model")
+    (model_dir / "quantize" / "config.json").unlink()
+    with pytest.raises(ValueError, match="no quantize/config.json: the head cannot be rebuilt"):
+        BitEmbed(str(model_dir))
+
+
+@pytest.mark.parametrize("damaged_file", ["model.safetensors", "quantize/model.safetensors"])
+def test_non_finite_weights_are_refused(saved_model, tmp_path, damaged_file):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = damaged_copy(saved_model, tmp_path / "model")
+    tensors = load_file(model_dir / damaged_file)
+    name = next(name for name, tensor in tensors.items() if tensor.numel() > 16)
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, model_dir / damaged_file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"hold NaN or infinite values \(.*\): a weights file"):
+        BitEmbed(str(model_dir))
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8", "int4", "binary"])
+def test_non_finite_embeddings_never_become_codes(saved_model, precision):
+    model = BitEmbed(str(saved_model))
+    with torch.no_grad():
+        model[0].auto_model.norm.weight[5] = float("nan")  # damage after loading: NaN in every embedding
+    with pytest.raises(ValueError, match="3 of 3 embeddings are NaN or infinite"):
+        model.encode(TEXTS, precision=precision)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize(
+    "precision", ["float32", "float16", "bfloat16", "int8", "uint8", "int4", "int2", "binary", "ubinary"]
+)
+def test_empty_input_gives_an_empty_result_of_the_right_dtype_and_width(saved_model, precision, pack):
+    model = BitEmbed(str(saved_model))
+    expected = model.encode(TEXTS[:1], precision=precision, pack=pack)
+    empty = model.encode([], precision=precision, pack=pack)
+    assert empty.shape == (0, expected.shape[1]) and empty.dtype == expected.dtype
+    as_tensor = model.encode([], precision=precision, pack=pack, convert_to_tensor=True)
+    assert as_tensor.shape == (0, expected.shape[1])
+
+
+def test_loading_does_not_warn_of_weight_unpacking(saved_model):
+    """transformers warns that BitNet inference on CPU unpacks weights; BitEmbed's does not, so it drops that line."""
+    stderr = {}
+    loaders = ("sentence_transformers import SentenceTransformer as Loader", "st_bitembed import BitEmbed as Loader")
+    for loader in loaders:
+        script = f"from {loader}\nLoader({str(saved_model)!r}).encode(['a'])"
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        stderr[loader.split()[0]] = result.stderr
+    if not torch.cuda.is_available():  # transformers' own load says it (on CPU)
+        assert "weight unpacking" in stderr["sentence_transformers"]
+    assert "weight unpacking" not in stderr["st_bitembed"]

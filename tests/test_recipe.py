@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -128,6 +133,10 @@ def test_end_to_end_tiny_recipe_and_resume_reaches_the_same_model(qwen3_dir, tea
         stage: BitEmbed(str(run / stage))[0].auto_model.get_input_embeddings().weight
         for stage in ("converted", "pretrain/final", "finetune/final")
     }
+    assert main(["train", str(recipe_path)]) == 2  # again: refused, the earlier run's models are kept
+    assert "run/model already holds a saved model; pass --resume to continue that run, or --overwrite" in (
+        capsys.readouterr().err
+    )
     assert torch.equal(embeddings["converted"], embeddings["pretrain/final"])  # frozen in pre-training
     assert not torch.equal(embeddings["pretrain/final"], embeddings["finetune/final"])  # trained in fine-tuning
 
@@ -143,3 +152,68 @@ def test_end_to_end_tiny_recipe_and_resume_reaches_the_same_model(qwen3_dir, tea
     assert resumed.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_killed_run_resumes_to_the_same_model_without_encoding_again(qwen3_dir, teacher_dir, tmp_path, stop, caplog):
+    """A real `st-bitembed train` process stopped in its fine-tuning, then `--resume`: the same model as a run that
+    was never stopped, and the teacher's embeddings of the stage are read back, not computed again."""
+    recipes = {}
+    for name in ("stopped", "uninterrupted"):
+        recipe = tiny_recipe(qwen3_dir, teacher_dir, tmp_path / name, evaluation=None)
+        recipe["finetune"]["training"].update(max_steps=16, save_steps=2)
+        recipes[name] = tmp_path / f"{name}.json"
+        recipes[name].write_text(json.dumps(recipe))
+    finetune = tmp_path / "stopped" / "finetune"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "st_bitembed.cli", "train", str(recipes["stopped"])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (finetune / "checkpoint-2" / "trainer_state.json").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no fine-tuning checkpoint within 5 minutes"
+        time.sleep(0.05)
+    process.send_signal(stop)
+    assert process.wait(timeout=120) != 0
+    assert not (finetune / "final").exists() and (finetune / "teacher_embeddings.safetensors").is_file()
+
+    with caplog.at_level(logging.INFO, logger="st_bitembed"):
+        assert main(["train", str(recipes["stopped"]), "--resume"]) == 0
+    assert "Read the teacher's embeddings" in caplog.text and "Encoding" not in caplog.text
+    assert main(["train", str(recipes["uninterrupted"])]) == 0
+    resumed = BitEmbed(str(tmp_path / "stopped" / "model")).state_dict()
+    reference = BitEmbed(str(tmp_path / "uninterrupted" / "model")).state_dict()
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
+    from st_bitembed.training import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+
+
+def test_train_runs_data_parallel_under_torchrun(qwen3_dir, teacher_dir, tmp_path):
+    recipe = tiny_recipe(qwen3_dir, teacher_dir, tmp_path / "run", evaluation=None)
+    for stage in ("pretrain", "finetune"):
+        recipe[stage]["training"]["gather_across_devices"] = True  # in-batch negatives from both processes
+    recipe_path = tmp_path / "tiny.json"
+    recipe_path.write_text(json.dumps(recipe))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521"]
+    command += ["-m", "st_bitembed.cli", "train", str(recipe_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("Saved ") == 1  # the main process reports and saves, once
+    run = tmp_path / "run"
+    history = json.loads((run / "finetune" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    # 64 rows, batch 8 per process: two processes go through the data in 4 steps (one process would need 8)
+    assert history[-1]["epoch"] == pytest.approx(1.0)
+    assert BitEmbed(str(run / "model")).encode(["a text"]).shape == (1, 64)
+    assert not list(run.glob(".*.partial-*")) and not list((run / "finetune").glob(".*.partial-*"))

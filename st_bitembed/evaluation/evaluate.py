@@ -33,14 +33,28 @@ def model_label(model: SentenceTransformer, name_or_path: str | None = None) -> 
     return f"local/{folder.parent.name if folder.name == 'model' and folder.parent.name else folder.name}"
 
 
-def _resolve_tasks(tasks: Sequence | None, benchmark: str | None) -> list:
+def _resolve_tasks(tasks: Sequence | None, benchmark: str | None, languages: Sequence[str] | None = None) -> list:
     import mteb
 
     if (tasks is None) == (benchmark is None):
         raise ValueError("Pass either tasks (names or mteb task objects) or benchmark (e.g. 'MTEB(eng, v2)').")
-    if benchmark is not None:
-        return list(mteb.get_benchmark(benchmark).tasks)
-    return [mteb.get_task(task) if isinstance(task, str) else task for task in tasks]
+    resolved = (
+        list(mteb.get_benchmark(benchmark).tasks)
+        if benchmark is not None
+        else [mteb.get_task(task) if isinstance(task, str) else task for task in tasks]
+    )
+    if not languages:
+        return resolved
+    # Only the subsets wholly in these languages (en-en, not en-de, for ["eng"]); tasks with none are dropped.
+    kept = []
+    for task in resolved:
+        try:
+            kept.append(task.filter_languages(languages, exclusive_language_filter=True))
+        except ValueError:  # mteb: no subset of the task is in these languages
+            logger.info("Skipping %s: no subset in %s", task.metadata.name, ", ".join(languages))
+    if not kept:
+        raise ValueError(f"None of the tasks has a subset in the languages {list(languages)} (ISO 639-3, e.g. 'eng').")
+    return kept
 
 
 def _scores(encoder, tasks: list, method: str, precision: str, cache, batch_size: int, progress: bool) -> list[Score]:
@@ -82,6 +96,7 @@ def evaluate_precisions(
     show_progress_bar: bool = False,
     name: str | None = None,
     teacher_name: str | None = None,
+    languages: Sequence[str] | None = None,
 ) -> EvaluationReport:
     """Evaluate ``model`` with mteb at each storage precision; write a JSON and markdown table and a PNG plot.
 
@@ -104,6 +119,8 @@ def evaluate_precisions(
         show_progress_bar: Show mteb's progress bars.
         name: The model's name in results ("org/name"); by default its Hub id or folder name.
         teacher_name: The teacher's name in results and plots; by default its Hub id or folder name.
+        languages: Evaluate only the subsets of these languages (ISO 639-3 codes, e.g. ``["eng"]``); tasks with
+            none of them are skipped.
 
     Returns:
         The scores of every task, method and precision.
@@ -113,7 +130,7 @@ def evaluate_precisions(
 
     for precision in precisions:
         check_precision(precision)
-    tasks = _resolve_tasks(tasks, benchmark)
+    tasks = _resolve_tasks(tasks, benchmark, languages)
     path = model if isinstance(model, str) else None
     if isinstance(model, str):
         model = BitEmbed(resolve_model(model))
@@ -131,9 +148,10 @@ def evaluate_precisions(
             SentenceTransformerEncoderWrapper(teacher), "float32", report.teacher_name, "teacher"
         )
 
-    for task in tasks:  # task by task, so that only one task's embeddings are held in memory
+    for number, task in enumerate(tasks, 1):  # task by task, so that only one task's embeddings are held in memory
+        logger.info("Task %d/%d: %s (%s)", number, len(tasks), task.metadata.name, ", ".join(task.hf_subsets))
         for method, precision in rows:
-            logger.info("Evaluating %s on %s at %s (%s)", label, task.metadata.name, precision, method)
+            logger.debug("Evaluating %s on %s at %s (%s)", label, task.metadata.name, precision, method)
             wrapped = QuantizedEncoder(encoder, precision, label, method, quantizer=model.quantizer)
             report.scores += _scores(wrapped, [task], method, precision, cache, batch_size, show_progress_bar)
         encoder.clear()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 from sentence_transformers.base.modules import Module
 from torch import nn
@@ -33,6 +35,7 @@ PRECISIONS: dict[str, int] = {
 }
 FLOAT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INTEGER_BITS: dict[str, int] = {"int8": 8, "int4": 4, "int2": 2}
+INT8_RANGES_FILE = "int8_ranges.npy"
 
 
 def check_precision(precision: str) -> None:
@@ -207,6 +210,13 @@ class Quantize(Module):
             best = multiples[errors.argmin(dim=0)] * root_mean_square
             self.log_half_ranges[precision].copy_(best.log()[: self.embedding_dimension])
 
+    def int8_ranges(self) -> torch.Tensor:
+        """``[2, dim]`` per-dimension (min, max) for sentence-transformers' ``quantize_embeddings(embeddings, "int8",
+        ranges=...)``: with them it computes this head's int8 (and uint8) codes, up to float rounding at a code
+        boundary, instead of ranges fitted to each batch. Saved as ``quantize/int8_ranges.npy``."""
+        step = self.step("int8").detach().float()
+        return torch.stack([-128 * step, 127 * step])  # its step (max - min) / 255 is then exactly ours
+
     def bytes_per_vector(self, precision: str, dimension: int | None = None) -> int:
         """Storage of one embedding at ``precision``, in bytes (packed for sub-byte precisions)."""
         check_precision(precision)
@@ -220,6 +230,8 @@ class Quantize(Module):
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
         self.save_config(output_path)
         self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+        # For vanilla sentence-transformers users: np.load it and pass it as quantize_embeddings(..., ranges=...).
+        np.save(os.path.join(output_path, INT8_RANGES_FILE), self.int8_ranges().cpu().numpy())
 
     @classmethod
     def load(

@@ -16,7 +16,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     unsigned = (codes.to(torch.int16) + offset).to(torch.uint8)
     padding = -unsigned.shape[-1] % per_byte
     unsigned = torch.nn.functional.pad(unsigned, (0, padding))
-    groups = unsigned.reshape(*unsigned.shape[:-1], -1, per_byte)
+    groups = unsigned.reshape(*unsigned.shape[:-1], unsigned.shape[-1] // per_byte, per_byte)  # 0 rows too
     shifts = torch.arange(per_byte - 1, -1, -1, device=codes.device, dtype=torch.uint8) * bits
     return (groups << shifts).sum(dim=-1, dtype=torch.uint8)
 
@@ -27,7 +27,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, dimension: int) -> torch.Tenso
     offset = 0 if bits == 1 else 2 ** (bits - 1)
     shifts = torch.arange(per_byte - 1, -1, -1, device=packed.device, dtype=torch.uint8) * bits
     unsigned = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    unsigned = unsigned.reshape(*packed.shape[:-1], -1)[..., :dimension]
+    unsigned = unsigned.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :dimension]
     return (unsigned.to(torch.int16) - offset).to(torch.int8)
 
 

@@ -55,7 +55,7 @@ def test_posthoc_baseline_calibrates_on_the_embeddings_and_binary_is_sign():
     assert (posthoc_quantize(embeddings, "int8") - embeddings).abs().max() < (int2 - embeddings).abs().max()
 
 
-def test_cli_reproduces_minilm_stsbenchmark_offline(minilm_dir, tmp_path, capsys):
+def test_cli_reproduces_minilm_stsbenchmark_offline(kit, minilm_dir, tmp_path, capsys):
     code = main(["evaluate", str(minilm_dir), "--tasks", "STSBenchmark", "--output-dir", str(tmp_path)])
     assert code == 0
     report = EvaluationReport.load(tmp_path / "results.json")
@@ -94,7 +94,7 @@ def test_push_offline_fails_clearly_and_leaves_the_folder_intact(converted_qwen3
 
 
 @pytest.mark.slow
-def test_cli_reproduces_minilm_scifact_offline(minilm_dir, tmp_path):
+def test_cli_reproduces_minilm_scifact_offline(kit, minilm_dir, tmp_path):
     """About 4 minutes on 2 cores: SciFact's 5,183 documents."""
     assert (
         main(
@@ -113,3 +113,26 @@ def test_cli_reproduces_minilm_scifact_offline(minilm_dir, tmp_path):
     )
     report = EvaluationReport.load(tmp_path / "results.json")
     assert report.score("head", "float32", "SciFact") == pytest.approx(0.6451, abs=0.005)
+
+
+def test_card_metadata_says_what_the_model_was_made_from(converted_qwen3):
+    from st_bitembed.recipe import load_recipe
+    from st_bitembed.training import describe_origin
+
+    recipe = load_recipe("minilm-cpu")
+    describe_origin(converted_qwen3, recipe)
+    data = validate_model_card(render_model_card(converted_qwen3, "org/bitembed-minilm")).data.to_dict()
+    assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data["base_model_relation"] == "finetune"
+    assert data["datasets"] == ["sentence-transformers/all-nli"]
+    assert data["language"] == ["en"] and data["license"] == "apache-2.0"
+
+
+def test_languages_select_the_subsets_of_multilingual_tasks():
+    from st_bitembed.evaluation.evaluate import _resolve_tasks
+
+    [task] = _resolve_tasks(["STS17"], None, ["eng"])
+    assert task.hf_subsets == ["en-en"]
+    assert len(_resolve_tasks(["STS17"], None, None)[0].hf_subsets) > 5
+    with pytest.raises(ValueError, match=r"None of the tasks has a subset in the languages \['deu'\]"):
+        _resolve_tasks(["SciFact"], None, ["deu"])

@@ -133,3 +133,25 @@ def test_encode_returns_tensors_numpy_and_single_vectors(converted_qwen3):
     assert isinstance(single, np.ndarray) and single.shape == (8,) and single.dtype == np.int8
     with pytest.raises(ValueError, match="Unknown precision 'int16'"):
         converted_qwen3.encode(["a"], precision="int16")
+
+
+def test_saved_int8_ranges_give_vanilla_users_the_heads_int8_codes(converted_qwen3, sts_sentences, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import quantize_embeddings
+
+    converted_qwen3.calibrate_quantizer(sts_sentences[:64])
+    converted_qwen3.save(str(tmp_path))
+    ranges = np.load(tmp_path / "quantize" / "int8_ranges.npy")
+    vanilla = SentenceTransformer(str(tmp_path))
+    texts = sts_sentences[100:200]
+    embeddings = converted_qwen3.encode(texts)
+    for precision in ("int8", "uint8"):
+        expected = converted_qwen3.encode(texts, precision=precision)
+        codes = quantize_embeddings(embeddings, precision, ranges=ranges)
+        assert codes.dtype == expected.dtype
+        assert (codes != expected).mean() < 1e-3  # float rounding at a code boundary may differ
+        assert np.abs(codes.astype(int) - expected.astype(int)).max() <= 1
+        # what a vanilla user runs: the codes of a text do not depend on the rest of the batch
+        in_batch = quantize_embeddings(vanilla.encode(texts), precision, ranges=ranges)
+        alone = quantize_embeddings(vanilla.encode(texts[:1]), precision, ranges=ranges)
+        assert np.array_equal(alone[0], in_batch[0])
