@@ -310,6 +310,7 @@ def run_recipe(
     )
     processes = running_processes()
     if processes.is_main_process and "convert" in stages and not (resume and (converted / "modules.json").exists()):
+        logger.info("Stage convert: %s -> %s", recipe.backbone.name, converted)
         convert(recipe, calibration_texts).save(str(converted))
     processes.wait_for_everyone()
     previous = converted
@@ -326,6 +327,7 @@ def run_recipe(
         else:
             if not (previous / "modules.json").exists():
                 raise RecipeError(f"No model at {previous} to start {stage_name} from: run the earlier stages first.")
+            logger.info("Stage %s: %s -> %s", stage_name, previous, final)
             model = BitEmbed(str(previous), keep_latent_weights=True)
             if calibration_texts:  # the head's ranges start each stage fitted to the current embeddings
                 model.calibrate_quantizer(calibration_texts)

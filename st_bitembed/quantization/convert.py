@@ -114,7 +114,9 @@ def convert_to_bitlinear(
             f"norm='subln' puts norms in front of modules named {tuple(subln_targets)}, but none of "
             f"{type(model).__name__}'s converted modules matches; pass subln_targets= with its projection names."
         )
-    logger.info("Converted %d linear layers of %s to BitLinear (norm=%s)", len(to_convert), type(model).__name__, norm)
+    logger.debug(
+        "Converted %d linear layers of %s to BitLinear (norm=%s)", len(to_convert), type(model).__name__, norm
+    )
     return [name for name, _ in to_convert]
 
 
