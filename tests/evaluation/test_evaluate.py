@@ -72,6 +72,7 @@ def test_card_renders_and_validates_with_results(converted_qwen3, tmp_path):
     metrics = data["model-index"][0]["results"][0]["metrics"]
     assert {m["name"].split(" (")[1][:-1] for m in metrics} == set(PRECISIONS)
     assert 'BitEmbed("org/bitembed-tiny")' in card.text and 'precision="int4"' in card.text
+    assert 'hf_hub_download("org/bitembed-tiny", "quantize/int8_ranges.npy")' in card.text  # vanilla int8 codes
     assert "| BitEmbed head | int4 | 4 | 32 |" in card.text
 
     converted_qwen3.save(str(tmp_path / "model"))  # save() writes the same card, results and plot included
