@@ -1,0 +1,79 @@
+"""The BitLinear inference pieces alone: the activation quantizer (compiled vs PyTorch operators) and the integer GEMM
+backends (FBGEMM, oneDNN) against the fp32 product, for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections.
+
+Usage:
+    python benchmarks/kernel_speed.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from st_bitembed.quantization.kernels import (
+    UINT8_ZERO_POINT,
+    integer_product,
+    prepare_ternary_weight,
+    torch_activation_codes,
+)
+from st_bitembed.quantization.native import native_activation_codes
+
+# (in_features, out_features) of real projections: MiniLM attention / MLP, Gemma3-270M MLP, Qwen3-0.6B MLP.
+SHAPES = ((384, 384), (384, 1536), (640, 2048), (1024, 3072), (3072, 1024))
+TOKENS = (16, 256, 2048)
+
+
+def milliseconds(function, budget: float = 0.5) -> float:
+    """Median time of ``function`` over repeats that fill about ``budget`` seconds, after one warm-up call."""
+    function()
+    start = time.perf_counter()
+    function()
+    repeats = max(3, int(budget / max(time.perf_counter() - start, 1e-6)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    compiled = native_activation_codes()
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, ms (median)")
+    print("\n| tokens x in | PyTorch quantizer | compiled quantizer | speed-up |\n|---|---|---|---|")
+    for tokens in TOKENS:
+        for in_features in sorted({k for k, _ in SHAPES}):
+            activations, norm_weight = torch.randn(tokens, in_features), torch.rand(in_features)
+            eager = milliseconds(lambda: torch_activation_codes(activations, norm_weight))
+            if compiled is None:
+                print(f"| {tokens} x {in_features} | {eager:.3f} | (no compiler) | - |")
+                continue
+            fused = milliseconds(lambda: compiled(activations, norm_weight, 1e-6, 0))
+            print(f"| {tokens} x {in_features} | {eager:.3f} | {fused:.3f} | {eager / fused:.1f}x |")
+    print("\n| tokens x in x out | fp32 matmul | FBGEMM | oneDNN |\n|---|---|---|---|")
+    for tokens in TOKENS:
+        for in_features, out_features in SHAPES:
+            codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
+            dense = codes.float()
+            activations = torch.randint(-127, 128, (tokens, in_features)).float()
+            cells = [milliseconds(lambda: activations @ dense.T)]
+            for backend, offset in (("fbgemm", 0), ("onednn", UINT8_ZERO_POINT)):
+                try:
+                    weight = prepare_ternary_weight(codes, torch.tensor(1.0), backend)
+                except (RuntimeError, AttributeError, NotImplementedError):
+                    cells.append(float("nan"))
+                    continue
+                shifted = activations + offset
+                cells.append(milliseconds(lambda: integer_product(shifted, weight)))
+            row = " | ".join(f"{cell:.3f}" for cell in cells)
+            print(f"| {tokens} x {in_features} x {out_features} | {row} |")
+
+
+if __name__ == "__main__":
+    main()
