@@ -10,8 +10,9 @@ The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
 
 - ``"fbgemm"`` (x86 CPUs without AMX): ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, FBGEMM's
   uint8 x int8 GEMM on weights prepacked once (with their column sums, so the zero point costs nothing per call);
-  it takes the float codes and makes them uint8 itself. On a 2-core AVX2 CPU it is about 2x faster than oneDNN for
-  1-64 rows (oneDNN's ``gemm:jit`` packs the weights at every call) and within 10% for more.
+  it takes the float codes and makes them uint8 itself. On a 2-core AVX2 CPU it is 2-2.4x faster than oneDNN for
+  16 rows (oneDNN's ``gemm:jit`` packs the weights at every call) and 5-25% slower for 256-2,048 rows
+  (``benchmarks/kernel_speed.py``).
 - ``"onednn"`` (CPUs with AMX, or without FBGEMM): ``torch.ops.onednn.qlinear_pointwise`` with uint8 activations
   (codes + 128, zero point 128) and prepacked int8 weights; oneDNN picks AVX2 / AVX512-VNNI / AMX kernels.
 - ``"int_mm"`` (CUDA): ``torch._int_mm`` (cuBLASLt).
