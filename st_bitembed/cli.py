@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> None:
     from st_bitembed.recipe import load_recipe
     from st_bitembed.training import STAGES, run_recipe, running_processes, summary_table
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     if args.output_dir:
         recipe.output_dir = args.output_dir
     stages = {"train": STAGES, "pretrain": ("convert", "pretrain"), "finetune": ("finetune",)}[args.command]
@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         stage.add_argument("--resume", action="store_true", help="skip finished stages, continue from checkpoints")
         stage.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
+        stage.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="change one recipe key, e.g. --set finetune.loss.hidden_states=0 (repeatable; value read as YAML)",
+        )
         stage.add_argument(
             "--overwrite", action="store_true", help="start over where an earlier run of the recipe saved models"
         )

@@ -25,7 +25,9 @@ class RecipeError(ValueError):
 
 @dataclass
 class DatasetSpec:
-    """A Hub dataset (``name`` / ``config`` / ``split``) or a local file (``path``: json, jsonl, csv or parquet)."""
+    """A Hub dataset (``name`` / ``config`` / ``split``) or a local file (``path``: json, jsonl, csv or parquet,
+    optionally compressed: ``.jsonl.gz``). Rows with an empty or missing value in one of the ``columns`` are left
+    out."""
 
     name: str | None = None
     config: str | None = None
@@ -42,6 +44,7 @@ class DatasetSpec:
 class LossSpec:
     """Weights and temperatures of :class:`~st_bitembed.losses.BitEmbedLoss`."""
 
+    infonce: float = 1.0
     alpha: float = 0.0
     beta: float = 0.0
     gamma: float = 0.0
@@ -51,6 +54,9 @@ class LossSpec:
     teacher_temperature: float = 0.05
     teacher_layer: int = -1
     student_layer: int = -1
+    relation_heads: int | None = None
+    hidden_states: float = 0.0
+    hidden_state_layers: list[int] | None = None
     precisions: list[str] = field(default_factory=lambda: ["float32", "int8", "int4", "int2", "binary"])
     precision_weights: list[float] | None = None
 
@@ -74,13 +80,19 @@ class TrainingSpec:
     gather_across_devices: bool = False
     # Keep the token embeddings fixed: a large vocabulary (Gemma3: 262k x 640) dominates the optimizer's work.
     freeze_embeddings: bool = False
+    # Truncate training texts to this many tokens (the saved model keeps its own max_seq_length): on CPU a batch
+    # costs in proportion to its longest text, and long passages teach long inputs well before their end.
+    max_seq_length: int | None = None
 
 
 @dataclass
 class StageSpec:
-    dataset: DatasetSpec
+    # One dataset, or several mixed in one stage (each batch from one of them, in proportion to their sizes).
+    dataset: DatasetSpec | list[DatasetSpec]
     loss: LossSpec = field(default_factory=LossSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
+    # Encode every text with the teacher once, before training (moot with hidden_states > 0: the teacher runs on
+    # every batch then, and those passes give the pooled targets).
     precompute_teacher_embeddings: bool = True
 
 
@@ -137,7 +149,9 @@ def _build(kind: Any, value: Any, where: str) -> Any:
                 return _build(option, value, where)
             except RecipeError as error:
                 errors.append(str(error))
-        raise RecipeError(errors[0])
+        # The error of the option the value was shaped like (a mapping, a list), not "expected a list".
+        shaped = [e for e in errors if not e.startswith(f"{where}: expected")]
+        raise RecipeError((shaped or errors)[0])
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}.")
@@ -180,28 +194,67 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         stage = getattr(recipe, stage_name)
         if stage is None:
             continue
-        spec = stage.dataset
-        if spec.concatenate < 1:
-            raise RecipeError(f"{source}.{stage_name}.dataset.concatenate: must be >= 1, got {spec.concatenate}.")
-        if (spec.name is None) == (spec.path is None):
-            raise RecipeError(f"{source}.{stage_name}.dataset: give exactly one of name (Hub) or path (local file).")
-        if len(spec.columns) < 2:
-            raise RecipeError(
-                f"{source}.{stage_name}.dataset.columns: name the (query, positive[, negatives]) columns."
-            )
-        if (stage.loss.alpha > 0 or stage.loss.beta > 0 or stage.loss.gamma > 0) and recipe.teacher is None:
-            raise RecipeError(f"{source}.{stage_name}.loss: alpha, beta or gamma > 0 needs a top-level teacher.")
+        loss = stage.loss
+        # In-batch contrast and the similarity KL rank documents against queries: they need pairs.
+        least_columns = 2 if loss.infonce > 0 or loss.alpha > 0 else 1
+        if stage.dataset == []:
+            raise RecipeError(f"{source}.{stage_name}.dataset: an empty list; name at least one dataset.")
+        for where, spec in stage_datasets(stage, f"{source}.{stage_name}.dataset"):
+            if spec.concatenate < 1:
+                raise RecipeError(f"{where}.concatenate: must be >= 1, got {spec.concatenate}.")
+            if (spec.name is None) == (spec.path is None):
+                raise RecipeError(f"{where}: give exactly one of name (Hub) or path (local file).")
+            if len(spec.columns) < least_columns:
+                raise RecipeError(
+                    f"{where}.columns: name the (query, positive[, negatives]) columns (one text column is enough "
+                    "only for distillation alone: infonce: 0 and alpha: 0)."
+                )
+        teacher_terms = [name for name in ("alpha", "beta", "gamma", "hidden_states") if getattr(loss, name) > 0]
+        if teacher_terms and recipe.teacher is None:
+            raise RecipeError(f"{source}.{stage_name}.loss: {', '.join(teacher_terms)} > 0 needs a top-level teacher.")
+        if not teacher_terms and loss.infonce <= 0:
+            raise RecipeError(f"{source}.{stage_name}.loss: every weight is 0; turn at least one loss term on.")
     if recipe.evaluation is not None and not recipe.evaluation.tasks and recipe.evaluation.benchmark is None:
         raise RecipeError(f"{source}.evaluation: give tasks or a benchmark.")
     return recipe
+
+
+def stage_datasets(stage: StageSpec, where: str) -> list[tuple[str, DatasetSpec]]:
+    """The stage's datasets, each with its key path in the recipe."""
+    if isinstance(stage.dataset, DatasetSpec):
+        return [(where, stage.dataset)]
+    return [(f"{where}[{i}]", spec) for i, spec in enumerate(stage.dataset)]
 
 
 def builtin_recipes() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in files(RECIPE_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """Load a built-in recipe by name (``minilm-cpu``, ``qwen3-0.6b``, ``gemma3-270m``) or a YAML / JSON file."""
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with each ``dotted.key=value`` of ``overrides`` set (the value read as YAML: numbers, lists, null).
+
+    Raises:
+        RecipeError: an override without ``=``, or one whose path runs through a value that is not a mapping.
+    """
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        if not separator or not key:
+            raise RecipeError(
+                f"Override {override!r}: write it as key.path=value, e.g. finetune.training.max_steps=50."
+            )
+        *parents, last = key.split(".")
+        node = data
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"Override {override!r}: {'.'.join(parents[: depth + 1])} is not a mapping.")
+        node[last] = yaml.safe_load(text)
+    return data
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a built-in recipe by name (``minilm-cpu``, ``qwen3-0.6b``, ``gemma3-270m``) or a YAML / JSON file, with
+    ``overrides`` (``key.path=value``) applied before validation."""
     path = Path(name_or_path)
     if path.is_file():
         text = path.read_text()
@@ -213,6 +266,6 @@ def load_recipe(name_or_path: str) -> Recipe:
         )
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return parse_recipe(data, path.stem)
+        return parse_recipe(apply_overrides(data, overrides or []), path.stem)
     except (ValueError, yaml.YAMLError) as error:  # RecipeError included
         raise RecipeError(f"{name_or_path}: {error}") from None

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
-from datasets import Dataset, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -26,7 +26,7 @@ from st_bitembed.hub import check_model_source, resolve_model
 from st_bitembed.losses import BitEmbedLoss
 from st_bitembed.model import BitEmbed
 from st_bitembed.quantization.calibration import calibrate_inserted_norms
-from st_bitembed.recipe import DatasetSpec, Recipe, RecipeError, StageSpec
+from st_bitembed.recipe import DatasetSpec, Recipe, RecipeError, StageSpec, stage_datasets
 from st_bitembed.saving import check_target
 
 logger = logging.getLogger(__name__)
@@ -36,19 +36,28 @@ TEACHER_EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
 
 STAGES: tuple[str, ...] = ("convert", "pretrain", "finetune", "evaluate")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Compressed text files that datasets' json and csv builders read as they are.
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 
 def load_columns(spec: DatasetSpec, where: str) -> Dataset:
-    """The dataset of ``spec`` reduced to its ``columns`` (in that order) and ``max_rows``.
+    """The dataset of ``spec`` reduced to its ``columns`` (in that order), to rows with a text in every one of them,
+    and to ``max_rows``.
 
     Raises:
         RecipeError: a named column is missing (the message lists the dataset's columns).
     """
     if spec.path is not None:
-        suffix = Path(spec.path).suffix
-        if suffix not in LOCAL_FORMATS:
-            raise RecipeError(f"{where}.path: unsupported file type {suffix!r}; use one of {sorted(LOCAL_FORMATS)}.")
-        dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=spec.path, split="train")
+        path = Path(spec.path)
+        suffix = Path(path.stem).suffix if path.suffix in COMPRESSIONS else path.suffix
+        if suffix not in LOCAL_FORMATS or (path.suffix in COMPRESSIONS and suffix == ".parquet"):
+            raise RecipeError(
+                f"{where}.path: unsupported file type {''.join(path.suffixes)!r}; use one of {sorted(LOCAL_FORMATS)} "
+                f"(json, jsonl and csv also compressed: {', '.join(COMPRESSIONS)})."
+            )
+        if not path.is_file():
+            raise RecipeError(f"{where}.path: no file {spec.path} (relative paths start where st-bitembed runs).")
+        dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
     else:
         dataset = load_dataset(spec.name, spec.config, split=spec.split)
     columns = spec.columns or dataset.column_names
@@ -56,6 +65,12 @@ def load_columns(spec: DatasetSpec, where: str) -> Dataset:
     if missing:
         raise RecipeError(f"{where}.columns: {missing} not in the dataset, whose columns are {dataset.column_names}.")
     dataset = dataset.select_columns(columns)
+    complete = dataset.filter(
+        lambda row: all(isinstance(row[c], str) and row[c].strip() for c in columns), desc="dropping empty texts"
+    )
+    if len(complete) < len(dataset):
+        logger.info("%s: left out %d rows without a text in every column", where, len(dataset) - len(complete))
+    dataset = complete
     if spec.max_rows is not None:
         dataset = dataset.select(range(min(spec.max_rows, len(dataset))))
     if spec.concatenate > 1:
@@ -70,11 +85,12 @@ def load_columns(spec: DatasetSpec, where: str) -> Dataset:
     return dataset
 
 
-def preflight(recipe: Recipe) -> dict[str, Dataset]:
+def preflight(recipe: Recipe) -> dict[str, Any]:
     """Every check that can fail, before any training: models exist, datasets and columns, tokenizers.
 
-    Returns the loaded stage datasets.
+    Returns the loaded datasets: a list per training stage, the calibration dataset.
     """
+    _check_not_evaluation_data(recipe)
     for role, name in (("backbone.name", recipe.backbone.name), ("teacher", recipe.teacher)):
         if name is not None:
             try:
@@ -85,24 +101,44 @@ def preflight(recipe: Recipe) -> dict[str, Dataset]:
     for stage_name in ("pretrain", "finetune"):
         stage: StageSpec | None = getattr(recipe, stage_name)
         if stage is not None:
-            datasets[stage_name] = load_columns(stage.dataset, f"{recipe.name}.{stage_name}.dataset")
-            if stage.loss.beta > 0:
-                _check_same_tokenizer(recipe, stage_name)
+            where = f"{recipe.name}.{stage_name}.dataset"
+            datasets[stage_name] = [load_columns(spec, path) for path, spec in stage_datasets(stage, where)]
+            for name in ("beta", "hidden_states"):
+                if getattr(stage.loss, name) > 0:
+                    _check_same_tokenizer(recipe, stage_name, name)
     if recipe.calibration is not None:
         datasets["calibration"] = load_columns(recipe.calibration.dataset, f"{recipe.name}.calibration.dataset")
     return datasets
 
 
-def _check_same_tokenizer(recipe: Recipe, stage_name: str) -> None:
+def _check_not_evaluation_data(recipe: Recipe) -> None:
+    """Refuse to train on a Hub dataset that the recipe's own evaluation scores (SciFact's corpus, say): its scores
+    would be meaningless."""
+    tasks = recipe.evaluation.tasks if recipe.evaluation is not None else []
+    if not tasks:
+        return
+    import mteb
+
+    evaluated = {mteb.get_task(task).metadata.dataset["path"]: task for task in tasks}
+    stages = [(name, getattr(recipe, name)) for name in ("pretrain", "finetune")]
+    for where, spec in (pair for name, stage in stages if stage for pair in stage_datasets(stage, name)):
+        if spec.name in evaluated:
+            raise RecipeError(
+                f"{recipe.name}.{where}: {spec.name} is the data of the evaluation task {evaluated[spec.name]}; "
+                "training on an evaluation set makes its scores meaningless. Train on other data."
+            )
+
+
+def _check_same_tokenizer(recipe: Recipe, stage_name: str, term: str) -> None:
     student = AutoTokenizer.from_pretrained(resolve_model(recipe.backbone.name))
     teacher = AutoTokenizer.from_pretrained(resolve_model(recipe.teacher))
     # Vocabularies, not token ids: the raw backbone does not append the EOS that the student's tokenizer will.
     if student.get_vocab() != teacher.get_vocab():
         raise RecipeError(
-            f"{recipe.name}.{stage_name}.loss.beta > 0 (attention-relation distillation) needs teacher and student "
+            f"{recipe.name}.{stage_name}.loss.{term} > 0 (token-level distillation) needs teacher and student "
             f"to share a tokenizer: the backbone {recipe.backbone.name} uses {type(student).__name__} "
             f"({len(student)} tokens), the teacher {recipe.teacher} uses {type(teacher).__name__} ({len(teacher)} "
-            "tokens). Set beta: 0 or use a teacher with the backbone's tokenizer."
+            f"tokens). Set {term}: 0 or use a teacher with the backbone's tokenizer."
         )
 
 
@@ -128,21 +164,23 @@ def running_processes() -> PartialState:
 
 
 def with_teacher_embeddings(
-    dataset: Dataset,
+    datasets: list[Dataset],
     teacher: SentenceTransformer,
     batch_size: int,
     cache_file: Path | None = None,
     teacher_name: str = "",
     reuse: bool = False,
-) -> Dataset:
-    """Add a ``label`` column of the teacher's embeddings of every text column, ``(n_columns, dim)`` per row.
+) -> list[Dataset]:
+    """Add a ``label`` column of the teacher's embeddings of every text column, ``(n_columns, dim)`` per row, to each
+    of ``datasets``.
 
     Each distinct text is encoded once, so the teacher's cost is paid once instead of at every training step.
     Computed embeddings are saved to ``cache_file``; with ``reuse``, embeddings saved there for the same texts and
     ``teacher_name`` are read instead of computed (a resumed stage does not encode its data again).
     """
-    columns = dataset.column_names
-    texts = list(dict.fromkeys(text for column in columns for text in dataset[column]))
+    texts = list(
+        dict.fromkeys(text for dataset in datasets for column in dataset.column_names for text in dataset[column])
+    )
     fingerprint = hashlib.sha256("\0".join([teacher_name, *texts]).encode()).hexdigest()
     embeddings = _cached_embeddings(cache_file, fingerprint) if cache_file is not None and reuse else None
     if embeddings is None:
@@ -156,8 +194,12 @@ def with_teacher_embeddings(
     else:
         logger.info("Read the teacher's embeddings of %d texts from %s", len(texts), cache_file)
     index = {text: i for i, text in enumerate(texts)}
-    labels = np.stack([embeddings[[index[t] for t in dataset[column]]] for column in columns], axis=1)
-    return dataset.add_column("label", labels.tolist())
+    labelled = []
+    for dataset in datasets:
+        columns = dataset.column_names
+        labels = np.stack([embeddings[[index[t] for t in dataset[column]]] for column in columns], axis=1)
+        labelled.append(dataset.add_column("label", labels.tolist()))
+    return labelled
 
 
 def _cached_embeddings(cache_file: Path, fingerprint: str) -> np.ndarray | None:
@@ -172,31 +214,38 @@ def _cached_embeddings(cache_file: Path, fingerprint: str) -> np.ndarray | None:
 def train_stage(
     model: BitEmbed,
     stage: StageSpec,
-    dataset: Dataset,
+    datasets: list[Dataset],
     teacher: SentenceTransformer | None,
     output_dir: Path,
     resume: bool,
     teacher_name: str = "",
 ) -> BitEmbed:
-    """One SentenceTransformerTrainer run of ``stage``; the trained model is saved to ``output_dir/final``.
+    """One SentenceTransformerTrainer run of ``stage`` on ``datasets`` (several: each batch from one of them, drawn
+    in proportion to their sizes); the trained model is saved to ``output_dir/final``.
 
     The teacher's embeddings of the stage's texts are saved in ``output_dir`` (:data:`TEACHER_EMBEDDINGS_FILE`);
     with ``resume`` they are read from there when they match these texts and ``teacher_name``."""
     loss_spec = stage.loss
-    needs_teacher_embeddings = loss_spec.alpha > 0 or loss_spec.gamma > 0
+    # Hidden-state distillation runs the teacher on every batch anyway, and those passes give the pooled targets too:
+    # encoding the whole dataset beforehand would only add the cost of the texts the stage never reaches.
+    needs_teacher_embeddings = (loss_spec.alpha > 0 or loss_spec.gamma > 0) and loss_spec.hidden_states == 0
     processes = running_processes()
     if needs_teacher_embeddings and stage.precompute_teacher_embeddings:
         cache_file = output_dir / TEACHER_EMBEDDINGS_FILE
         with processes.main_process_first():  # the main process encodes and saves them, the others read them
-            dataset = with_teacher_embeddings(
-                dataset,
+            datasets = with_teacher_embeddings(
+                datasets,
                 teacher,
                 stage.training.batch_size,
                 cache_file,
                 teacher_name,
                 reuse=resume or not processes.is_main_process,
             )
-    in_loss_teacher = loss_spec.beta > 0 or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings)
+    in_loss_teacher = (
+        loss_spec.beta > 0
+        or loss_spec.hidden_states > 0
+        or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings)
+    )
     # LossSpec's fields are BitEmbedLoss's keyword arguments, by design.
     loss = BitEmbedLoss(
         model,
@@ -228,9 +277,25 @@ def train_stage(
         use_cpu=not torch.accelerator.is_available(),  # else torchrun on a CPU-only machine trains each process alone
         batch_sampler="no_duplicates",  # duplicate texts would be false in-batch negatives
     )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    train_dataset = (
+        datasets[0]
+        if len(datasets) == 1
+        else DatasetDict(
+            {
+                f"{i}_{spec.name or Path(spec.path).name}": d
+                for i, (d, (_, spec)) in enumerate(zip(datasets, stage_datasets(stage, "")))
+            }
+        )
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss)
     checkpoint = last_complete_checkpoint(output_dir) if resume else None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    max_seq_length = model.max_seq_length
+    if spec.max_seq_length is not None:
+        model.max_seq_length = min(spec.max_seq_length, max_seq_length or spec.max_seq_length)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        model.max_seq_length = max_seq_length
     processes = running_processes()  # the trainer's arguments set the processes' state up again
     if processes.is_main_process:
         model.save(str(output_dir / "final"))
@@ -254,7 +319,8 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
 
 def describe_stage(name: str, stage: StageSpec, teacher: str | None) -> dict[str, str]:
     loss = stage.loss
-    terms = [f"InfoNCE at {'/'.join(loss.precisions)} (temperature {loss.temperature})"]
+    weight = "" if loss.infonce == 1 else f"{loss.infonce} x "
+    terms = [f"{weight}InfoNCE at {'/'.join(loss.precisions)} (temperature {loss.temperature})"] * (loss.infonce > 0)
     if loss.alpha:
         terms.append(f"{loss.alpha} x similarity-distribution KL from {teacher}")
     if loss.beta:
@@ -263,13 +329,17 @@ def describe_stage(name: str, stage: StageSpec, teacher: str | None) -> dict[str
         )
     if loss.gamma:
         terms.append(f"{loss.gamma} x embedding distillation (cosine) from {teacher}")
-    data = stage.dataset.name or stage.dataset.path
+    if loss.hidden_states:
+        layers = "all blocks" if loss.hidden_state_layers is None else f"blocks {loss.hidden_state_layers}"
+        terms.append(f"{loss.hidden_states} x token-level hidden-state distillation ({layers}) from {teacher}")
+    data = " + ".join(
+        f"{spec.name or Path(spec.path).name} ({', '.join(spec.columns)})" for _, spec in stage_datasets(stage, "")
+    )
     t = stage.training
     schedule = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs} epoch(s)"
     return {
         "name": name,
-        "description": f"{' + '.join(terms)}; {data} ({', '.join(stage.dataset.columns)}), {schedule}, "
-        f"batch {t.batch_size}, lr {t.learning_rate}",
+        "description": f"{' + '.join(terms)}; {data}, {schedule}, batch {t.batch_size}, lr {t.learning_rate}",
     }
 
 
@@ -374,8 +444,8 @@ def describe_origin(model: BitEmbed, recipe: Recipe) -> None:
     licence."""
     card_data = model.model_card_data
     card_data.base_model = hub_name(recipe.backbone.name)
-    stages = [recipe.pretrain, recipe.finetune]
-    names = [stage.dataset.name for stage in stages if stage is not None and stage.dataset.name]
+    stages = [stage for stage in (recipe.pretrain, recipe.finetune) if stage is not None]
+    names = [spec.name for stage in stages for _, spec in stage_datasets(stage, "") if spec.name]
     card_data.train_datasets = [{"id": name} for name in dict.fromkeys(names)]
     card_data.language = recipe.language or None
     card_data.license = recipe.license

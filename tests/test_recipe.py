@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import shutil
@@ -14,8 +15,8 @@ import yaml
 
 from st_bitembed import BitEmbed
 from st_bitembed.cli import main
-from st_bitembed.recipe import RecipeError, builtin_recipes, load_recipe, parse_recipe
-from st_bitembed.training import preflight, run_recipe
+from st_bitembed.recipe import DatasetSpec, RecipeError, apply_overrides, builtin_recipes, load_recipe, parse_recipe
+from st_bitembed.training import load_columns, preflight, run_recipe
 
 
 def tiny_recipe(backbone, teacher, output_dir, **overrides) -> dict:
@@ -79,7 +80,20 @@ def test_builtin_recipes_are_valid():
         (lambda r: r.update(teachr="x"), r"tiny: unknown key\(s\) \['teachr'\]"),
         (lambda r: r["pretrain"]["loss"].update(alpha="big"), r"tiny\.pretrain\.loss\.alpha: expected float"),
         (lambda r: r["pretrain"].pop("dataset"), r"tiny\.pretrain: missing required key\(s\) \['dataset'\]"),
-        (lambda r: r.pop("teacher"), r"tiny\.pretrain\.loss: alpha, beta or gamma > 0 needs a top-level teacher"),
+        (lambda r: r.pop("teacher"), r"tiny\.pretrain\.loss: alpha, gamma > 0 needs a top-level teacher"),
+        (lambda r: r["finetune"].update(dataset=[]), r"tiny\.finetune\.dataset: an empty list"),
+        (
+            lambda r: r["finetune"].update(dataset=[r["finetune"]["dataset"], {"path": "x.jsonl", "colums": ["a"]}]),
+            r"tiny\.finetune\.dataset\[1\]: unknown key\(s\) \['colums'\]",
+        ),
+        (
+            lambda r: r["pretrain"]["dataset"].update(columns=["anchor"]),
+            r"tiny\.pretrain\.dataset\.columns: name the \(query, positive",
+        ),
+        (
+            lambda r: r["pretrain"]["loss"].update(infonce=0.0, alpha=0.0, gamma=0.0),
+            r"tiny\.pretrain\.loss: every weight is 0",
+        ),
     ],
 )
 def test_bad_recipes_are_refused_with_the_key_path(change, message, tmp_path):
@@ -87,6 +101,88 @@ def test_bad_recipes_are_refused_with_the_key_path(change, message, tmp_path):
     change(recipe)
     with pytest.raises(RecipeError, match=message):
         parse_recipe(recipe, "tiny")
+
+
+def test_several_datasets_and_a_single_column_of_passages_for_distillation_alone(tmp_path):
+    recipe = tiny_recipe("backbone", "teacher", tmp_path)
+    passages = {"path": "passages.jsonl", "columns": ["text"]}
+    recipe["finetune"]["dataset"] = [recipe["finetune"]["dataset"], passages]
+    recipe["finetune"]["loss"] = {"infonce": 0.0, "gamma": 1.0, "hidden_states": 1.0, "hidden_state_layers": [-1]}
+    stage = parse_recipe(recipe, "tiny").finetune
+    assert [spec.columns for spec in stage.dataset] == [["anchor", "positive", "negative"], ["text"]]
+    assert stage.loss.hidden_state_layers == [-1]
+
+
+def test_overrides_change_nested_keys_and_are_validated(tmp_path):
+    data = tiny_recipe("backbone", "teacher", tmp_path)
+    apply_overrides(data, ["finetune.training.max_steps=7", "finetune.loss.hidden_states=2", "evaluation=null"])
+    recipe = parse_recipe(data, "tiny")
+    assert recipe.finetune.training.max_steps == 7 and recipe.finetune.loss.hidden_states == 2.0
+    assert recipe.evaluation is None
+    with pytest.raises(RecipeError, match="write it as key.path=value"):
+        apply_overrides(data, ["finetune.training.max_steps"])
+    with pytest.raises(RecipeError, match="name is not a mapping"):
+        apply_overrides(data, ["name.first=x"])
+    with pytest.raises(RecipeError, match=r"finetune\.training: unknown key\(s\) \['max_step'\]"):
+        parse_recipe(apply_overrides(data, ["finetune.training.max_step=3"]), "tiny")
+
+
+def test_local_compressed_json_lines_keep_rows_with_every_text(tmp_path):
+    path = tmp_path / "passages.jsonl.gz"
+    rows = [
+        {"title": "Paris", "description": "capital of France", "extract": "Paris is the capital of France."},
+        {"title": "Nothing", "description": None, "extract": "A row without a description."},
+        {"title": "Blank", "description": "  ", "extract": "A row with a blank description."},
+        {"title": "Seine", "description": "river in France", "extract": "The Seine flows through Paris."},
+    ]
+    with gzip.open(path, "wt") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    spec = DatasetSpec(path=str(path), columns=["description", "extract"])
+    dataset = load_columns(spec, "tiny.finetune.dataset")
+    assert dataset.column_names == ["description", "extract"]
+    assert dataset["description"] == ["capital of France", "river in France"]
+    with pytest.raises(RecipeError, match=r"unsupported file type '\.parquet\.gz'"):
+        load_columns(DatasetSpec(path=str(tmp_path / "x.parquet.gz"), columns=["a", "b"]), "tiny")
+    with pytest.raises(RecipeError, match="no file"):
+        load_columns(DatasetSpec(path=str(tmp_path / "missing.jsonl"), columns=["a", "b"]), "tiny")
+
+
+def test_training_on_an_evaluation_task_s_data_is_refused(tmp_path):
+    recipe = tiny_recipe("backbone", "teacher", tmp_path)
+    recipe["finetune"]["dataset"] = {
+        "name": "mteb/stsbenchmark-sts",
+        "split": "test",
+        "columns": ["sentence1", "sentence2"],
+    }
+    recipe["evaluation"]["tasks"] = ["STSBenchmark"]
+    with pytest.raises(RecipeError, match=r"tiny\.finetune: mteb/stsbenchmark-sts is the data of the evaluation task"):
+        preflight(parse_recipe(recipe, "tiny"))
+
+
+def test_a_stage_mixes_datasets_and_distills_hidden_states_with_the_in_loss_teacher(qwen3_dir, teacher_dir, tmp_path):
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text(
+        "".join(
+            json.dumps({"title": f"Topic {i}", "text": f"Topic {i} is a subject with a long description, part {i}."})
+            + "\n"
+            for i in range(24)
+        )
+    )
+    recipe = tiny_recipe(qwen3_dir, teacher_dir, tmp_path / "run", pretrain=None, evaluation=None)
+    finetune = recipe["finetune"]
+    finetune["dataset"] = [finetune["dataset"], {"path": str(passages), "columns": ["title", "text"]}]
+    finetune["loss"] = {"alpha": 1.0, "gamma": 1.0, "hidden_states": 1.0, "precisions": ["float32", "binary"]}
+    finetune["training"].update(max_steps=3, max_seq_length=12, save_steps=10)
+    model, report = run_recipe(parse_recipe(recipe, "tiny"))
+    assert report is None
+    run = tmp_path / "run"
+    # the teacher ran in the loss on every batch, so the dataset was never encoded beforehand
+    assert not (run / "finetune" / "teacher_embeddings.safetensors").exists()
+    saved = BitEmbed(str(run / "model"))
+    assert saved.max_seq_length == BitEmbed(str(run / "converted")).max_seq_length  # training's limit not saved
+    description = saved.training_recipe[-1]["description"]
+    assert "hidden-state distillation (all blocks)" in description
+    assert "sentence-transformers/all-nli (anchor, positive, negative) + passages.jsonl (title, text)" in description
 
 
 def test_missing_dataset_column_is_named_before_training(qwen3_dir, teacher_dir, tmp_path):
@@ -113,6 +209,10 @@ def test_cli_reports_a_bad_recipe_file(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"name": "bad", "output_dir": "x", "backbone": {"name": "b", "nrom": "all"}}))
     assert main(["train", str(path)]) == 2
     assert "bad.backbone: unknown key(s) ['nrom']" in capsys.readouterr().err
+    assert main(["train", "minilm-cpu", "--set", "finetune.training.max_steps"]) == 2
+    assert "write it as key.path=value" in capsys.readouterr().err
+    assert main(["train", "minilm-cpu", "--set", "finetune.training.max_step=3"]) == 2
+    assert "minilm-cpu.finetune.training: unknown key(s) ['max_step']" in capsys.readouterr().err
 
 
 def test_end_to_end_tiny_recipe_and_resume_reaches_the_same_model(qwen3_dir, teacher_dir, tmp_path, capsys):

@@ -2,8 +2,16 @@ from __future__ import annotations
 
 from st_bitembed.losses.attention_relation import AttentionRelationLoss
 from st_bitembed.losses.bitembed import BitEmbedLoss
+from st_bitembed.losses.hidden_state import HiddenStateDistillLoss
 from st_bitembed.losses.info_nce import InfoNCELoss
 from st_bitembed.losses.multi_precision import MultiPrecisionLoss
 from st_bitembed.losses.similarity_kl import SimilarityKLLoss
 
-__all__ = ["AttentionRelationLoss", "BitEmbedLoss", "InfoNCELoss", "MultiPrecisionLoss", "SimilarityKLLoss"]
+__all__ = [
+    "AttentionRelationLoss",
+    "BitEmbedLoss",
+    "HiddenStateDistillLoss",
+    "InfoNCELoss",
+    "MultiPrecisionLoss",
+    "SimilarityKLLoss",
+]
