@@ -25,17 +25,27 @@ PROJECTION_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
+def transformer_blocks(model: SentenceTransformer) -> nn.ModuleList:
+    """The transformer blocks of a SentenceTransformer's backbone, in order."""
+    backbone = model[0].auto_model
+    return backbone.get_submodule(find_transformer_blocks(backbone))
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """A loss's student as built: under DDP the trainer swaps ``loss.model`` for its wrapper, while the modules that
+    hooks go on live on the wrapped model."""
+    return getattr(model, "module", model)
+
+
 def projection_modules(model: SentenceTransformer, layer: int) -> dict[str, nn.Module]:
     """The Q, K and V projection modules of transformer block ``layer`` (negative counts from the end)."""
-    backbone = model[0].auto_model
-    blocks = backbone.get_submodule(find_transformer_blocks(backbone))
-    block = blocks[layer]
+    block = transformer_blocks(model)[layer]
     found = {}
     for relation, names in PROJECTION_NAMES.items():
         matches = [module for name, module in block.named_modules() if name.rsplit(".", 1)[-1] in names]
         if len(matches) != 1:
             raise ValueError(
-                f"Block {layer} of {type(backbone).__name__} has {len(matches)} modules named {names}; "
+                f"Block {layer} of {type(model[0].auto_model).__name__} has {len(matches)} modules named {names}; "
                 "AttentionRelationLoss needs exactly one Q, K and V projection per block."
             )
         found[relation] = matches[0]
@@ -171,15 +181,13 @@ class AttentionRelationLoss(nn.Module):
 
     def student_projections(self) -> dict[str, nn.Module]:
         return {
-            r: m for r, m in projection_modules(self._student(), self.student_layer).items() if r in self.relations
+            r: m
+            for r, m in projection_modules(unwrapped(self.model), self.student_layer).items()
+            if r in self.relations
         }
 
     def teacher_projections(self) -> dict[str, nn.Module]:
         return {r: m for r, m in projection_modules(self.teacher, self.teacher_layer).items() if r in self.relations}
-
-    def _student(self) -> SentenceTransformer:
-        # Under DDP the trainer swaps self.model for its wrapper; the modules live on the wrapped model.
-        return getattr(self.model, "module", self.model)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         features = next(iter(sentence_features))

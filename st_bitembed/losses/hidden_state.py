@@ -12,15 +12,9 @@ import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
-from st_bitembed.losses.attention_relation import capture_outputs
+from st_bitembed.losses.attention_relation import capture_outputs, transformer_blocks, unwrapped
 from st_bitembed.losses.info_nce import BITEMBED_CITATION
 from st_bitembed.losses.teacher import describe_tokenizer, freeze, same_tokenizer
-from st_bitembed.quantization.convert import find_transformer_blocks
-
-
-def transformer_blocks(model: SentenceTransformer) -> nn.ModuleList:
-    backbone = model[0].auto_model
-    return backbone.get_submodule(find_transformer_blocks(backbone))
 
 
 def aligned_teacher_layers(student_layers: Sequence[int], student_depth: int, teacher_depth: int) -> list[int]:
@@ -121,14 +115,10 @@ class HiddenStateDistillLoss(nn.Module):
             raise ValueError(f"layers must name blocks of the student's {depth}, got {layers}.")
         self.teacher_layers = aligned_teacher_layers(self.layers, depth, len(transformer_blocks(teacher)))
 
-    def _student(self) -> SentenceTransformer:
-        # Under DDP the trainer swaps self.model for its wrapper; the modules live on the wrapped model.
-        return getattr(self.model, "module", self.model)
-
     @contextmanager
     def capture_student(self) -> Iterator[StudentForwards]:
         """Record the student's inputs and chosen block outputs on every forward within the block."""
-        student = self._student()
+        student = unwrapped(self.model)
         blocks = transformer_blocks(student)
         forwards = StudentForwards()
         handle = student[0].register_forward_hook(

@@ -8,8 +8,9 @@ from sentence_transformers import SentenceTransformer
 
 from st_bitembed import BitEmbed
 from st_bitembed.losses import BitEmbedLoss, HiddenStateDistillLoss
+from st_bitembed.losses.attention_relation import transformer_blocks
 from st_bitembed.losses.bitembed import mergeable
-from st_bitembed.losses.hidden_state import aligned_teacher_layers, token_cosine_distance, transformer_blocks
+from st_bitembed.losses.hidden_state import aligned_teacher_layers, token_cosine_distance
 
 QUERIES = ["How do ternary weights work?", "What is the capital of France?", "Who wrote Hamlet?"]
 DOCUMENTS = [
