@@ -9,13 +9,14 @@ __all__ = ["PRECISIONS", "BitEmbed", "Quantize", "__version__"]
 
 if TYPE_CHECKING:
     from st_bitembed.model import BitEmbed
-    from st_bitembed.modules.quantize import PRECISIONS, Quantize
+    from st_bitembed.modules.quantize import Quantize
+    from st_bitembed.precisions import PRECISIONS
 
 # Imported on first use, so that the CLI can set up the offline Hugging Face environment (read by datasets and
 # huggingface_hub when they are imported) before any of them loads.
 _LAZY = {
     "BitEmbed": "st_bitembed.model",
-    "PRECISIONS": "st_bitembed.modules.quantize",
+    "PRECISIONS": "st_bitembed.precisions",
     "Quantize": "st_bitembed.modules.quantize",
 }
 

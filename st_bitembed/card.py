@@ -13,14 +13,13 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from st_bitembed.evaluation.report import EvaluationReport
-from st_bitembed.modules.quantize import PRECISIONS
+from st_bitembed.precisions import PRECISIONS
 
 if TYPE_CHECKING:
     from st_bitembed.model import BitEmbed
 
 TEMPLATE = "bitembed.md.jinja"
 PLOT_FILE = "precision_scores.png"
-CARD_PRECISIONS = ("float32", "float16", "int8", "int4", "int2", "binary")
 TAGS = [
     "sentence-transformers",
     "sentence-similarity",
@@ -98,7 +97,9 @@ def render_model_card(model: BitEmbed, repo_id: str | None = None, report: Evalu
         "bytes_int4": model.bytes_per_vector("int4"),
         "results_table": report.to_markdown() if report is not None and report.scores else None,
         "storage_rows": [
-            {"precision": p, "bits": PRECISIONS[p], "bytes": model.bytes_per_vector(p)} for p in CARD_PRECISIONS
+            {"precision": p.name, "bits": p.bits, "bytes": model.bytes_per_vector(p)}
+            for p in PRECISIONS.values()
+            if not p.unsigned  # an unsigned layout stores its signed twin's codes in the same bytes
         ],
         "recipe": model.training_recipe,
         "teacher": report.teacher_name if report is not None else None,

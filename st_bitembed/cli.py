@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from st_bitembed.precisions import DEFAULT_PRECISIONS
+
 
 def _convert(args: argparse.Namespace) -> None:
     from transformers.integrations.bitnet import AutoBitLinear
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     selection = evaluate.add_mutually_exclusive_group(required=True)
     selection.add_argument("--tasks", help="comma-separated mteb task names, e.g. STSBenchmark,SciFact")
     selection.add_argument("--benchmark", help='an mteb benchmark, e.g. "MTEB(eng, v2)"')
-    evaluate.add_argument("--precisions", default="float32,int8,int4,int2,binary")
+    evaluate.add_argument("--precisions", default=",".join(DEFAULT_PRECISIONS))
     evaluate.add_argument("--teacher", default=None, help="full-precision reference model")
     evaluate.add_argument("--output-dir", default="bitembed-eval")
     evaluate.add_argument("--no-posthoc", action="store_true", help="skip the post-hoc quantization baseline")

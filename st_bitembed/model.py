@@ -19,8 +19,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from st_bitembed import __version__
 from st_bitembed.hub import check_model_source
-from st_bitembed.modules.quantize import Quantize, check_precision
+from st_bitembed.modules.quantize import Quantize
 from st_bitembed.modules.subln_transformer import SubLNTransformer
+from st_bitembed.precisions import Precision, PrecisionName, get_precision
 from st_bitembed.quantization.bitlinear import Kernel, install_bitlinear, release_latent_weights
 from st_bitembed.quantization.convert import (
     NORM_PLACEMENTS,
@@ -286,7 +287,7 @@ class BitEmbed(SentenceTransformer):
         self,
         inputs: Any,
         *args: Any,
-        precision: str = "float32",
+        precision: PrecisionName | Precision = "float32",
         pack: bool = False,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
@@ -303,11 +304,11 @@ class BitEmbed(SentenceTransformer):
                 Binary and ubinary are always packed 8 dimensions per byte, as in sentence-transformers.
             Other arguments as for ``SentenceTransformer.encode``.
         """
-        check_precision(precision)
+        precision = get_precision(precision)
         if isinstance(inputs, (list, tuple)) and not inputs and output_value == "sentence_embedding":
             embeddings = torch.empty(0, self.get_embedding_dimension(), device=self.quantizer.device)
             return self._codes_as_requested(embeddings, precision, pack, convert_to_numpy, convert_to_tensor)
-        if precision == "float32":
+        if precision.name == "float32":
             embeddings = super().encode(
                 inputs,
                 *args,
@@ -321,7 +322,7 @@ class BitEmbed(SentenceTransformer):
             return embeddings
         if output_value != "sentence_embedding":
             raise ValueError(
-                f"precision={precision!r} applies to sentence embeddings, not output_value={output_value!r}."
+                f"precision={precision.name!r} applies to sentence embeddings, not output_value={output_value!r}."
             )
         embeddings = super().encode(
             inputs, *args, convert_to_numpy=False, convert_to_tensor=True, output_value=output_value, **kwargs
@@ -330,7 +331,12 @@ class BitEmbed(SentenceTransformer):
         return self._codes_as_requested(embeddings, precision, pack, convert_to_numpy, convert_to_tensor)
 
     def _codes_as_requested(
-        self, embeddings: torch.Tensor, precision: str, pack: bool, convert_to_numpy: bool, convert_to_tensor: bool
+        self,
+        embeddings: torch.Tensor,
+        precision: Precision,
+        pack: bool,
+        convert_to_numpy: bool,
+        convert_to_tensor: bool,
     ) -> Any:
         codes = self.quantizer.quantize(embeddings.to(self.quantizer.device), precision, pack)
         if convert_to_tensor:
@@ -351,7 +357,7 @@ class BitEmbed(SentenceTransformer):
         for a model built with :meth:`from_backbone` and trained in this process, before deploying it."""
         release_latent_weights(self[0].auto_model)
 
-    def bytes_per_vector(self, precision: str) -> int:
+    def bytes_per_vector(self, precision: PrecisionName | Precision) -> int:
         """Bytes one embedding takes at ``precision`` (e.g. 1024 dims: 2048 at float16, 512 at int4, 128 binary)."""
         return self.quantizer.bytes_per_vector(precision, self.get_embedding_dimension())
 
@@ -453,7 +459,7 @@ def check_finite_weights(model: torch.nn.Module, head: torch.nn.Module | None, s
             )
 
 
-def check_finite(embeddings: Any, precision: str) -> None:
+def check_finite(embeddings: Any, precision: Precision) -> None:
     """Refuse to turn NaN or infinite embeddings into codes (they would look like ordinary ones)."""
     if isinstance(embeddings, list) and not embeddings:
         return
@@ -462,9 +468,9 @@ def check_finite(embeddings: Any, precision: str) -> None:
         rows = values.reshape(-1, values.shape[-1])  # one row per text
         damaged = int((~torch.isfinite(rows)).any(dim=-1).sum())
         raise ValueError(
-            f"{damaged} of {len(rows)} embeddings are NaN or infinite (precision="
-            f"{precision!r}): the model's weights are damaged or overflow in this dtype. Reload the model from an "
-            "intact copy, or run it in float32."
+            f"{damaged} of {len(rows)} embeddings are NaN or infinite (precision={precision.name!r}): the model's "
+            "weights are damaged or overflow in this dtype. Reload the model from an intact copy, or run it in "
+            "float32."
         )
 
 

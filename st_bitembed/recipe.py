@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from st_bitembed.precisions import DEFAULT_PRECISIONS
+
 RECIPE_PACKAGE = "st_bitembed.recipes"
 
 
@@ -57,7 +59,7 @@ class LossSpec:
     relation_heads: int | None = None
     hidden_states: float = 0.0
     hidden_state_layers: list[int] | None = None
-    precisions: list[str] = field(default_factory=lambda: ["float32", "int8", "int4", "int2", "binary"])
+    precisions: list[str] = field(default_factory=lambda: list(DEFAULT_PRECISIONS))
     precision_weights: list[float] | None = None
 
 
@@ -115,7 +117,7 @@ class CalibrationSpec:
 class EvaluationSpec:
     tasks: list[str] = field(default_factory=list)
     benchmark: str | None = None
-    precisions: list[str] = field(default_factory=lambda: ["float32", "int8", "int4", "int2", "binary"])
+    precisions: list[str] = field(default_factory=lambda: list(DEFAULT_PRECISIONS))
     posthoc: bool = False
     batch_size: int = 64
 

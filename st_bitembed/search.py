@@ -8,15 +8,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from st_bitembed.modules.quantize import FLOAT_DTYPES, PRECISIONS, Quantize, check_precision
+from st_bitembed.modules.quantize import Quantize
+from st_bitembed.precisions import Precision, PrecisionName, get_precision, to_unsigned
 from st_bitembed.quantization.packing import hamming_distance
 
 # Bytes of XOR intermediate allowed per block in popcount Hamming search.
 _HAMMING_BLOCK_BYTES = 2**25
-
-
-def _is_binary(precision: str) -> bool:
-    return PRECISIONS[precision] == 1
 
 
 def _as_tensor(values: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -26,7 +23,7 @@ def _as_tensor(values: torch.Tensor | np.ndarray) -> torch.Tensor:
 def quantized_similarity(
     queries: torch.Tensor | np.ndarray,
     documents: torch.Tensor | np.ndarray,
-    precision: str,
+    precision: PrecisionName | Precision,
     quantizer: Quantize,
     dimension: int | None = None,
 ) -> torch.Tensor:
@@ -43,11 +40,11 @@ def quantized_similarity(
         quantizer: The model's Quantize head (``model.quantizer``), which defines what codes stand for.
         dimension: Embedding dimension, for packed codes of a truncated model; defaults to the head's.
     """
-    check_precision(precision)
+    precision = get_precision(precision)
     queries, documents = _as_tensor(queries), _as_tensor(documents)
     dimension = dimension or quantizer.embedding_dimension
-    symmetric = not queries.is_floating_point() or precision in FLOAT_DTYPES
-    if symmetric and _is_binary(precision):
+    symmetric = not queries.is_floating_point() or precision.is_float
+    if symmetric and precision.is_binary:
         per_block = max(1, _HAMMING_BLOCK_BYTES // max(1, documents.shape[0] * documents.shape[1]))
         distances = torch.cat([hamming_distance(block, documents) for block in queries.split(per_block)])
         return 1 - 2 * distances.float() / dimension
@@ -59,7 +56,7 @@ def quantized_similarity(
 def quantized_semantic_search(
     queries: torch.Tensor | np.ndarray,
     corpus: torch.Tensor | np.ndarray,
-    precision: str,
+    precision: PrecisionName | Precision,
     quantizer: Quantize,
     top_k: int = 10,
     corpus_chunk_size: int = 50_000,
@@ -83,7 +80,7 @@ def quantized_semantic_search(
         backend: ``"torch"`` (any precision), or for binary / ubinary corpora sentence-transformers'
             ``semantic_search_faiss`` / ``semantic_search_usearch`` (Hamming indexes; float queries are rescored).
     """
-    check_precision(precision)
+    precision = get_precision(precision)
     if backend != "torch":
         return _search_binary_index(queries, corpus, precision, top_k, backend)
     queries, corpus = _as_tensor(queries), _as_tensor(corpus)
@@ -106,26 +103,24 @@ def quantized_semantic_search(
 
 
 def _search_binary_index(
-    queries: torch.Tensor | np.ndarray, corpus: torch.Tensor | np.ndarray, precision: str, top_k: int, backend: str
+    queries: torch.Tensor | np.ndarray,
+    corpus: torch.Tensor | np.ndarray,
+    precision: Precision,
+    top_k: int,
+    backend: str,
 ) -> list[list[dict[str, int | float]]]:
-    if not _is_binary(precision):
+    if not precision.is_binary:
         raise ValueError(
             f"backend={backend!r} searches binary / ubinary corpora (its native Hamming index); use backend='torch' "
-            f"for {precision!r}."
+            f"for {precision.name!r}."
         )
     from sentence_transformers.util.quantization import semantic_search_faiss, semantic_search_usearch
 
     # Our binary codes are sentence-transformers' layout, so its indexes take them as they are (as ubinary bytes).
-    corpus = (
-        np.asarray(corpus).view(np.uint8)
-        if precision == "ubinary"
-        else (np.asarray(corpus).astype(np.int16) + 128).astype(np.uint8)
-    )
+    corpus = np.asarray(corpus) if precision.unsigned else to_unsigned(np.asarray(corpus))
     queries = np.asarray(queries)
-    if not np.issubdtype(queries.dtype, np.floating):
-        queries = (
-            queries.view(np.uint8) if precision == "ubinary" else (queries.astype(np.int16) + 128).astype(np.uint8)
-        )
+    if not np.issubdtype(queries.dtype, np.floating) and not precision.unsigned:
+        queries = to_unsigned(queries)
     search = semantic_search_faiss if backend == "faiss" else semantic_search_usearch
     results, *_ = search(
         queries,

@@ -8,23 +8,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from st_bitembed.modules.quantize import FLOAT_DTYPES, INTEGER_BITS, PRECISIONS, Quantize, check_precision
+from st_bitembed.modules.quantize import Quantize
+from st_bitembed.precisions import Precision, PrecisionName, get_precision
 
 QuantizationMethod = Literal["head", "posthoc"]
 
 
-def posthoc_quantize(embeddings: torch.Tensor, precision: str) -> torch.Tensor:
+def posthoc_quantize(embeddings: torch.Tensor, precision: PrecisionName | Precision) -> torch.Tensor:
     """The after-the-fact baseline: quantize float embeddings with ranges calibrated on the embeddings themselves.
 
     Integer precisions use per-dimension min / max of ``embeddings`` (as mteb's CompressionWrapper does), then
     uniform codes, returned as the values they stand for; binary is the sign (+-1, Hamming-equivalent under cosine).
     """
-    check_precision(precision)
-    if precision in FLOAT_DTYPES:
-        return embeddings.to(FLOAT_DTYPES[precision]).float()
-    if PRECISIONS[precision] == 1:
+    precision = get_precision(precision)
+    if precision.is_float:
+        return embeddings.to(precision.dtype).float()
+    if precision.is_binary:
         return torch.where(embeddings > 0, 1.0, -1.0)
-    levels = 2 ** INTEGER_BITS["int8" if precision == "uint8" else precision]
+    levels = 2**precision.bits
     minimum, maximum = embeddings.min(dim=0).values, embeddings.max(dim=0).values
     step = (maximum - minimum).clamp(min=1e-12) / levels
     codes = torch.floor((embeddings - minimum) / step).clamp(0, levels - 1)
@@ -86,12 +87,12 @@ class QuantizedEncoder:
     def __init__(
         self,
         encoder: Any,
-        precision: str,
+        precision: PrecisionName,
         name: str,
         method: QuantizationMethod = "head",
         quantizer: Quantize | None = None,
     ) -> None:
-        check_precision(precision)
+        get_precision(precision)
         if method == "head" and quantizer is None and precision != "float32":
             raise ValueError("method='head' needs the model's Quantize head (quantizer=model.quantizer).")
         self.encoder = encoder

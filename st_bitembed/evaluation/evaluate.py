@@ -14,11 +14,10 @@ from st_bitembed.evaluation.plot import plot_precision_scores
 from st_bitembed.evaluation.report import EvaluationReport, Score
 from st_bitembed.hub import resolve_model
 from st_bitembed.model import BitEmbed
-from st_bitembed.modules.quantize import check_precision
+from st_bitembed.precisions import DEFAULT_PRECISIONS, PrecisionName, get_precision
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRECISIONS: tuple[str, ...] = ("float32", "int8", "int4", "int2", "binary")
 REPORT_FILES = {"json": "results.json", "markdown": "results.md", "plot": "precision_scores.png"}
 
 
@@ -88,7 +87,7 @@ def evaluate_precisions(
     *,
     tasks: Sequence | None = None,
     benchmark: str | None = None,
-    precisions: Sequence[str] = DEFAULT_PRECISIONS,
+    precisions: Sequence[PrecisionName] = DEFAULT_PRECISIONS,
     teacher: str | SentenceTransformer | None = None,
     output_dir: str | Path = "bitembed-eval",
     posthoc: bool = True,
@@ -129,7 +128,7 @@ def evaluate_precisions(
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
     for precision in precisions:
-        check_precision(precision)
+        get_precision(precision)
     tasks = _resolve_tasks(tasks, benchmark, languages)
     path = model if isinstance(model, str) else None
     if isinstance(model, str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from st_bitembed.evaluation.report import METHOD_LABELS, EvaluationReport
-from st_bitembed.modules.quantize import PRECISIONS
+from st_bitembed.precisions import get_precision
 
 
 def plot_precision_scores(report: EvaluationReport, path: str | Path) -> Path:
@@ -17,10 +17,11 @@ def plot_precision_scores(report: EvaluationReport, path: str | Path) -> Path:
 
     figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
     for method, marker in (("head", "o"), ("posthoc", "s")):
+        # An unsigned layout scores exactly as its signed twin: one point per distinct code.
         points = sorted(
-            (PRECISIONS[p], 100 * m, p)
+            (get_precision(p).bits, 100 * m, p)
             for p in report.precisions(method)
-            if p not in ("uint8", "ubinary") and (m := report.mean_score(method, p)) is not None
+            if not get_precision(p).unsigned and (m := report.mean_score(method, p)) is not None
         )
         if not points:
             continue

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean
 
-from st_bitembed.modules.quantize import PRECISIONS
+from st_bitembed.precisions import get_precision
 
 METHOD_LABELS = {"head": "BitEmbed head", "posthoc": "post-hoc", "teacher": "teacher"}
 
@@ -52,7 +52,7 @@ class EvaluationReport:
         return mean(values) if values and len(values) == len(self.tasks) else None
 
     def bytes_per_vector(self, precision: str) -> int:
-        return -(-self.embedding_dimension * PRECISIONS[precision] // 8)
+        return get_precision(precision).bytes_per_vector(self.embedding_dimension)
 
     def rows(self) -> list[tuple[str, str]]:
         """(method, precision) rows in display order: teacher, then the head's, then the post-hoc baseline's."""
@@ -73,7 +73,7 @@ class EvaluationReport:
                     [
                         METHOD_LABELS[method],
                         precision,
-                        str(PRECISIONS[precision]),
+                        str(get_precision(precision).bits),
                         str(self.bytes_per_vector(precision)),
                         *(f"{100 * c:.2f}" if c is not None else "-" for c in cells),
                         f"{100 * average:.2f}" if average is not None else "-",

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from st_bitembed.losses.attention_relation import AttentionRelationLoss, capture_outputs
 from st_bitembed.losses.hidden_state import HiddenStateDistillLoss
 from st_bitembed.losses.info_nce import BITEMBED_CITATION, InfoNCELoss
-from st_bitembed.losses.multi_precision import DEFAULT_PRECISIONS, MultiPrecisionLoss
+from st_bitembed.losses.multi_precision import MultiPrecisionLoss
 from st_bitembed.losses.similarity_kl import SimilarityKLLoss
+from st_bitembed.precisions import DEFAULT_PRECISIONS, PrecisionName
 
 # Merged columns are padded to the longest column: with short queries beside long passages, most merged tokens would
 # be padding, which costs real compute on CPU (and memory anywhere).
@@ -97,7 +98,7 @@ class BitEmbedLoss(nn.Module):
         alpha: float = 1.0,
         beta: float = 1.0,
         gamma: float = 0.0,
-        precisions: Sequence[str] = DEFAULT_PRECISIONS,
+        precisions: Sequence[PrecisionName] = DEFAULT_PRECISIONS,
         precision_weights: Sequence[float] | None = None,
         temperature: float = 0.05,
         symmetric: bool = False,

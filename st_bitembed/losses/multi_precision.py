@@ -11,9 +11,8 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from torch import Tensor, nn
 
 from st_bitembed.losses.info_nce import BITEMBED_CITATION
-from st_bitembed.modules.quantize import PRECISIONS, Quantize
-
-DEFAULT_PRECISIONS: tuple[str, ...] = ("float32", "int8", "int4", "int2", "binary")
+from st_bitembed.modules.quantize import Quantize
+from st_bitembed.precisions import DEFAULT_PRECISIONS, PrecisionName, get_precision
 
 
 class MultiPrecisionLoss(nn.Module):
@@ -59,14 +58,13 @@ class MultiPrecisionLoss(nn.Module):
         self,
         model: nn.Module,
         loss: nn.Module,
-        precisions: Sequence[str] = DEFAULT_PRECISIONS,
+        precisions: Sequence[PrecisionName] = DEFAULT_PRECISIONS,
         precision_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.precisions = list(precisions)
-        unknown = [p for p in self.precisions if p not in PRECISIONS]
-        if unknown or not self.precisions:
-            raise ValueError(f"Unknown or no precisions {unknown or self.precisions}; choose from {list(PRECISIONS)}.")
+        self.precisions = [get_precision(p).name for p in precisions]
+        if not self.precisions:
+            raise ValueError("No precisions to train; name at least one, e.g. precisions=['float32', 'int4'].")
         self.precision_weights = list(precision_weights) if precision_weights is not None else [1.0] * len(precisions)
         if len(self.precision_weights) != len(self.precisions):
             raise ValueError(

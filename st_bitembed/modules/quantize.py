@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from sentence_transformers.base.modules import Module
 from torch import nn
 
+from st_bitembed.precisions import INTEGER_PRECISIONS, Precision, PrecisionName, get_precision, to_signed, to_unsigned
 from st_bitembed.quantization.packing import pack_codes, unpack_codes
 
 try:
@@ -19,28 +21,9 @@ try:
 except ImportError:  # Python 3.10
     from typing_extensions import Self
 
-# Storage precisions and their bits per dimension. "uint8" is the int8 code shifted by 128 (sentence-transformers'
-# unsigned layout); "binary" / "ubinary" are the sign bits packed 8 per byte as by sentence_transformers'
-# quantize_embeddings (int8 = byte - 128, uint8 = byte).
-PRECISIONS: dict[str, int] = {
-    "float32": 32,
-    "float16": 16,
-    "bfloat16": 16,
-    "int8": 8,
-    "uint8": 8,
-    "int4": 4,
-    "int2": 2,
-    "binary": 1,
-    "ubinary": 1,
-}
-FLOAT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-INTEGER_BITS: dict[str, int] = {"int8": 8, "int4": 4, "int2": 2}
 INT8_RANGES_FILE = "int8_ranges.npy"
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; valid precisions are {', '.join(PRECISIONS)}.")
+# What a head saved before its config listed its precisions holds.
+UNLISTED_PRECISIONS = ("int8", "int4", "int2")
 
 
 @lru_cache
@@ -94,34 +77,45 @@ class Quantize(Module):
             reconstructed = head.dequantize(codes, "int4")
     """
 
-    config_keys: list[str] = ["embedding_dimension"]
+    config_keys: list[str] = ["embedding_dimension", "precisions"]
 
-    def __init__(self, embedding_dimension: int) -> None:
+    def __init__(self, embedding_dimension: int, precisions: Sequence[str] = INTEGER_PRECISIONS) -> None:
         super().__init__()
+        records = [get_precision(p) for p in precisions]
+        if not records or any(not p.is_integer or p.unsigned for p in records):
+            raise ValueError(
+                f"A Quantize head holds ranges for signed integer precisions ({', '.join(INTEGER_PRECISIONS)}), "
+                f"got {list(precisions)}."
+            )
         self.embedding_dimension = embedding_dimension
+        self.precisions = [p.name for p in records]
         self.log_half_ranges = nn.ParameterDict(
             {
-                precision: nn.Parameter(
+                p.name: nn.Parameter(
                     torch.full(
                         (embedding_dimension,),
-                        math.log(gaussian_optimal_half_range(bits)) - 0.5 * math.log(embedding_dimension),
+                        math.log(gaussian_optimal_half_range(p.bits)) - 0.5 * math.log(embedding_dimension),
                     )
                 )
-                for precision, bits in INTEGER_BITS.items()
+                for p in records
             }
         )
 
     @property
     def device(self) -> torch.device:
-        return self.log_half_ranges["int8"].device
+        return next(iter(self.log_half_ranges.values())).device
 
-    def step(self, precision: str, dimension: int | None = None) -> torch.Tensor:
+    def step(self, precision: PrecisionName | Precision, dimension: int | None = None) -> torch.Tensor:
         """Quantization step per dimension of an integer precision (for the first ``dimension`` dimensions)."""
-        half_range = self.log_half_ranges[precision][: dimension or self.embedding_dimension].exp()
-        return half_range / 2 ** (INTEGER_BITS[precision] - 1)
-
-    def _integer_precision(self, precision: str) -> str:
-        return "int8" if precision == "uint8" else precision
+        precision = get_precision(precision)
+        name = precision.code_precision
+        if name not in self.log_half_ranges:
+            raise ValueError(
+                f"This Quantize head has no range for {name} (it holds {', '.join(self.precisions)}): it was saved "
+                f"before {name} existed or without it. Calibrate a new head with Quantize(dim).calibrate(embeddings)."
+            )
+        half_range = self.log_half_ranges[name][: dimension or self.embedding_dimension].exp()
+        return half_range / 2 ** (precision.bits - 1)
 
     def _check_dimension(self, embeddings: torch.Tensor) -> int:
         dimension = embeddings.shape[-1]
@@ -131,65 +125,61 @@ class Quantize(Module):
             )
         return dimension
 
-    def fake_quantize(self, embeddings: torch.Tensor, precision: str) -> torch.Tensor:
+    def fake_quantize(self, embeddings: torch.Tensor, precision: PrecisionName | Precision) -> torch.Tensor:
         """Differentiable quantize-dequantize: forward gives exactly ``dequantize(quantize(x))``, backward passes
         gradients straight through the rounding to the embeddings and to the per-dimension steps."""
-        check_precision(precision)
+        precision = get_precision(precision)
         dimension = self._check_dimension(embeddings)
-        if precision in FLOAT_DTYPES:
-            rounded = embeddings.to(FLOAT_DTYPES[precision]).to(embeddings.dtype)
+        if precision.is_float:
+            rounded = embeddings.to(precision.dtype).to(embeddings.dtype)
             return embeddings + (rounded - embeddings).detach()
-        if PRECISIONS[precision] == 1:
+        if precision.is_binary:
             signs = torch.where(embeddings > 0, 1.0, -1.0).to(embeddings.dtype) / math.sqrt(dimension)
             return embeddings + (signs - embeddings).detach()
-        precision = self._integer_precision(precision)
-        bits, step = INTEGER_BITS[precision], self.step(precision, dimension)
+        bits, step = precision.bits, self.step(precision, dimension)
         scaled = embeddings / step
         floored = scaled + (torch.floor(scaled) - scaled).detach()
         return (floored.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) + 0.5) * step
 
     @torch.no_grad()
-    def quantize(self, embeddings: torch.Tensor, precision: str, pack: bool = False) -> torch.Tensor:
+    def quantize(
+        self, embeddings: torch.Tensor, precision: PrecisionName | Precision, pack: bool = False
+    ) -> torch.Tensor:
         """Storage codes of ``embeddings`` (``[..., dim]``).
 
         Returns float tensors for float precisions; int8 codes for int8 / int4 / int2 (uint8 for uint8), or with
         ``pack=True`` uint8 bytes holding 2 (int4) or 4 (int2) codes; binary / ubinary always packed 8 per byte.
         """
-        check_precision(precision)
+        precision = get_precision(precision)
         dimension = self._check_dimension(embeddings)
-        if precision in FLOAT_DTYPES:
-            return embeddings.to(FLOAT_DTYPES[precision])
-        if PRECISIONS[precision] == 1:
-            packed = pack_codes((embeddings > 0).to(torch.int8), bits=1)
-            return packed if precision == "ubinary" else (packed.to(torch.int16) - 128).to(torch.int8)
-        integer_precision = self._integer_precision(precision)
-        bits = INTEGER_BITS[integer_precision]
-        codes = _codes(embeddings.float(), self.step(integer_precision, dimension), bits).to(torch.int8)
-        if precision == "uint8":
-            return (codes.to(torch.int16) + 128).to(torch.uint8)
-        return pack_codes(codes, bits) if pack and bits < 8 else codes
+        if precision.is_float:
+            return embeddings.to(precision.dtype)
+        if precision.is_binary:
+            codes = to_signed(pack_codes((embeddings > 0).to(torch.int8), bits=1))
+        else:
+            codes = _codes(embeddings.float(), self.step(precision, dimension), precision.bits).to(torch.int8)
+            if pack and precision.bits < 8:
+                return pack_codes(codes, precision.bits)
+        return to_unsigned(codes) if precision.unsigned else codes
 
     @torch.no_grad()
-    def dequantize(self, codes: torch.Tensor, precision: str, dimension: int | None = None) -> torch.Tensor:
+    def dequantize(
+        self, codes: torch.Tensor, precision: PrecisionName | Precision, dimension: int | None = None
+    ) -> torch.Tensor:
         """Float32 embeddings that ``codes`` stand for. Packed codes (binary, or int4 / int2 given as uint8 bytes)
         need ``dimension`` unless it is the head's full dimension."""
-        check_precision(precision)
+        precision = get_precision(precision)
         dimension = dimension or self.embedding_dimension
-        if precision in FLOAT_DTYPES:
+        if precision.is_float:
             return codes.float()
-        if PRECISIONS[precision] == 1:
-            packed = (
-                codes.view(torch.uint8) if precision == "ubinary" else (codes.to(torch.int16) + 128).to(torch.uint8)
-            )
-            bits = unpack_codes(packed, bits=1, dimension=dimension)
+        if precision.unsigned:
+            codes = to_signed(codes)
+        if precision.is_binary:
+            bits = unpack_codes(to_unsigned(codes), bits=1, dimension=dimension)
             return (bits.float() * 2 - 1) / math.sqrt(dimension)
-        integer_precision = self._integer_precision(precision)
-        bits = INTEGER_BITS[integer_precision]
-        if precision == "uint8":
-            codes = (codes.to(torch.int16) - 128).to(torch.int8)
-        elif codes.dtype == torch.uint8:  # packed int4 / int2
-            codes = unpack_codes(codes, bits, dimension)
-        return (codes.float() + 0.5) * self.step(integer_precision, codes.shape[-1])
+        if codes.dtype == torch.uint8:  # packed int4 / int2
+            codes = unpack_codes(codes, precision.bits, dimension)
+        return (codes.float() + 0.5) * self.step(precision, codes.shape[-1])
 
     @torch.no_grad()
     def calibrate(self, embeddings: torch.Tensor, candidates: int = 64) -> None:
@@ -198,7 +188,8 @@ class Quantize(Module):
         embeddings = embeddings.float().to(self.device)
         root_mean_square = embeddings.pow(2).mean(dim=0).sqrt().clamp(min=1e-8)
         multiples = torch.linspace(0.25, 8.0, candidates, device=embeddings.device)
-        for precision, bits in INTEGER_BITS.items():
+        for name in self.precisions:
+            bits = get_precision(name).bits
             errors = torch.stack(
                 [
                     (embeddings - _midrise(embeddings, multiple * root_mean_square / 2 ** (bits - 1), bits))
@@ -208,7 +199,7 @@ class Quantize(Module):
                 ]
             )
             best = multiples[errors.argmin(dim=0)] * root_mean_square
-            self.log_half_ranges[precision].copy_(best.log()[: self.embedding_dimension])
+            self.log_half_ranges[name].copy_(best.log()[: self.embedding_dimension])
 
     def int8_ranges(self) -> torch.Tensor:
         """``[2, dim]`` per-dimension (min, max) for sentence-transformers' ``quantize_embeddings(embeddings, "int8",
@@ -217,13 +208,15 @@ class Quantize(Module):
         step = self.step("int8").detach().float()
         return torch.stack([-128 * step, 127 * step])  # its step (max - min) / 255 is then exactly ours
 
-    def bytes_per_vector(self, precision: str, dimension: int | None = None) -> int:
+    def bytes_per_vector(self, precision: PrecisionName | Precision, dimension: int | None = None) -> int:
         """Storage of one embedding at ``precision``, in bytes (packed for sub-byte precisions)."""
-        check_precision(precision)
-        return math.ceil((dimension or self.embedding_dimension) * PRECISIONS[precision] / 8)
+        return get_precision(precision).bytes_per_vector(dimension or self.embedding_dimension)
 
-    def forward(self, features: dict[str, Any], precision: str = "int8", **kwargs: Any) -> dict[str, Any]:
-        """Replace ``features["sentence_embedding"]`` by its differentiable quantize-dequantize at ``precision``."""
+    def forward(
+        self, features: dict[str, Any], precision: PrecisionName | Precision = "int8", **kwargs: Any
+    ) -> dict[str, Any]:
+        """Replace ``features["sentence_embedding"]`` by its differentiable quantize-dequantize at ``precision`` (the
+        Module contract; BitEmbed itself calls :meth:`quantize` and :meth:`fake_quantize`)."""
         features["sentence_embedding"] = self.fake_quantize(features["sentence_embedding"], precision)
         return features
 
@@ -252,5 +245,6 @@ class Quantize(Module):
             "local_files_only": local_files_only,
         }
         config = cls.load_config(model_name_or_path=model_name_or_path, **hub_kwargs)
+        config.setdefault("precisions", UNLISTED_PRECISIONS)
         head = cls(**{key: value for key, value in config.items() if key in cls.config_keys})
         return cls.load_torch_weights(model_name_or_path=model_name_or_path, model=head, **hub_kwargs)

@@ -114,8 +114,10 @@ def test_multi_precision_serves_copies_and_leaves_the_embeddings_alone(converted
     terms = loss.compute_terms(embeddings, None)
     assert all(torch.equal(e, o) for e, o in zip(embeddings, originals))
     assert len({round(t.item(), 6) for t in terms.values()}) == 3  # each precision really scores different vectors
-    with pytest.raises(ValueError, match="Unknown or no precisions"):
+    with pytest.raises(ValueError, match="Unknown precision 'int3'"):
         MultiPrecisionLoss(converted_qwen3, InfoNCELoss(converted_qwen3), precisions=["int3"])
+    with pytest.raises(ValueError, match="No precisions to train"):
+        MultiPrecisionLoss(converted_qwen3, InfoNCELoss(converted_qwen3), precisions=[])
 
 
 def test_non_finite_loss_is_named(converted_qwen3):
