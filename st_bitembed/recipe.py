@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from st_bitembed.losses.bitembed import RENAMED_WEIGHTS, BitEmbedLoss, renamed
 from st_bitembed.precisions import DEFAULT_PRECISIONS
 
 RECIPE_PACKAGE = "st_bitembed.recipes"
@@ -44,12 +45,12 @@ class DatasetSpec:
 
 @dataclass
 class LossSpec:
-    """Weights and temperatures of :class:`~st_bitembed.losses.BitEmbedLoss`."""
+    """Weights and options of :class:`~st_bitembed.losses.BitEmbedLoss`: its keyword arguments, with its defaults."""
 
     infonce: float = 1.0
-    alpha: float = 0.0
-    beta: float = 0.0
-    gamma: float = 0.0
+    similarity_kl: float = 0.0
+    attention_relation: float = 0.0
+    embedding_distill: float = 0.0
     temperature: float = 0.05
     symmetric: bool = False
     student_temperature: float = 0.05
@@ -191,14 +192,16 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     Raises:
         RecipeError: with the path of the first wrong key.
     """
+    for stage_name in ("pretrain", "finetune"):
+        _rename_loss_weights(data.get(stage_name), f"{source}.{stage_name}.loss")
     recipe = _build(Recipe, data, source)
     for stage_name in ("pretrain", "finetune"):
         stage = getattr(recipe, stage_name)
         if stage is None:
             continue
-        loss = stage.loss
-        # In-batch contrast and the similarity KL rank documents against queries: they need pairs.
-        least_columns = 2 if loss.infonce > 0 or loss.alpha > 0 else 1
+        weights = dataclasses.asdict(stage.loss)
+        needs = BitEmbedLoss.needs(weights)
+        least_columns = 2 if needs.pairs else 1
         if stage.dataset == []:
             raise RecipeError(f"{source}.{stage_name}.dataset: an empty list; name at least one dataset.")
         for where, spec in stage_datasets(stage, f"{source}.{stage_name}.dataset"):
@@ -207,18 +210,34 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
             if (spec.name is None) == (spec.path is None):
                 raise RecipeError(f"{where}: give exactly one of name (Hub) or path (local file).")
             if len(spec.columns) < least_columns:
+                pairs = [name for name in BitEmbedLoss.active_terms(weights) if BitEmbedLoss.TERMS[name].needs.pairs]
                 raise RecipeError(
-                    f"{where}.columns: name the (query, positive[, negatives]) columns (one text column is enough "
-                    "only for distillation alone: infonce: 0 and alpha: 0)."
+                    f"{where}.columns: name the (query, positive[, negatives]) columns: {', '.join(pairs)} rank "
+                    "queries against documents (one text column is enough for the other terms alone)."
                 )
-        teacher_terms = [name for name in ("alpha", "beta", "gamma", "hidden_states") if getattr(loss, name) > 0]
+        if not BitEmbedLoss.active_terms(weights):
+            raise RecipeError(f"{source}.{stage_name}.loss: every weight is 0; turn at least one loss term on.")
+        teacher_terms = [name for name in BitEmbedLoss.active_terms(weights) if BitEmbedLoss.TERMS[name].needs.teacher]
         if teacher_terms and recipe.teacher is None:
             raise RecipeError(f"{source}.{stage_name}.loss: {', '.join(teacher_terms)} > 0 needs a top-level teacher.")
-        if not teacher_terms and loss.infonce <= 0:
-            raise RecipeError(f"{source}.{stage_name}.loss: every weight is 0; turn at least one loss term on.")
     if recipe.evaluation is not None and not recipe.evaluation.tasks and recipe.evaluation.benchmark is None:
         raise RecipeError(f"{source}.evaluation: give tasks or a benchmark.")
     return recipe
+
+
+def _rename_loss_weights(stage: Any, where: str) -> None:
+    """Move a stage's loss weights given under their names before 0.2 (alpha, beta, gamma) to today's, warning."""
+    loss = stage.get("loss") if isinstance(stage, dict) else None
+    if not isinstance(loss, dict):
+        return
+    old = {key: loss[key] for key in RENAMED_WEIGHTS if key in loss}
+    both = [f"{key} and {RENAMED_WEIGHTS[key]}" for key in old if RENAMED_WEIGHTS[key] in loss]
+    if both:
+        raise RecipeError(f"{where}: {', '.join(both)} are the same weight (old and new name); keep only the new one.")
+    for key, value in renamed(old, where).items():
+        loss[key] = value
+    for key in old:
+        del loss[key]
 
 
 def stage_datasets(stage: StageSpec, where: str) -> list[tuple[str, DatasetSpec]]:

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from st_bitembed.evaluation import EvaluationReport, evaluate_precisions
 from st_bitembed.hub import check_model_source, resolve_model
 from st_bitembed.losses import BitEmbedLoss
+from st_bitembed.losses.teacher import same_tokenizer
 from st_bitembed.model import BitEmbed
 from st_bitembed.quantization.calibration import calibrate_inserted_norms
 from st_bitembed.recipe import DatasetSpec, Recipe, RecipeError, StageSpec, stage_datasets
@@ -103,9 +104,10 @@ def preflight(recipe: Recipe) -> dict[str, Any]:
         if stage is not None:
             where = f"{recipe.name}.{stage_name}.dataset"
             datasets[stage_name] = [load_columns(spec, path) for path, spec in stage_datasets(stage, where)]
-            for name in ("beta", "hidden_states"):
-                if getattr(stage.loss, name) > 0:
-                    _check_same_tokenizer(recipe, stage_name, name)
+            weights = asdict(stage.loss)
+            token_terms = [n for n in BitEmbedLoss.active_terms(weights) if BitEmbedLoss.TERMS[n].needs.same_tokenizer]
+            if token_terms:
+                _check_same_tokenizer(recipe, stage_name, token_terms)
     if recipe.calibration is not None:
         datasets["calibration"] = load_columns(recipe.calibration.dataset, f"{recipe.name}.calibration.dataset")
     return datasets
@@ -129,16 +131,16 @@ def _check_not_evaluation_data(recipe: Recipe) -> None:
             )
 
 
-def _check_same_tokenizer(recipe: Recipe, stage_name: str, term: str) -> None:
+def _check_same_tokenizer(recipe: Recipe, stage_name: str, terms: list[str]) -> None:
     student = AutoTokenizer.from_pretrained(resolve_model(recipe.backbone.name))
     teacher = AutoTokenizer.from_pretrained(resolve_model(recipe.teacher))
-    # Vocabularies, not token ids: the raw backbone does not append the EOS that the student's tokenizer will.
-    if student.get_vocab() != teacher.get_vocab():
+    if not same_tokenizer(student, teacher):
+        names = ", ".join(terms)
         raise RecipeError(
-            f"{recipe.name}.{stage_name}.loss.{term} > 0 (token-level distillation) needs teacher and student "
+            f"{recipe.name}.{stage_name}.loss.{names} > 0 (token-level distillation) needs teacher and student "
             f"to share a tokenizer: the backbone {recipe.backbone.name} uses {type(student).__name__} "
             f"({len(student)} tokens), the teacher {recipe.teacher} uses {type(teacher).__name__} ({len(teacher)} "
-            f"tokens). Set {term}: 0 or use a teacher with the backbone's tokenizer."
+            f"tokens). Set {names} to 0 or use a teacher with the backbone's tokenizer."
         )
 
 
@@ -225,10 +227,11 @@ def train_stage(
 
     The teacher's embeddings of the stage's texts are saved in ``output_dir`` (:data:`TEACHER_EMBEDDINGS_FILE`);
     with ``resume`` they are read from there when they match these texts and ``teacher_name``."""
-    loss_spec = stage.loss
+    options = asdict(stage.loss)
+    needs = BitEmbedLoss.needs(options)
     # Hidden-state distillation runs the teacher on every batch anyway, and those passes give the pooled targets too:
     # encoding the whole dataset beforehand would only add the cost of the texts the stage never reaches.
-    needs_teacher_embeddings = (loss_spec.alpha > 0 or loss_spec.gamma > 0) and loss_spec.hidden_states == 0
+    needs_teacher_embeddings = needs.teacher and options["hidden_states"] == 0
     processes = running_processes()
     if needs_teacher_embeddings and stage.precompute_teacher_embeddings:
         cache_file = output_dir / TEACHER_EMBEDDINGS_FILE
@@ -241,17 +244,13 @@ def train_stage(
                 teacher_name,
                 reuse=resume or not processes.is_main_process,
             )
-    in_loss_teacher = (
-        loss_spec.beta > 0
-        or loss_spec.hidden_states > 0
-        or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings)
-    )
+    in_loss_teacher = needs.teacher_in_loss or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings)
     # LossSpec's fields are BitEmbedLoss's keyword arguments, by design.
     loss = BitEmbedLoss(
         model,
         teacher=teacher if in_loss_teacher else None,
         gather_across_devices=stage.training.gather_across_devices,
-        **asdict(loss_spec),
+        **options,
     )
     spec = stage.training
     if spec.freeze_embeddings:
@@ -318,20 +317,7 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
 
 
 def describe_stage(name: str, stage: StageSpec, teacher: str | None) -> dict[str, str]:
-    loss = stage.loss
-    weight = "" if loss.infonce == 1 else f"{loss.infonce} x "
-    terms = [f"{weight}InfoNCE at {'/'.join(loss.precisions)} (temperature {loss.temperature})"] * (loss.infonce > 0)
-    if loss.alpha:
-        terms.append(f"{loss.alpha} x similarity-distribution KL from {teacher}")
-    if loss.beta:
-        terms.append(
-            f"{loss.beta} x attention-relation distillation (layer {loss.teacher_layer} -> {loss.student_layer})"
-        )
-    if loss.gamma:
-        terms.append(f"{loss.gamma} x embedding distillation (cosine) from {teacher}")
-    if loss.hidden_states:
-        layers = "all blocks" if loss.hidden_state_layers is None else f"blocks {loss.hidden_state_layers}"
-        terms.append(f"{loss.hidden_states} x token-level hidden-state distillation ({layers}) from {teacher}")
+    terms = BitEmbedLoss.describe(asdict(stage.loss), teacher)
     data = " + ".join(
         f"{spec.name or Path(spec.path).name} ({', '.join(spec.columns)})" for _, spec in stage_datasets(stage, "")
     )

@@ -33,7 +33,7 @@ def tiny_recipe(backbone, teacher, output_dir, **overrides) -> dict:
                 "columns": ["anchor", "positive"],
                 "max_rows": 64,
             },
-            "loss": {"alpha": 1.0, "gamma": 1.0, "precisions": ["float32", "int4", "binary"]},
+            "loss": {"similarity_kl": 1.0, "embedding_distill": 1.0, "precisions": ["float32", "int4", "binary"]},
             "training": {
                 "max_steps": 2,
                 "batch_size": 8,
@@ -50,7 +50,12 @@ def tiny_recipe(backbone, teacher, output_dir, **overrides) -> dict:
                 "columns": ["anchor", "positive", "negative"],
                 "max_rows": 64,
             },
-            "loss": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "precisions": ["float32", "int4", "binary"]},
+            "loss": {
+                "similarity_kl": 1.0,
+                "attention_relation": 1.0,
+                "embedding_distill": 1.0,
+                "precisions": ["float32", "int4", "binary"],
+            },
             "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 2},
         },
         "evaluation": {"tasks": ["STS13"], "precisions": ["float32", "int4", "binary"]},
@@ -78,9 +83,15 @@ def test_builtin_recipes_are_valid():
     [
         (lambda r: r["finetune"]["training"].update(lr=1e-3), r"tiny\.finetune\.training: unknown key\(s\) \['lr'\]"),
         (lambda r: r.update(teachr="x"), r"tiny: unknown key\(s\) \['teachr'\]"),
-        (lambda r: r["pretrain"]["loss"].update(alpha="big"), r"tiny\.pretrain\.loss\.alpha: expected float"),
+        (
+            lambda r: r["pretrain"]["loss"].update(similarity_kl="big"),
+            r"tiny\.pretrain\.loss\.similarity_kl: expected float",
+        ),
         (lambda r: r["pretrain"].pop("dataset"), r"tiny\.pretrain: missing required key\(s\) \['dataset'\]"),
-        (lambda r: r.pop("teacher"), r"tiny\.pretrain\.loss: alpha, gamma > 0 needs a top-level teacher"),
+        (
+            lambda r: r.pop("teacher"),
+            r"tiny\.pretrain\.loss: similarity_kl, embedding_distill > 0 needs a top-level teacher",
+        ),
         (lambda r: r["finetune"].update(dataset=[]), r"tiny\.finetune\.dataset: an empty list"),
         (
             lambda r: r["finetune"].update(dataset=[r["finetune"]["dataset"], {"path": "x.jsonl", "colums": ["a"]}]),
@@ -91,7 +102,7 @@ def test_builtin_recipes_are_valid():
             r"tiny\.pretrain\.dataset\.columns: name the \(query, positive",
         ),
         (
-            lambda r: r["pretrain"]["loss"].update(infonce=0.0, alpha=0.0, gamma=0.0),
+            lambda r: r["pretrain"]["loss"].update(infonce=0.0, similarity_kl=0.0, embedding_distill=0.0),
             r"tiny\.pretrain\.loss: every weight is 0",
         ),
     ],
@@ -107,7 +118,12 @@ def test_several_datasets_and_a_single_column_of_passages_for_distillation_alone
     recipe = tiny_recipe("backbone", "teacher", tmp_path)
     passages = {"path": "passages.jsonl", "columns": ["text"]}
     recipe["finetune"]["dataset"] = [recipe["finetune"]["dataset"], passages]
-    recipe["finetune"]["loss"] = {"infonce": 0.0, "gamma": 1.0, "hidden_states": 1.0, "hidden_state_layers": [-1]}
+    recipe["finetune"]["loss"] = {
+        "infonce": 0.0,
+        "embedding_distill": 1.0,
+        "hidden_states": 1.0,
+        "hidden_state_layers": [-1],
+    }
     stage = parse_recipe(recipe, "tiny").finetune
     assert [spec.columns for spec in stage.dataset] == [["anchor", "positive", "negative"], ["text"]]
     assert stage.loss.hidden_state_layers == [-1]
@@ -171,7 +187,12 @@ def test_a_stage_mixes_datasets_and_distills_hidden_states_with_the_in_loss_teac
     recipe = tiny_recipe(qwen3_dir, teacher_dir, tmp_path / "run", pretrain=None, evaluation=None)
     finetune = recipe["finetune"]
     finetune["dataset"] = [finetune["dataset"], {"path": str(passages), "columns": ["title", "text"]}]
-    finetune["loss"] = {"alpha": 1.0, "gamma": 1.0, "hidden_states": 1.0, "precisions": ["float32", "binary"]}
+    finetune["loss"] = {
+        "similarity_kl": 1.0,
+        "embedding_distill": 1.0,
+        "hidden_states": 1.0,
+        "precisions": ["float32", "binary"],
+    }
     finetune["training"].update(max_steps=3, max_seq_length=12, save_steps=10)
     model, report = run_recipe(parse_recipe(recipe, "tiny"))
     assert report is None
@@ -199,7 +220,9 @@ def test_missing_dataset_column_is_named_before_training(qwen3_dir, teacher_dir,
 
 def test_attention_distillation_with_another_tokenizer_fails_before_training(qwen3_dir, minilm_dir, tmp_path):
     recipe = parse_recipe(tiny_recipe(qwen3_dir, minilm_dir, tmp_path), "tiny")
-    with pytest.raises(RecipeError, match=r"finetune\.loss\.beta > 0 .* uses Qwen2Tokenizer .* uses BertTokenizer"):
+    with pytest.raises(
+        RecipeError, match=r"finetune\.loss\.attention_relation > 0 .* uses Qwen2Tokenizer .* uses BertTokenizer"
+    ):
         run_recipe(recipe)
     assert not (tmp_path / "converted").exists()
 
@@ -317,3 +340,14 @@ def test_train_runs_data_parallel_under_torchrun(qwen3_dir, teacher_dir, tmp_pat
     assert history[-1]["epoch"] == pytest.approx(1.0)
     assert BitEmbed(str(run / "model")).encode(["a text"]).shape == (1, 64)
     assert not list(run.glob(".*.partial-*")) and not list((run / "finetune").glob(".*.partial-*"))
+
+
+def test_loss_weights_named_before_0_2_are_read_with_a_warning(tmp_path):
+    recipe = tiny_recipe("backbone", "teacher", tmp_path)
+    recipe["finetune"]["loss"] = {"alpha": 0.5, "beta": 2.0, "gamma": 1.0}
+    with pytest.warns(FutureWarning, match=r"tiny\.finetune\.loss: 'beta' is now called 'attention_relation'"):
+        loss = parse_recipe(recipe, "tiny").finetune.loss
+    assert (loss.similarity_kl, loss.attention_relation, loss.embedding_distill) == (0.5, 2.0, 1.0)
+    recipe["finetune"]["loss"] = {"alpha": 0.5, "similarity_kl": 1.0}
+    with pytest.raises(RecipeError, match="alpha and similarity_kl are the same weight"):
+        parse_recipe(recipe, "tiny")

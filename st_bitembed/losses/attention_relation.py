@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from st_bitembed.losses.info_nce import BITEMBED_CITATION
 from st_bitembed.losses.teacher import describe_tokenizer, freeze, same_tokenizer
+from st_bitembed.losses.term import TermNeeds
 from st_bitembed.quantization.convert import find_transformer_blocks
 
 RELATIONS: tuple[str, ...] = ("query", "key", "value")
@@ -143,6 +144,13 @@ class AttentionRelationLoss(nn.Module):
             loss = AttentionRelationLoss(model, teacher)
             SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss).train()
     """
+
+    needs: ClassVar[TermNeeds] = TermNeeds(teacher=True, teacher_in_loss=True, same_tokenizer=True)
+
+    @staticmethod
+    def describe(options: Mapping[str, Any], teacher: str | None) -> str:
+        layers = f"layer {options.get('teacher_layer', -1)} -> {options.get('student_layer', -1)}"
+        return f"attention-relation distillation ({layers}) from {teacher}"
 
     def __init__(
         self,

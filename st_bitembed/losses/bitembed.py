@@ -3,21 +3,25 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
+import operator
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, ClassVar
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.merged_forward import column_merging_disabled, embed_columns
-from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 from torch import Tensor, nn
 
 from st_bitembed.losses.attention_relation import AttentionRelationLoss, capture_outputs
+from st_bitembed.losses.embedding_distill import EmbeddingDistillLoss
 from st_bitembed.losses.hidden_state import HiddenStateDistillLoss
 from st_bitembed.losses.info_nce import BITEMBED_CITATION, InfoNCELoss
 from st_bitembed.losses.multi_precision import MultiPrecisionLoss
 from st_bitembed.losses.similarity_kl import SimilarityKLLoss
+from st_bitembed.losses.term import LossTerm, TermNeeds
 from st_bitembed.precisions import DEFAULT_PRECISIONS, PrecisionName
 
 # Merged columns are padded to the longest column: with short queries beside long passages, most merged tokens would
@@ -33,26 +37,28 @@ def mergeable(sentence_features: list[dict[str, Tensor]]) -> bool:
 
 
 class BitEmbedLoss(nn.Module):
-    """``infonce * MultiPrecision(InfoNCE) + alpha * SimilarityKL + beta * AttentionRelation
-    [+ gamma * EmbeddingDistill + hidden_states * HiddenStateDistill]``, from one student forward.
+    """``infonce * MultiPrecision(InfoNCE) + similarity_kl * SimilarityKL + attention_relation * AttentionRelation
+    + embedding_distill * EmbeddingDistill + hidden_states * HiddenStateDistill``, from one student forward.
 
-    Returns a dict of terms (``infonce/<precision>``, ``similarity_kl``, ``attention_relation``,
-    ``embedding_distill``, ``hidden_states``), which
-    SentenceTransformerTrainer sums for the backward pass and logs one by one. Stage 1 (continual contrastive
-    pre-training) is ``alpha=0, beta=0`` (or ``alpha > 0`` with a teacher); stage 2 adds both distillation terms.
-    A non-finite term stops training with an error that names it.
+    Each weight turns its term on (> 0) or off (0); by default only the multi-precision InfoNCE is on, the
+    paper's stage 1 (continual contrastive pre-training); stage 2 adds ``similarity_kl`` and
+    ``attention_relation``. Returns a dict of terms (``infonce/<precision>`` and the other weights' names), which
+    SentenceTransformerTrainer sums for the backward pass and logs one by one. A non-finite term stops training with
+    an error that names it. What each term needs (pairs of texts, a teacher, the student's tokenizer) is declared
+    by its class (:data:`TERMS`, :meth:`needs`).
 
     Args:
         model: A :class:`~st_bitembed.BitEmbed` student.
-        teacher: Frozen full-precision teacher, run inside the loss. Any tokenizer for the KL term; the attention
-            term needs the student's tokenizer. None: KL reads precomputed teacher embeddings from the labels.
-        alpha: Weight of the similarity-distribution KL term (0 turns it off).
-        beta: Weight of the attention-relation term (0 turns it off; needs ``teacher``).
-        gamma: Weight of direct embedding distillation, ``1 - cos(student, teacher)`` per text (sentence-transformers'
-            EmbedDistillLoss; needs equal embedding dimensions). Not in the paper's objective; off by default. It
-            speeds up recovery a lot when the teacher is the backbone's own full-precision model.
-        infonce: Weight of the multi-precision InfoNCE terms (0 turns contrastive learning off: distillation only,
-            which also trains on a single column of unlabeled texts).
+        teacher: Frozen full-precision teacher, run inside the loss. Any tokenizer for the KL and embedding terms;
+            the attention-relation and hidden-state terms need the student's tokenizer. None: the KL and embedding
+            terms read precomputed teacher embeddings from the labels.
+        infonce: Weight of the multi-precision InfoNCE terms (0: distillation only, which also trains on a single
+            column of unlabeled texts).
+        similarity_kl: Weight of the similarity-distribution KL term (:class:`SimilarityKLLoss`).
+        attention_relation: Weight of the attention-relation term (:class:`AttentionRelationLoss`; needs
+            ``teacher``).
+        embedding_distill: Weight of direct embedding distillation, ``1 - cos(student, teacher)`` per text
+            (:class:`EmbeddingDistillLoss`; needs equal embedding dimensions).
         hidden_states: Weight of token-level hidden-state distillation (:class:`HiddenStateDistillLoss`; needs
             ``teacher`` with the student's tokenizer and hidden size); ``hidden_state_layers`` its student blocks
             (all by default).
@@ -61,6 +67,8 @@ class BitEmbedLoss(nn.Module):
             ``gather_across_devices`` shares in-batch negatives across DDP processes.
         student_temperature, teacher_temperature: Temperatures of the KL term.
         teacher_layer, student_layer, relation_heads: Of the attention-relation term.
+        renamed_weights: ``alpha`` / ``beta`` / ``gamma``, the names of ``similarity_kl`` / ``attention_relation``
+            / ``embedding_distill`` before 0.2: still accepted, with a FutureWarning.
 
     References:
         - BitNet Text Embeddings: https://arxiv.org/abs/2606.25674
@@ -71,6 +79,8 @@ class BitEmbedLoss(nn.Module):
         | Texts                                         | Labels                                                |
         +===============================================+=======================================================+
         | (query, positive, [negatives...])             | none, or teacher embeddings (batch, columns, dim)     |
+        +-----------------------------------------------+-------------------------------------------------------+
+        | (text,) with ``infonce=0`` and no KL          | none                                                  |
         +-----------------------------------------------+-------------------------------------------------------+
 
     Example:
@@ -87,17 +97,28 @@ class BitEmbedLoss(nn.Module):
                 "anchor": ["It's nice weather outside today.", "He drove to work."],
                 "positive": ["It's so sunny.", "He took the car to the office."],
             })
-            loss = BitEmbedLoss(model, teacher=teacher, alpha=1.0, beta=1.0)
+            loss = BitEmbedLoss(model, teacher=teacher, similarity_kl=1.0, attention_relation=1.0)
             SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss).train()
     """
+
+    # Each weight's keyword and the term it weighs.
+    TERMS: ClassVar[dict[str, type[LossTerm]]] = {
+        "infonce": InfoNCELoss,
+        "similarity_kl": SimilarityKLLoss,
+        "attention_relation": AttentionRelationLoss,
+        "embedding_distill": EmbeddingDistillLoss,
+        "hidden_states": HiddenStateDistillLoss,
+    }
 
     def __init__(
         self,
         model: SentenceTransformer,
         teacher: SentenceTransformer | None = None,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        gamma: float = 0.0,
+        infonce: float = 1.0,
+        similarity_kl: float = 0.0,
+        attention_relation: float = 0.0,
+        embedding_distill: float = 0.0,
+        hidden_states: float = 0.0,
         precisions: Sequence[PrecisionName] = DEFAULT_PRECISIONS,
         precision_weights: Sequence[float] | None = None,
         temperature: float = 0.05,
@@ -108,40 +129,70 @@ class BitEmbedLoss(nn.Module):
         teacher_layer: int = -1,
         student_layer: int = -1,
         relation_heads: int | None = None,
-        infonce: float = 1.0,
-        hidden_states: float = 0.0,
         hidden_state_layers: Sequence[int] | None = None,
+        **renamed_weights: float,
     ) -> None:
         super().__init__()
-        weights = {"infonce": infonce, "alpha": alpha, "beta": beta, "gamma": gamma, "hidden_states": hidden_states}
+        weights = {
+            "infonce": infonce,
+            "similarity_kl": similarity_kl,
+            "attention_relation": attention_relation,
+            "embedding_distill": embedding_distill,
+            "hidden_states": hidden_states,
+        }
+        weights.update(renamed(renamed_weights, "BitEmbedLoss"))
         if min(weights.values()) < 0 or max(weights.values()) == 0:
             raise ValueError(f"Loss weights must be >= 0 and at least one > 0, got {weights}.")
-        for name in ("beta", "hidden_states"):
-            if weights[name] > 0 and teacher is None:
-                raise ValueError(f"{name} > 0 (token-level distillation) needs teacher=, a model run inside the loss.")
+        in_loss = [name for name in self.active_terms(weights) if self.TERMS[name].needs.teacher_in_loss]
+        if in_loss and teacher is None:
+            raise ValueError(
+                f"{', '.join(in_loss)} > 0 (token-level distillation) needs teacher=, run inside the loss."
+            )
         self.model = model
-        self.alpha, self.beta, self.gamma = alpha, beta, gamma
-        self.infonce, self.hidden_states = infonce, hidden_states
+        self.weights = weights
         self.contrastive = (
             MultiPrecisionLoss(
                 model, InfoNCELoss(model, temperature, symmetric, gather_across_devices), precisions, precision_weights
             )
-            if infonce > 0
+            if weights["infonce"] > 0
             else None
         )
         # Also the source of teacher embeddings (labels or in-loss teacher) for the embedding-distillation term.
         self.similarity_kl = (
             SimilarityKLLoss(model, teacher, student_temperature, teacher_temperature)
-            if alpha > 0 or gamma > 0
+            if weights["similarity_kl"] > 0 or weights["embedding_distill"] > 0
             else None
         )
-        self.embedding_distill = EmbedDistillLoss(model, distance_metric="cosine") if gamma > 0 else None
+        self.embedding_distill = (
+            EmbeddingDistillLoss(model, distance_metric="cosine") if weights["embedding_distill"] > 0 else None
+        )
         self.attention_relation = (
-            AttentionRelationLoss(model, teacher, teacher_layer, student_layer, relation_heads) if beta > 0 else None
+            AttentionRelationLoss(model, teacher, teacher_layer, student_layer, relation_heads)
+            if weights["attention_relation"] > 0
+            else None
         )
         self.hidden_state_distill = (
-            HiddenStateDistillLoss(model, teacher, hidden_state_layers) if hidden_states > 0 else None
+            HiddenStateDistillLoss(model, teacher, hidden_state_layers) if weights["hidden_states"] > 0 else None
         )
+
+    @classmethod
+    def active_terms(cls, weights: Mapping[str, float]) -> list[str]:
+        """The weights' names whose terms are on (weight > 0), in :data:`TERMS` order."""
+        return [name for name in cls.TERMS if weights.get(name, 0) > 0]
+
+    @classmethod
+    def needs(cls, weights: Mapping[str, float]) -> TermNeeds:
+        """What the terms switched on by ``weights`` need together."""
+        return functools.reduce(operator.or_, (cls.TERMS[n].needs for n in cls.active_terms(weights)), TermNeeds())
+
+    @classmethod
+    def describe(cls, options: Mapping[str, Any], teacher: str | None) -> list[str]:
+        """One line per active term (``options``: this class's keyword arguments), for the model card."""
+        lines = []
+        for name in cls.active_terms(options):
+            weight = "" if options[name] == 1 else f"{options[name]} x "
+            lines.append(weight + cls.TERMS[name].describe(options, teacher))
+        return lines
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
         sentence_features = list(sentence_features)
@@ -156,7 +207,7 @@ class BitEmbedLoss(nn.Module):
         terms = {}
         if self.contrastive is not None:
             contrastive = self.contrastive.compute_terms(embeddings, labels)
-            terms.update({f"infonce/{p}": self.infonce * t for p, t in contrastive.items()})
+            terms.update({f"infonce/{p}": self.weights["infonce"] * t for p, t in contrastive.items()})
 
         # When another term runs the same teacher on the same inputs, its anchor pass also yields the relations.
         shared_teacher = relation is not None and any(
@@ -166,25 +217,25 @@ class BitEmbedLoss(nn.Module):
             teacher_embeddings = None
             if hidden is not None:  # the first student forward, and so the first teacher pass, is the anchor column
                 distance, rows = hidden.compute_loss_from_forwards(student_forwards)
-                terms["hidden_states"] = self.hidden_states * distance
+                terms["hidden_states"] = self.weights["hidden_states"] * distance
                 if labels is None:  # the same teacher passes give the pooled targets: no second teacher run
                     teacher_embeddings = list(rows.split([len(e) for e in embeddings]))
             if self.similarity_kl is not None:
                 if teacher_embeddings is None:
                     teacher_embeddings = self.similarity_kl.teacher_embeddings(sentence_features, labels)
-                if self.alpha > 0:
+                if self.weights["similarity_kl"] > 0:
                     kl = self.similarity_kl.compute_loss_from_embeddings(embeddings, teacher_embeddings)
-                    terms["similarity_kl"] = self.alpha * kl
+                    terms["similarity_kl"] = self.weights["similarity_kl"] * kl
                 if self.embedding_distill is not None:
                     distill = self.embedding_distill.compute_loss_from_embeddings(embeddings, teacher_embeddings)
-                    terms["embedding_distill"] = self.gamma * distill
+                    terms["embedding_distill"] = self.weights["embedding_distill"] * distill
         if relation is not None:
             anchor = sentence_features[0]
             teacher_outputs = {name: outputs[0] for name, outputs in teacher_projections.items() if outputs}
             if len(teacher_outputs) != len(relation.relations):  # the KL term read precomputed labels instead
                 teacher_outputs = relation.teacher_projection_outputs(anchor)
             student_outputs = {name: outputs[0] for name, outputs in student_projections.items()}
-            terms["attention_relation"] = self.beta * relation.compute_loss_from_projections(
+            terms["attention_relation"] = self.weights["attention_relation"] * relation.compute_loss_from_projections(
                 student_outputs, teacher_outputs, anchor
             )
         for name, value in terms.items():
@@ -196,18 +247,40 @@ class BitEmbedLoss(nn.Module):
         return terms
 
     def get_config_dict(self) -> dict[str, Any]:
+        terms = {
+            "infonce": self.contrastive,
+            "similarity_kl": self.similarity_kl,
+            "attention_relation": self.attention_relation,
+            "hidden_states": self.hidden_state_distill,
+        }
         return {
-            "infonce": self.infonce,
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "gamma": self.gamma,
-            "hidden_states": self.hidden_states,
-            "contrastive": self.contrastive.get_config_dict() if self.contrastive else None,
-            "hidden_state_distill": self.hidden_state_distill.get_config_dict() if self.hidden_state_distill else None,
-            "similarity_kl": self.similarity_kl.get_config_dict() if self.similarity_kl else None,
-            "attention_relation": self.attention_relation.get_config_dict() if self.attention_relation else None,
+            "weights": dict(self.weights),
+            "terms": {name: term.get_config_dict() for name, term in terms.items() if term is not None},
         }
 
     @property
     def citation(self) -> str:
         return BITEMBED_CITATION
+
+
+# Weight keywords before 0.2 and their names since; accepted (with a warning) in code and in recipes for one release.
+RENAMED_WEIGHTS = {"alpha": "similarity_kl", "beta": "attention_relation", "gamma": "embedding_distill"}
+
+
+def renamed(weights: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``weights`` given under their names before 0.2 (``alpha``, ``beta``, ``gamma``), under today's names.
+
+    Raises:
+        TypeError: a keyword that is neither a weight's old name nor one of today's.
+    """
+    unknown = sorted(set(weights) - set(RENAMED_WEIGHTS))
+    if unknown:
+        raise TypeError(f"{where}: unknown keyword(s) {unknown}; the weights are {list(BitEmbedLoss.TERMS)}.")
+    for old, new in RENAMED_WEIGHTS.items():
+        if old in weights:
+            warnings.warn(
+                f"{where}: {old!r} is now called {new!r} (it says what it weighs); {old!r} will stop working in 0.3.",
+                FutureWarning,
+                stacklevel=3,
+            )
+    return {RENAMED_WEIGHTS[old]: value for old, value in weights.items()}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from st_bitembed.losses.attention_relation import capture_outputs, transformer_blocks, unwrapped
 from st_bitembed.losses.info_nce import BITEMBED_CITATION
 from st_bitembed.losses.teacher import describe_tokenizer, freeze, same_tokenizer
+from st_bitembed.losses.term import TermNeeds
 
 
 def aligned_teacher_layers(student_layers: Sequence[int], student_depth: int, teacher_depth: int) -> list[int]:
@@ -88,6 +89,14 @@ class HiddenStateDistillLoss(nn.Module):
             loss = HiddenStateDistillLoss(model, teacher)
             SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss).train()
     """
+
+    needs: ClassVar[TermNeeds] = TermNeeds(teacher=True, teacher_in_loss=True, same_tokenizer=True)
+
+    @staticmethod
+    def describe(options: Mapping[str, Any], teacher: str | None) -> str:
+        layers = options.get("hidden_state_layers")
+        blocks = "all blocks" if layers is None else f"blocks {list(layers)}"
+        return f"token-level hidden-state distillation ({blocks}) from {teacher}"
 
     def __init__(
         self, model: SentenceTransformer, teacher: SentenceTransformer, layers: Iterable[int] | None = None

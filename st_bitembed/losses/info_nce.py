@@ -3,10 +3,14 @@ temperature, with a symmetric option."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+from st_bitembed.losses.term import TermNeeds
+from st_bitembed.precisions import DEFAULT_PRECISIONS
 
 BITEMBED_CITATION = """
 @article{bitnet-text-embeddings,
@@ -64,6 +68,13 @@ class InfoNCELoss(MultipleNegativesRankingLoss):
             loss = InfoNCELoss(model, temperature=0.05, symmetric=True)
             SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss).train()
     """
+
+    needs: ClassVar[TermNeeds] = TermNeeds(pairs=True)
+
+    @staticmethod
+    def describe(options: Mapping[str, Any], teacher: str | None) -> str:
+        precisions = "/".join(options.get("precisions", DEFAULT_PRECISIONS))
+        return f"InfoNCE at {precisions} (temperature {options.get('temperature', 0.05)})"
 
     def __init__(
         self,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from st_bitembed.losses.info_nce import BITEMBED_CITATION
 from st_bitembed.losses.teacher import freeze, same_tokenizer, teacher_inputs
+from st_bitembed.losses.term import TermNeeds
 
 
 def similarity_log_distribution(embeddings: list[Tensor], temperature: float) -> Tensor:
@@ -70,6 +71,12 @@ class SimilarityKLLoss(nn.Module):
             loss = SimilarityKLLoss(model, teacher=teacher)
             SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss).train()
     """
+
+    needs: ClassVar[TermNeeds] = TermNeeds(pairs=True, teacher=True)
+
+    @staticmethod
+    def describe(options: Mapping[str, Any], teacher: str | None) -> str:
+        return f"similarity-distribution KL from {teacher}"
 
     def __init__(
         self,

@@ -22,9 +22,13 @@ def describe_tokenizer(model: SentenceTransformer) -> str:
 
 
 def same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> bool:
-    """Whether both tokenizers turn text into the same token ids (same vocabulary and the same ids for a probe)."""
+    """Whether both tokenizers turn text into the same token ids (same vocabulary and the same ids for a probe),
+    the condition for a teacher to read the student's token ids. Special tokens around a text are left out of the
+    probe: a converted decoder appends an EOS that its raw backbone's tokenizer does not, and the teacher reads the
+    student's ids, EOS included, either way."""
     probe = "BitEmbed: ternary weights, 8-bit activations - 1.58 bits!"
-    return student.get_vocab() == teacher.get_vocab() and student(probe)["input_ids"] == teacher(probe)["input_ids"]
+    ids = [tokenizer(probe, add_special_tokens=False)["input_ids"] for tokenizer in (student, teacher)]
+    return student.get_vocab() == teacher.get_vocab() and ids[0] == ids[1]
 
 
 def teacher_inputs(

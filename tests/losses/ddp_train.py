@@ -24,7 +24,9 @@ def main() -> None:
         candidates.append(documents.shape[0])
         return cos_sim(queries, documents)
 
-    loss = BitEmbedLoss(model, alpha=0.0, beta=0.0, gather_across_devices=True, precisions=["float32", "int4"])
+    loss = BitEmbedLoss(
+        model, similarity_kl=0.0, attention_relation=0.0, gather_across_devices=True, precisions=["float32", "int4"]
+    )
     loss.contrastive.loss.similarity_fct = recording_similarity
     dataset = Dataset.from_dict(
         {

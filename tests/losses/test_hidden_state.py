@@ -63,11 +63,18 @@ def test_bitembed_loss_reuses_the_hidden_state_teacher_passes_for_the_pooled_tar
     handle = qwen3_teacher.register_forward_hook(lambda *_: calls.append(1))
     try:
         with_hidden = BitEmbedLoss(
-            converted_qwen3, teacher=qwen3_teacher, alpha=1.0, beta=1.0, gamma=1.0, hidden_states=1.0
+            converted_qwen3,
+            teacher=qwen3_teacher,
+            similarity_kl=1.0,
+            attention_relation=1.0,
+            embedding_distill=1.0,
+            hidden_states=1.0,
         )(columns, None)
         passes = len(calls)
         calls.clear()
-        reference = BitEmbedLoss(converted_qwen3, teacher=qwen3_teacher, alpha=1.0, beta=1.0, gamma=1.0)(columns, None)
+        reference = BitEmbedLoss(
+            converted_qwen3, teacher=qwen3_teacher, similarity_kl=1.0, attention_relation=1.0, embedding_distill=1.0
+        )(columns, None)
     finally:
         handle.remove()
     # one teacher pass per student forward (query and document columns), none for the KL or the relations
@@ -78,13 +85,20 @@ def test_bitembed_loss_reuses_the_hidden_state_teacher_passes_for_the_pooled_tar
 
 
 def test_contrastive_weight_zero_leaves_distillation_only(converted_qwen3, qwen3_teacher):
-    loss = BitEmbedLoss(converted_qwen3, teacher=qwen3_teacher, infonce=0.0, alpha=0.0, beta=0.0, hidden_states=1.0)
+    loss = BitEmbedLoss(
+        converted_qwen3,
+        teacher=qwen3_teacher,
+        infonce=0.0,
+        similarity_kl=0.0,
+        attention_relation=0.0,
+        hidden_states=1.0,
+    )
     terms = loss([converted_qwen3.preprocess(DOCUMENTS)], None)  # one column of unlabeled passages
     assert set(terms) == {"hidden_states"}
     with pytest.raises(ValueError, match="at least one > 0"):
-        BitEmbedLoss(converted_qwen3, infonce=0.0, alpha=0.0, beta=0.0)
+        BitEmbedLoss(converted_qwen3, infonce=0.0, similarity_kl=0.0, attention_relation=0.0)
     with pytest.raises(ValueError, match="hidden_states > 0"):
-        BitEmbedLoss(converted_qwen3, hidden_states=1.0, beta=0.0)
+        BitEmbedLoss(converted_qwen3, hidden_states=1.0, attention_relation=0.0)
 
 
 def test_columns_of_very_different_lengths_are_not_merged():

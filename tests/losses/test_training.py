@@ -43,7 +43,7 @@ def train(model, teacher, output_dir: Path, max_steps: int, resume_from: str | N
         use_cpu=True,
         dataloader_drop_last=True,
     )
-    loss = BitEmbedLoss(model, teacher=teacher, alpha=1.0, beta=1.0)
+    loss = BitEmbedLoss(model, teacher=teacher, similarity_kl=1.0, attention_relation=1.0)
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict(PAIRS), loss=loss, callbacks=[StepRecorder()]
     )
@@ -59,7 +59,10 @@ def batch_loss(model, loss) -> float:
 
 def test_trainer_lowers_loss_logs_terms_checkpoints_and_resumes(converted_qwen3, qwen3_teacher, tmp_path):
     initial = copy.deepcopy(converted_qwen3)
-    before = batch_loss(converted_qwen3, BitEmbedLoss(converted_qwen3, teacher=qwen3_teacher))
+    before = batch_loss(
+        converted_qwen3,
+        BitEmbedLoss(converted_qwen3, teacher=qwen3_teacher, similarity_kl=1.0, attention_relation=1.0),
+    )
     trainer, loss = train(converted_qwen3, qwen3_teacher, tmp_path / "run", max_steps=6)
     assert batch_loss(converted_qwen3, loss) < before
 
