@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,12 +12,36 @@ import yaml
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard_data import model_index_to_eval_results
+from sentence_transformers import SentenceTransformerModelCardData
 
-from st_bitembed.evaluation.report import EvaluationReport
 from st_bitembed.precisions import PRECISIONS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # both import this module: BitEmbed for its card data, evaluation for the model it reports on
+    from st_bitembed.evaluation.report import EvaluationReport
     from st_bitembed.model import BitEmbed
+
+
+@dataclass
+class BitEmbedModelCardData(SentenceTransformerModelCardData):
+    """What a BitEmbed model's card says beyond sentence-transformers' card data: the training recipe's stages
+    (saved beside the model in ``bitembed.json``, set by ``st-bitembed train``) and the evaluation at every
+    precision (set by :func:`~st_bitembed.evaluation.evaluate_precisions`). ``BitEmbed.save`` renders the card.
+
+    Args:
+        training_recipe: One ``{"name", "description"}`` per stage (convert, pretrain, finetune).
+        evaluation_report: Scores per task and precision (trained head, post-hoc baseline, teacher).
+    """
+
+    training_recipe: list[dict[str, str]] | None = None
+    evaluation_report: EvaluationReport | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        # sentence-transformers' own card metadata is built from this; ours renders these two itself.
+        data = super().to_dict()
+        data.pop("training_recipe", None)
+        data.pop("evaluation_report", None)
+        return data
+
 
 TEMPLATE = "bitembed.md.jinja"
 PLOT_FILE = "precision_scores.png"
@@ -101,7 +126,7 @@ def render_model_card(model: BitEmbed, repo_id: str | None = None, report: Evalu
             for p in PRECISIONS.values()
             if not p.unsigned  # an unsigned layout stores its signed twin's codes in the same bytes
         ],
-        "recipe": model.training_recipe,
+        "recipe": card_data.training_recipe,
         "teacher": report.teacher_name if report is not None else None,
         "architecture": str(model),
     }

@@ -1,7 +1,7 @@
 """The ``st-bitembed`` command line: thin wrappers that parse arguments and call the library.
 
-Nothing heavy is imported before the arguments are parsed, so that ``--offline-data`` can switch datasets and
-huggingface_hub to the local data kit before they load.
+Each command imports what it runs only once the arguments are parsed (mteb, datasets and transformers take
+seconds to import), so ``st-bitembed --help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from st_bitembed.precisions import DEFAULT_PRECISIONS
+
+# What datasets and huggingface_hub say at every load when offline mode makes them read their caches (twice per
+# dataset, twice per model): true by construction when the user switched the Hub off.
+OFFLINE_CACHE_NOTICES = {
+    "datasets.load": "Using the latest cached version of the dataset",
+    "datasets.packaged_modules.cache.cache": "Found the latest cached dataset configuration",
+    "huggingface_hub.hf_api": "offline mode is enabled. To disable it, please unset the `HF_HUB_OFFLINE`",
+}
+
+
+def _not_an_offline_cache_notice(record: logging.LogRecord) -> bool:
+    return not any(notice in record.getMessage() for notice in OFFLINE_CACHE_NOTICES.values())
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -96,13 +108,6 @@ def _push(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="st-bitembed", description="BitNet text-embedding models.")
-    parser.add_argument(
-        "--offline-data",
-        default=os.environ.get("ST_BITEMBED_OFFLINE_DATA"),
-        help="data kit (data/raw + tools/build_hf_cache.py, e.g. ../shared) to use instead of the Hub; "
-        "default $ST_BITEMBED_OFFLINE_DATA",
-    )
-    parser.add_argument("--offline-cache", default=".cache/hf-datasets", help="where the offline datasets cache goes")
     parser.add_argument("--verbose", action="store_true", help="log INFO messages of every library, not only ours")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -185,11 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("st_bitembed").setLevel(logging.INFO)
+    if "1" in (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE")):
+        for logger_name in OFFLINE_CACHE_NOTICES:
+            logging.getLogger(logger_name).addFilter(_not_an_offline_cache_notice)
     try:
-        if args.offline_data:
-            from st_bitembed.offline import use_offline_data
-
-            use_offline_data(args.offline_data, args.offline_cache)
         args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, RuntimeError) as error:
         print(f"st-bitembed {args.command}: error: {error}", file=sys.stderr)

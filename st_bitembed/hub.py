@@ -12,23 +12,6 @@ from huggingface_hub.utils import validate_repo_id
 MODEL_MARKER_FILES = ("config.json", "modules.json")
 
 
-def resolve_model(name_or_path: str) -> str:
-    """``name_or_path`` itself, unless it is a Hub id the Hub cannot serve (offline, not cached) but an installed
-    package ships (:data:`st_bitembed.packaged.PACKAGED_MODELS`): then that package's local copy, so that a
-    recipe's Hub names run unchanged offline."""
-    from st_bitembed.packaged import PACKAGED_MODELS
-
-    if os.path.isdir(name_or_path) or name_or_path not in PACKAGED_MODELS:
-        return name_or_path
-    cached = any(isinstance(try_to_load_from_cache(name_or_path, name), str) for name in MODEL_MARKER_FILES)
-    if cached or not constants.HF_HUB_OFFLINE:
-        return name_or_path
-    try:
-        return str(PACKAGED_MODELS[name_or_path]())
-    except ImportError:
-        return name_or_path
-
-
 def check_model_source(name_or_path: str, revision: str | None = None, token: bool | str | None = None) -> None:
     """Raise a clear error if ``name_or_path`` is neither a model directory nor a reachable Hub model id.
 

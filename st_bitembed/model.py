@@ -7,35 +7,24 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules import Normalize, Transformer
-from sentence_transformers.sentence_transformer.modules import Pooling
+from sentence_transformers.base.modules import Transformer
 from sentence_transformers.util import import_from_string, load_file_path
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from st_bitembed import __version__
-from st_bitembed.hub import check_model_source
+from st_bitembed.card import BitEmbedModelCardData, write_model_card
+from st_bitembed.conversion import convert_backbone
 from st_bitembed.modules.quantize import Quantize
-from st_bitembed.modules.subln_transformer import SubLNTransformer
 from st_bitembed.precisions import Precision, PrecisionName, get_precision
 from st_bitembed.quantization.bitlinear import Kernel, install_bitlinear, release_latent_weights
 from st_bitembed.quantization.convert import (
-    NORM_PLACEMENTS,
     SUBLN_TARGETS,
     NormPlacement,
-    bitnet_quantization_config,
-    convert_to_bitlinear,
-    default_rms_norm_eps,
 )
 from st_bitembed.saving import staged_folder
-from st_bitembed.tokenization import append_eos_token, pooling_eos_token
-
-if TYPE_CHECKING:
-    from st_bitembed.evaluation.report import EvaluationReport
 
 PLUGIN_NAMESPACE = "st_bitembed."
 # The Quantize head lives in its own folder, outside modules.json, so vanilla sentence-transformers ignores it.
@@ -79,10 +68,13 @@ class BitEmbed(SentenceTransformer):
             kwargs: As for ``SentenceTransformer``.
         """
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
+        card_data = kwargs.pop("model_card_data", None) or BitEmbedModelCardData()
+        if not isinstance(card_data, BitEmbedModelCardData):
+            raise TypeError(
+                f"model_card_data must be a BitEmbedModelCardData (st_bitembed.card), got {type(card_data).__name__}."
+            )
         with _without_cpu_unpacking_warning():
-            super().__init__(model_name_or_path, **kwargs)
-        self.evaluation_report: EvaluationReport | None = None
-        self.training_recipe: list[dict[str, str]] | None = None
+            super().__init__(model_name_or_path, model_card_data=card_data, **kwargs)
         hub_kwargs = {key: kwargs.get(key) for key in ("token", "cache_folder", "revision")}
         info_file = model_name_or_path and load_file_path(
             model_name_or_path,
@@ -92,7 +84,7 @@ class BitEmbed(SentenceTransformer):
         )
         if info_file:
             with open(info_file, encoding="utf8") as file:
-                self.training_recipe = json.load(file).get("training_recipe")
+                self.model_card_data.training_recipe = json.load(file).get("training_recipe")
 
         def saved_file(name: str) -> str | None:
             if model_name_or_path is None:
@@ -132,13 +124,6 @@ class BitEmbed(SentenceTransformer):
             check_finite_weights(self, head, model_name_or_path)
         # Not a registered child: SentenceTransformer runs and saves every child as a pipeline module.
         object.__setattr__(self, "_quantize_head", head.to(self.device) if head is not None else None)
-
-    @property
-    def quantizer(self) -> Quantize:
-        """The Quantize head that turns float embeddings into codes for every storage precision."""
-        if self._quantize_head is None:
-            raise ValueError("This model has no Quantize head: its embedding dimension is unknown.")
-        return self._quantize_head
 
     @classmethod
     def from_backbone(
@@ -190,98 +175,22 @@ class BitEmbed(SentenceTransformer):
                 tokenizer without an EOS token for last-token pooling.
             FileNotFoundError, ConnectionError: ``name_or_path`` can be neither found locally nor fetched.
         """
-        if norm not in NORM_PLACEMENTS:
-            raise ValueError(f"Unknown norm placement {norm!r}; choose one of {NORM_PLACEMENTS}.")
-        if pooling is not None and pooling not in Pooling.POOLING_MODES:
-            raise ValueError(f"Unknown pooling {pooling!r}; choose one of {Pooling.POOLING_MODES}.")
-        check_model_source(name_or_path, revision=revision, token=token)
-        hub_kwargs = {
-            "revision": revision,
-            "token": token,
-            "cache_dir": cache_folder,
-            "local_files_only": local_files_only,
-        }
-        modules_json = load_file_path(
+        return convert_backbone(
+            cls,
             name_or_path,
-            "modules.json",
+            norm=norm,
+            pooling=pooling,
+            eos_token=eos_token,
+            subln_targets=subln_targets,
+            device=device,
+            revision=revision,
             token=token,
             cache_folder=cache_folder,
-            revision=revision,
             local_files_only=local_files_only,
+            model_kwargs=model_kwargs,
+            processor_kwargs=processor_kwargs,
+            config_kwargs=config_kwargs,
         )
-        st_modules = None
-        if modules_json is not None:
-            with open(modules_json, encoding="utf8") as file:
-                st_modules = json.load(file)
-            if pooling is not None:
-                raise ValueError(
-                    f"{name_or_path!r} is a sentence-transformers model, which keeps its own pooling; "
-                    "leave pooling=None."
-                )
-        subfolder = st_modules[0]["path"] if st_modules else ""
-
-        # Cheap checks on config, tokenizer and a weightless (meta) copy of the architecture, before any weights load.
-        config = AutoConfig.from_pretrained(name_or_path, subfolder=subfolder, **hub_kwargs, **(config_kwargs or {}))
-        with torch.device("meta"):
-            convert_to_bitlinear(AutoModel.from_config(config), norm=norm, subln_targets=subln_targets)
-        if pooling is None and st_modules is None:
-            pooling = "lasttoken" if is_decoder(config) else "mean"
-        if pooling == "lasttoken":
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs, **(processor_kwargs or {}))
-            eos_token = pooling_eos_token(tokenizer, config.model_type, eos_token)
-
-        transformer_cls = SubLNTransformer if norm == "subln" else Transformer
-        init_kwargs = {"subln_targets": subln_targets} if norm == "subln" else {}
-        if st_modules is not None:
-            model = cls._load_with_module_classes(
-                name_or_path,
-                {st_modules[0]["type"]: transformer_cls},
-                device=device,
-                revision=revision,
-                token=token,
-                cache_folder=cache_folder,
-                local_files_only=local_files_only,
-                model_kwargs=model_kwargs,
-                processor_kwargs=processor_kwargs,
-                config_kwargs=config_kwargs,
-            )
-        else:
-            transformer = transformer_cls.load(
-                name_or_path,
-                token=token,
-                cache_folder=cache_folder,
-                revision=revision,
-                local_files_only=local_files_only,
-                model_kwargs=model_kwargs,
-                processor_kwargs=processor_kwargs,
-                config_kwargs=config_kwargs,
-                init_defaults=init_kwargs,
-            )
-            pooling_module = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
-            model = cls(modules=[transformer, pooling_module, Normalize()], device=device)
-
-        transformer = model[0]
-        if not isinstance(transformer, Transformer):
-            raise ValueError(
-                f"The first module of {name_or_path!r} is {type(transformer).__name__}, not a Transformer."
-            )
-        backbone = transformer.auto_model
-        rms_norm_eps = default_rms_norm_eps(backbone)
-        convert_to_bitlinear(backbone, norm=norm, subln_targets=subln_targets, rms_norm_eps=rms_norm_eps)
-        install_bitlinear(backbone)
-        backbone.config.quantization_config = bitnet_quantization_config(
-            backbone, use_rms_norm=norm == "all", rms_norm_eps=rms_norm_eps
-        )
-        # A sentence-transformers base that pools on its last token must end every text in EOS as well.
-        if any(isinstance(m, Pooling) and "lasttoken" in str(m.pooling_mode) for m in model):
-            tokenizer = transformer.tokenizer
-            eos_token = pooling_eos_token(tokenizer, backbone.config.model_type, eos_token)
-            if tokenizer("a")["input_ids"][-1] != tokenizer.convert_tokens_to_ids(eos_token):
-                append_eos_token(tokenizer, eos_token)
-        model.to(model.device)  # the new norms were created on the weights' device; keep everything together
-        if not os.path.isdir(name_or_path):
-            model.model_card_data.base_model = name_or_path
-        return model
 
     def encode(
         self,
@@ -379,16 +288,32 @@ class BitEmbed(SentenceTransformer):
         repo_id = model_name or os.path.basename(os.path.normpath(path))
         with staged_folder(path) as staging:
             super().save(str(staging), model_name=model_name, create_model_card=create_model_card, **kwargs)
+            if any(type(module).__module__.startswith(PLUGIN_NAMESPACE) for module in self):
+                # Loading needs this package: vanilla sentence-transformers then names it instead of failing.
+                config_file = staging / "config_sentence_transformers.json"
+                config = json.loads(config_file.read_text(encoding="utf8"))
+                config["requirements"] = {"st_bitembed": f">={__version__}"}
+                config_file.write_text(json.dumps(config, indent=2), encoding="utf8")
             if self._quantize_head is not None:
                 (staging / QUANTIZE_FOLDER).mkdir()
                 self._quantize_head.save(str(staging / QUANTIZE_FOLDER))
-            if self.training_recipe:
+            if self.model_card_data.training_recipe:
                 with open(staging / BITEMBED_INFO_FILE, "w", encoding="utf8") as file:
-                    json.dump({"training_recipe": self.training_recipe}, file, indent=2)
+                    json.dump({"training_recipe": self.model_card_data.training_recipe}, file, indent=2)
             if create_model_card and self._quantize_head is not None:
-                from st_bitembed.card import write_model_card
+                write_model_card(self, staging, self.model_card_data.evaluation_report, repo_id=repo_id)
 
-                write_model_card(self, staging, self.evaluation_report, repo_id=repo_id)
+    # The Quantize head. It is not a registered child (sentence-transformers runs and saves every child as a pipeline
+    # module, and vanilla sentence-transformers must load the model without it), so these four members are the one
+    # place that makes it follow the model: device and dtype moves, state dicts (trainer checkpoints), and access.
+    # Under DDP, MultiPrecisionLoss (which registers it for the optimizer) averages its gradients.
+
+    @property
+    def quantizer(self) -> Quantize:
+        """The Quantize head that turns float embeddings into codes for every storage precision."""
+        if self._quantize_head is None:
+            raise ValueError("This model has no Quantize head: its embedding dimension is unknown.")
+        return self._quantize_head
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> BitEmbed:
         # .to() / .half() / .cuda() reach the head, which is not a registered child.
@@ -417,16 +342,10 @@ class BitEmbed(SentenceTransformer):
 
     def _load_module_class_from_ref(self, class_ref: str, *args: Any, **kwargs: Any) -> type:
         # This package's own modules need no trust_remote_code under BitEmbed: the user already imported it.
+        # (sentence-transformers' only public way, trust_remote_code=True, would also run a repository's own code.)
         if class_ref.startswith(PLUGIN_NAMESPACE):
             return import_from_string(class_ref)
         return super()._load_module_class_from_ref(class_ref, *args, **kwargs)
-
-    def _get_model_config(self) -> dict[str, Any]:
-        config = super()._get_model_config()
-        if any(type(module).__module__.startswith(PLUGIN_NAMESPACE) for module in self):
-            # Loading needs this package: vanilla sentence-transformers then names it instead of failing obscurely.
-            config["requirements"] = {"st_bitembed": f">={__version__}"}
-        return config
 
 
 @contextmanager
@@ -472,14 +391,3 @@ def check_finite(embeddings: Any, precision: Precision) -> None:
             "weights are damaged or overflow in this dtype. Reload the model from an intact copy, or run it in "
             "float32."
         )
-
-
-def is_decoder(config: PretrainedConfig) -> bool:
-    """Whether ``config`` describes a causal (decoder-only) language model, which pools on its last token."""
-    architectures = config.architectures or []
-    if getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") for a in architectures):
-        return True
-    return (
-        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    )

@@ -22,7 +22,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from st_bitembed.evaluation import EvaluationReport, evaluate_precisions
-from st_bitembed.hub import check_model_source, resolve_model
+from st_bitembed.hub import check_model_source
 from st_bitembed.losses import BitEmbedLoss
 from st_bitembed.losses.teacher import same_tokenizer
 from st_bitembed.model import BitEmbed
@@ -95,7 +95,7 @@ def preflight(recipe: Recipe) -> dict[str, Any]:
     for role, name in (("backbone.name", recipe.backbone.name), ("teacher", recipe.teacher)):
         if name is not None:
             try:
-                check_model_source(resolve_model(name))
+                check_model_source(name)
             except (FileNotFoundError, ConnectionError) as error:
                 raise RecipeError(f"{recipe.name}.{role}: {error}") from None
     datasets = {}
@@ -132,8 +132,8 @@ def _check_not_evaluation_data(recipe: Recipe) -> None:
 
 
 def _check_same_tokenizer(recipe: Recipe, stage_name: str, terms: list[str]) -> None:
-    student = AutoTokenizer.from_pretrained(resolve_model(recipe.backbone.name))
-    teacher = AutoTokenizer.from_pretrained(resolve_model(recipe.teacher))
+    student = AutoTokenizer.from_pretrained(recipe.backbone.name)
+    teacher = AutoTokenizer.from_pretrained(recipe.teacher)
     if not same_tokenizer(student, teacher):
         names = ", ".join(terms)
         raise RecipeError(
@@ -148,7 +148,7 @@ def convert(recipe: Recipe, calibration_texts: list[str] | None) -> BitEmbed:
     """Convert the backbone; calibrate the inserted norms and the Quantize head on the calibration texts."""
     backbone = recipe.backbone
     model = BitEmbed.from_backbone(
-        resolve_model(backbone.name), norm=backbone.norm, pooling=backbone.pooling, eos_token=backbone.eos_token
+        backbone.name, norm=backbone.norm, pooling=backbone.pooling, eos_token=backbone.eos_token
     )
     model.model_card_data.base_model = hub_name(backbone.name)
     if backbone.max_seq_length is not None:
@@ -354,7 +354,7 @@ def run_recipe(
         for folder in written:
             check_target(folder, overwrite, "--resume to continue that run, or --overwrite to start over")
     datasets = preflight(recipe)
-    teacher = SentenceTransformer(resolve_model(recipe.teacher)) if recipe.teacher else None
+    teacher = SentenceTransformer(recipe.teacher) if recipe.teacher else None
     if teacher is not None:
         teacher.eval()
     converted = output / "converted"
@@ -396,7 +396,10 @@ def run_recipe(
         # Training moves the embedding distribution further than the ranges' own gradient steps follow (int2
         # suffered most: 71.1 -> 75.4 STS-B after refitting, minilm-cpu); refit them to the final embeddings.
         model.calibrate_quantizer(calibration_texts)
-    model.training_recipe = [{"name": "convert", "description": _convert_description(recipe)}, *recipe_summary]
+    model.model_card_data.training_recipe = [
+        {"name": "convert", "description": _convert_description(recipe)},
+        *recipe_summary,
+    ]
     describe_origin(model, recipe)
     report = None
     if not running_processes().is_main_process:

@@ -31,3 +31,24 @@ def test_convert_reports_bad_input_and_exits_2(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "st-bitembed convert: error: No model directory at" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_offline_mode_hides_datasets_cache_notices_only(tmp_path, monkeypatch):
+    import logging
+
+    from st_bitembed.cli import OFFLINE_CACHE_NOTICES
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    loggers = [logging.getLogger(name) for name in OFFLINE_CACHE_NOTICES]
+    before = [list(logger.filters) for logger in loggers]
+    try:
+        assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+        logger = logging.getLogger("datasets.load")
+        notice = logger.makeRecord(
+            "datasets.load", logging.WARNING, "", 0, OFFLINE_CACHE_NOTICES["datasets.load"], (), None
+        )
+        other = logger.makeRecord("datasets.load", logging.WARNING, "", 0, "Something else happened", (), None)
+        assert not logger.filter(notice) and logger.filter(other)
+    finally:
+        for logger, filters in zip(loggers, before):
+            logger.filters[:] = filters

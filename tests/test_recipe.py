@@ -201,7 +201,7 @@ def test_a_stage_mixes_datasets_and_distills_hidden_states_with_the_in_loss_teac
     assert not (run / "finetune" / "teacher_embeddings.safetensors").exists()
     saved = BitEmbed(str(run / "model"))
     assert saved.max_seq_length == BitEmbed(str(run / "converted")).max_seq_length  # training's limit not saved
-    description = saved.training_recipe[-1]["description"]
+    description = saved.model_card_data.training_recipe[-1]["description"]
     assert "hidden-state distillation (all blocks)" in description
     assert "sentence-transformers/all-nli (anchor, positive, negative) + passages.jsonl (title, text)" in description
 

@@ -12,7 +12,6 @@ from sentence_transformers import SentenceTransformer
 from st_bitembed.evaluation.encoders import EncodeOnce, QuantizedEncoder
 from st_bitembed.evaluation.plot import plot_precision_scores
 from st_bitembed.evaluation.report import EvaluationReport, Score
-from st_bitembed.hub import resolve_model
 from st_bitembed.model import BitEmbed
 from st_bitembed.precisions import DEFAULT_PRECISIONS, PrecisionName, get_precision
 
@@ -132,7 +131,7 @@ def evaluate_precisions(
     tasks = _resolve_tasks(tasks, benchmark, languages)
     path = model if isinstance(model, str) else None
     if isinstance(model, str):
-        model = BitEmbed(resolve_model(model))
+        model = BitEmbed(model)
     label = name or model_label(model, path)
     output_dir = Path(output_dir)
     cache = ResultCache(output_dir / "mteb")
@@ -141,7 +140,7 @@ def evaluate_precisions(
     rows = [("head", p) for p in precisions] + [("posthoc", p) for p in precisions if posthoc and p != "float32"]
     if teacher is not None:
         teacher_path = teacher if isinstance(teacher, str) else None
-        teacher = SentenceTransformer(resolve_model(teacher)) if isinstance(teacher, str) else teacher
+        teacher = SentenceTransformer(teacher) if isinstance(teacher, str) else teacher
         report.teacher_name = teacher_name or model_label(teacher, teacher_path)
         teacher_encoder = QuantizedEncoder(
             SentenceTransformerEncoderWrapper(teacher), "float32", report.teacher_name, "teacher"
@@ -163,5 +162,5 @@ def evaluate_precisions(
     report.plot_path = str(plot_precision_scores(report, output_dir / REPORT_FILES["plot"]))
     report.save(output_dir / REPORT_FILES["json"])
     (output_dir / REPORT_FILES["markdown"]).write_text(report.to_markdown() + "\n")
-    model.evaluation_report = report  # model.save() now writes these results into its model card
+    model.model_card_data.evaluation_report = report  # model.save() now writes these results into its model card
     return report

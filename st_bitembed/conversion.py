@@ -1,0 +1,157 @@
+"""From a pretrained backbone to an (untrained) BitEmbed model: checks, layer conversion, pooling and EOS.
+
+:meth:`st_bitembed.BitEmbed.from_backbone` is this module's :func:`convert_backbone`; the layer-level swap
+(``nn.Linear`` -> ``AutoBitLinear`` + RMSNorm) is :mod:`st_bitembed.quantization.convert`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from sentence_transformers.base.modules import Normalize, Transformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+from sentence_transformers.util import load_file_path
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from st_bitembed.hub import check_model_source
+from st_bitembed.modules.subln_transformer import SubLNTransformer
+from st_bitembed.quantization.bitlinear import install_bitlinear
+from st_bitembed.quantization.convert import (
+    NORM_PLACEMENTS,
+    SUBLN_TARGETS,
+    NormPlacement,
+    bitnet_quantization_config,
+    convert_to_bitlinear,
+    default_rms_norm_eps,
+)
+from st_bitembed.tokenization import append_eos_token, pooling_eos_token
+
+if TYPE_CHECKING:
+    from st_bitembed.model import BitEmbed
+
+
+def convert_backbone(
+    model_class: type[BitEmbed],
+    name_or_path: str,
+    *,
+    norm: NormPlacement = "all",
+    pooling: Literal["lasttoken", "mean", "cls"] | None = None,
+    eos_token: str | None = None,
+    subln_targets: Sequence[str] = SUBLN_TARGETS,
+    device: str | None = None,
+    revision: str | None = None,
+    token: bool | str | None = None,
+    cache_folder: str | None = None,
+    local_files_only: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    processor_kwargs: dict[str, Any] | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+) -> BitEmbed:
+    """A ``model_class`` (BitEmbed) model converted from ``name_or_path``: see :meth:`BitEmbed.from_backbone`,
+    whose arguments these are. Every check that can fail runs on the config, the tokenizer and a weightless (meta)
+    copy of the architecture before any weights load."""
+    if norm not in NORM_PLACEMENTS:
+        raise ValueError(f"Unknown norm placement {norm!r}; choose one of {NORM_PLACEMENTS}.")
+    if pooling is not None and pooling not in Pooling.POOLING_MODES:
+        raise ValueError(f"Unknown pooling {pooling!r}; choose one of {Pooling.POOLING_MODES}.")
+    check_model_source(name_or_path, revision=revision, token=token)
+    hub_kwargs = {
+        "revision": revision,
+        "token": token,
+        "cache_dir": cache_folder,
+        "local_files_only": local_files_only,
+    }
+    modules_json = load_file_path(
+        name_or_path,
+        "modules.json",
+        token=token,
+        cache_folder=cache_folder,
+        revision=revision,
+        local_files_only=local_files_only,
+    )
+    st_modules = None
+    if modules_json is not None:
+        with open(modules_json, encoding="utf8") as file:
+            st_modules = json.load(file)
+        if pooling is not None:
+            raise ValueError(
+                f"{name_or_path!r} is a sentence-transformers model, which keeps its own pooling; leave pooling=None."
+            )
+    subfolder = st_modules[0]["path"] if st_modules else ""
+
+    # Cheap checks on config, tokenizer and a weightless (meta) copy of the architecture, before any weights load.
+    config = AutoConfig.from_pretrained(name_or_path, subfolder=subfolder, **hub_kwargs, **(config_kwargs or {}))
+    with torch.device("meta"):
+        convert_to_bitlinear(AutoModel.from_config(config), norm=norm, subln_targets=subln_targets)
+    if pooling is None and st_modules is None:
+        pooling = "lasttoken" if is_decoder(config) else "mean"
+    if pooling == "lasttoken":
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs, **(processor_kwargs or {}))
+        eos_token = pooling_eos_token(tokenizer, config.model_type, eos_token)
+
+    transformer_cls = SubLNTransformer if norm == "subln" else Transformer
+    init_kwargs = {"subln_targets": subln_targets} if norm == "subln" else {}
+    if st_modules is not None:
+        model = model_class._load_with_module_classes(
+            name_or_path,
+            {st_modules[0]["type"]: transformer_cls},
+            device=device,
+            revision=revision,
+            token=token,
+            cache_folder=cache_folder,
+            local_files_only=local_files_only,
+            model_kwargs=model_kwargs,
+            processor_kwargs=processor_kwargs,
+            config_kwargs=config_kwargs,
+        )
+    else:
+        transformer = transformer_cls.load(
+            name_or_path,
+            token=token,
+            cache_folder=cache_folder,
+            revision=revision,
+            local_files_only=local_files_only,
+            model_kwargs=model_kwargs,
+            processor_kwargs=processor_kwargs,
+            config_kwargs=config_kwargs,
+            init_defaults=init_kwargs,
+        )
+        pooling_module = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
+        model = model_class(modules=[transformer, pooling_module, Normalize()], device=device)
+
+    transformer = model[0]
+    if not isinstance(transformer, Transformer):
+        raise ValueError(f"The first module of {name_or_path!r} is {type(transformer).__name__}, not a Transformer.")
+    backbone = transformer.auto_model
+    rms_norm_eps = default_rms_norm_eps(backbone)
+    convert_to_bitlinear(backbone, norm=norm, subln_targets=subln_targets, rms_norm_eps=rms_norm_eps)
+    install_bitlinear(backbone)
+    backbone.config.quantization_config = bitnet_quantization_config(
+        backbone, use_rms_norm=norm == "all", rms_norm_eps=rms_norm_eps
+    )
+    # A sentence-transformers base that pools on its last token must end every text in EOS as well.
+    if any(isinstance(m, Pooling) and "lasttoken" in str(m.pooling_mode) for m in model):
+        tokenizer = transformer.tokenizer
+        eos_token = pooling_eos_token(tokenizer, backbone.config.model_type, eos_token)
+        if tokenizer("a")["input_ids"][-1] != tokenizer.convert_tokens_to_ids(eos_token):
+            append_eos_token(tokenizer, eos_token)
+    model.to(model.device)  # the new norms were created on the weights' device; keep everything together
+    if not os.path.isdir(name_or_path):
+        model.model_card_data.base_model = name_or_path
+    return model
+
+
+def is_decoder(config: PretrainedConfig) -> bool:
+    """Whether ``config`` describes a causal (decoder-only) language model, which pools on its last token."""
+    architectures = config.architectures or []
+    if getattr(config, "is_decoder", False) or any(a.endswith("ForCausalLM") for a in architectures):
+        return True
+    return (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
