@@ -85,7 +85,7 @@ def _train(args: argparse.Namespace) -> None:
     import time
 
     from st_bitembed.recipe import load_recipe
-    from st_bitembed.training import STAGES, run_recipe, running_processes, summary_table
+    from st_bitembed.training import STAGES, run_recipe, running_processes
 
     recipe = load_recipe(args.recipe, args.set)
     if args.output_dir:
@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> None:
     if not running_processes().is_main_process:  # under torchrun, the main process reports
         return
     if report is not None:
-        print(summary_table(report))
+        print(report.to_markdown_with_shares())
     print(f"\nSaved {recipe.output_dir}/model; wall time {time.perf_counter() - start:.0f} s")
 
 

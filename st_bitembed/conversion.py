@@ -52,9 +52,42 @@ def convert_backbone(
     processor_kwargs: dict[str, Any] | None = None,
     config_kwargs: dict[str, Any] | None = None,
 ) -> BitEmbed:
-    """A ``model_class`` (BitEmbed) model converted from ``name_or_path``: see :meth:`BitEmbed.from_backbone`,
-    whose arguments these are. Every check that can fail runs on the config, the tokenizer and a weightless (meta)
-    copy of the architecture before any weights load."""
+    """Convert a pretrained backbone into an (untrained) BitEmbed model.
+
+    Every ``nn.Linear`` inside the transformer blocks becomes a ``BitLinear`` (transformers' ``AutoBitLinear``,
+    online mode): per-tensor absmean ternary weights, per-token absmax int8 activations, straight-through
+    estimator in training; the pretrained weights are kept exactly as its latent weights. Token embeddings
+    and norms stay full precision; a causal LM's head is dropped.
+
+    Called as ``BitEmbed.from_backbone(name_or_path, ...)`` (``model_class`` is the class it is called on). Every
+    check that can fail runs on the config, the tokenizer and a weightless (meta) copy of the architecture before any
+    weights load.
+
+    Args:
+        name_or_path: A Hub id or local directory: a transformers checkpoint (decoder LLMs such as Qwen3,
+            Gemma3, Llama; encoders such as BERT) or a sentence-transformers model.
+        norm: ``"all"``: a new RMSNorm (weights 1) in front of every quantized projection, as in the released
+            BitNet-embedding models; ``"subln"``: only in front of the projections named in ``subln_targets``
+            (o_proj and down_proj: BitDistill's SubLN).
+        pooling: For a plain transformers checkpoint, the pooling to add before L2 normalisation; defaults to
+            ``"lasttoken"`` for decoders and ``"mean"`` for encoders. A sentence-transformers model keeps its own
+            pooling and other modules, and this must be ``None``.
+        eos_token: For last-token pooling, the token appended to every text; defaults to ``<|endoftext|>`` for
+            the Qwen families and to the tokenizer's ``eos_token`` otherwise.
+        subln_targets: Module name suffixes that get a norm when ``norm="subln"``.
+        device: Device to put the model on.
+        revision, token, cache_folder, local_files_only: Hub arguments, as for ``SentenceTransformer``.
+        model_kwargs, processor_kwargs, config_kwargs: Passed on to ``AutoModel`` / ``AutoTokenizer`` /
+            ``AutoConfig.from_pretrained``.
+
+    Returns:
+        The converted model. Save it with ``model.save(path)``.
+
+    Raises:
+        ValueError: an unknown ``norm`` or ``pooling``, an architecture with no linear layers to convert, or a
+            tokenizer without an EOS token for last-token pooling.
+        FileNotFoundError, ConnectionError: ``name_or_path`` can be neither found locally nor fetched.
+    """
     if norm not in NORM_PLACEMENTS:
         raise ValueError(f"Unknown norm placement {norm!r}; choose one of {NORM_PLACEMENTS}.")
     if pooling is not None and pooling not in Pooling.POOLING_MODES:

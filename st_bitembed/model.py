@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -20,10 +20,6 @@ from st_bitembed.conversion import convert_backbone
 from st_bitembed.modules.quantize import Quantize
 from st_bitembed.precisions import Precision, PrecisionName, get_precision
 from st_bitembed.quantization.bitlinear import Kernel, install_bitlinear, release_latent_weights
-from st_bitembed.quantization.convert import (
-    SUBLN_TARGETS,
-    NormPlacement,
-)
 from st_bitembed.saving import staged_folder
 
 PLUGIN_NAMESPACE = "st_bitembed."
@@ -125,72 +121,8 @@ class BitEmbed(SentenceTransformer):
         # Not a registered child: SentenceTransformer runs and saves every child as a pipeline module.
         object.__setattr__(self, "_quantize_head", head.to(self.device) if head is not None else None)
 
-    @classmethod
-    def from_backbone(
-        cls,
-        name_or_path: str,
-        *,
-        norm: NormPlacement = "all",
-        pooling: Literal["lasttoken", "mean", "cls"] | None = None,
-        eos_token: str | None = None,
-        subln_targets: Sequence[str] = SUBLN_TARGETS,
-        device: str | None = None,
-        revision: str | None = None,
-        token: bool | str | None = None,
-        cache_folder: str | None = None,
-        local_files_only: bool = False,
-        model_kwargs: dict[str, Any] | None = None,
-        processor_kwargs: dict[str, Any] | None = None,
-        config_kwargs: dict[str, Any] | None = None,
-    ) -> BitEmbed:
-        """Convert a pretrained backbone into an (untrained) BitEmbed model.
-
-        Every ``nn.Linear`` inside the transformer blocks becomes a ``BitLinear`` (transformers' ``AutoBitLinear``,
-        online mode): per-tensor absmean ternary weights, per-token absmax int8 activations, straight-through
-        estimator in training; the pretrained weights are kept exactly as its latent weights. Token embeddings
-        and norms stay full precision; a causal LM's head is dropped.
-
-        Args:
-            name_or_path: A Hub id or local directory: a transformers checkpoint (decoder LLMs such as Qwen3,
-                Gemma3, Llama; encoders such as BERT) or a sentence-transformers model.
-            norm: ``"all"``: a new RMSNorm (weights 1) in front of every quantized projection, as in the released
-                BitNet-embedding models; ``"subln"``: only in front of the projections named in ``subln_targets``
-                (o_proj and down_proj: BitDistill's SubLN).
-            pooling: For a plain transformers checkpoint, the pooling to add before L2 normalisation; defaults to
-                ``"lasttoken"`` for decoders and ``"mean"`` for encoders. A sentence-transformers model keeps its own
-                pooling and other modules, and this must be ``None``.
-            eos_token: For last-token pooling, the token appended to every text; defaults to ``<|endoftext|>`` for
-                the Qwen families and to the tokenizer's ``eos_token`` otherwise.
-            subln_targets: Module name suffixes that get a norm when ``norm="subln"``.
-            device: Device to put the model on.
-            revision, token, cache_folder, local_files_only: Hub arguments, as for ``SentenceTransformer``.
-            model_kwargs, processor_kwargs, config_kwargs: Passed on to ``AutoModel`` / ``AutoTokenizer`` /
-                ``AutoConfig.from_pretrained``.
-
-        Returns:
-            The converted model. Save it with ``model.save(path)``.
-
-        Raises:
-            ValueError: an unknown ``norm`` or ``pooling``, an architecture with no linear layers to convert, or a
-                tokenizer without an EOS token for last-token pooling.
-            FileNotFoundError, ConnectionError: ``name_or_path`` can be neither found locally nor fetched.
-        """
-        return convert_backbone(
-            cls,
-            name_or_path,
-            norm=norm,
-            pooling=pooling,
-            eos_token=eos_token,
-            subln_targets=subln_targets,
-            device=device,
-            revision=revision,
-            token=token,
-            cache_folder=cache_folder,
-            local_files_only=local_files_only,
-            model_kwargs=model_kwargs,
-            processor_kwargs=processor_kwargs,
-            config_kwargs=config_kwargs,
-        )
+    # Conversion lives in st_bitembed.conversion; this is its entry point on the class.
+    from_backbone = classmethod(convert_backbone)
 
     def encode(
         self,

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -20,6 +20,8 @@ from st_bitembed.losses.bitembed import RENAMED_WEIGHTS, BitEmbedLoss, renamed
 from st_bitembed.precisions import DEFAULT_PRECISIONS
 
 RECIPE_PACKAGE = "st_bitembed.recipes"
+# The training stages a recipe may have, in the order they run.
+TRAINING_STAGES = ("pretrain", "finetune")
 
 
 class RecipeError(ValueError):
@@ -41,6 +43,11 @@ class DatasetSpec:
     # Join every ``concatenate`` consecutive rows of each column into one passage: long training texts from a
     # dataset of sentences (row i of every column still belongs together).
     concatenate: int = 1
+
+    @property
+    def label(self) -> str:
+        """The Hub name, or the local file's name."""
+        return self.name or Path(self.path).name
 
 
 @dataclass
@@ -138,6 +145,17 @@ class Recipe:
     language: list[str] = field(default_factory=list)
     license: str | None = None
 
+    def training_stages(self) -> list[NamedStage]:
+        """The training stages this recipe has, in the order they run."""
+        return [NamedStage(name, getattr(self, name)) for name in TRAINING_STAGES if getattr(self, name) is not None]
+
+
+class NamedStage(NamedTuple):
+    """A training stage of a recipe with its name (its key in the recipe, its folder in the output)."""
+
+    name: str
+    spec: StageSpec
+
 
 def _build(kind: Any, value: Any, where: str) -> Any:
     """Build ``kind`` (a dataclass or a typing form) from plain data, rejecting unknown keys and wrong types."""
@@ -192,13 +210,10 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     Raises:
         RecipeError: with the path of the first wrong key.
     """
-    for stage_name in ("pretrain", "finetune"):
+    for stage_name in TRAINING_STAGES:
         _rename_loss_weights(data.get(stage_name), f"{source}.{stage_name}.loss")
     recipe = _build(Recipe, data, source)
-    for stage_name in ("pretrain", "finetune"):
-        stage = getattr(recipe, stage_name)
-        if stage is None:
-            continue
+    for stage_name, stage in recipe.training_stages():
         weights = dataclasses.asdict(stage.loss)
         needs = BitEmbedLoss.needs(weights)
         least_columns = 2 if needs.pairs else 1

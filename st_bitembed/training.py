@@ -21,14 +21,14 @@ from transformers import AutoTokenizer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from st_bitembed.evaluation import EvaluationReport, evaluate_precisions
+from st_bitembed.evaluation import evaluate_precisions
 from st_bitembed.hub import check_model_source
 from st_bitembed.losses import BitEmbedLoss
 from st_bitembed.losses.teacher import same_tokenizer
 from st_bitembed.model import BitEmbed
 from st_bitembed.quantization.calibration import calibrate_inserted_norms
 from st_bitembed.recipe import DatasetSpec, Recipe, RecipeError, StageSpec, stage_datasets
-from st_bitembed.saving import check_target
+from st_bitembed.saving import check_target, holds_model
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +99,13 @@ def preflight(recipe: Recipe) -> dict[str, Any]:
             except (FileNotFoundError, ConnectionError) as error:
                 raise RecipeError(f"{recipe.name}.{role}: {error}") from None
     datasets = {}
-    for stage_name in ("pretrain", "finetune"):
-        stage: StageSpec | None = getattr(recipe, stage_name)
-        if stage is not None:
-            where = f"{recipe.name}.{stage_name}.dataset"
-            datasets[stage_name] = [load_columns(spec, path) for path, spec in stage_datasets(stage, where)]
-            weights = asdict(stage.loss)
-            token_terms = [n for n in BitEmbedLoss.active_terms(weights) if BitEmbedLoss.TERMS[n].needs.same_tokenizer]
-            if token_terms:
-                _check_same_tokenizer(recipe, stage_name, token_terms)
+    for stage_name, stage in recipe.training_stages():
+        where = f"{recipe.name}.{stage_name}.dataset"
+        datasets[stage_name] = [load_columns(spec, path) for path, spec in stage_datasets(stage, where)]
+        weights = asdict(stage.loss)
+        token_terms = [n for n in BitEmbedLoss.active_terms(weights) if BitEmbedLoss.TERMS[n].needs.same_tokenizer]
+        if token_terms:
+            _check_same_tokenizer(recipe, stage_name, token_terms)
     if recipe.calibration is not None:
         datasets["calibration"] = load_columns(recipe.calibration.dataset, f"{recipe.name}.calibration.dataset")
     return datasets
@@ -122,8 +120,7 @@ def _check_not_evaluation_data(recipe: Recipe) -> None:
     import mteb
 
     evaluated = {mteb.get_task(task).metadata.dataset["path"]: task for task in tasks}
-    stages = [(name, getattr(recipe, name)) for name in ("pretrain", "finetune")]
-    for where, spec in (pair for name, stage in stages if stage for pair in stage_datasets(stage, name)):
+    for where, spec in (pair for name, stage in recipe.training_stages() for pair in stage_datasets(stage, name)):
         if spec.name in evaluated:
             raise RecipeError(
                 f"{recipe.name}.{where}: {spec.name} is the data of the evaluation task {evaluated[spec.name]}; "
@@ -280,10 +277,7 @@ def train_stage(
         datasets[0]
         if len(datasets) == 1
         else DatasetDict(
-            {
-                f"{i}_{spec.name or Path(spec.path).name}": d
-                for i, (d, (_, spec)) in enumerate(zip(datasets, stage_datasets(stage, "")))
-            }
+            {f"{i}_{spec.label}": d for i, (d, (_, spec)) in enumerate(zip(datasets, stage_datasets(stage, "")))}
         )
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss)
@@ -307,20 +301,20 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
 
     The trainer writes ``trainer_state.json`` last: a folder without it is a checkpoint that a killed run left half
     written, which resuming from would fail on (or silently restart from the wrong optimizer state)."""
-    checkpoints = [
-        path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.split("-")[-1].isdigit()
-    ]
-    complete = [path for path in checkpoints if (path / TRAINER_STATE_NAME).is_file()]
-    for partial in set(checkpoints) - set(complete):
+    steps = {
+        path: int(path.name.rsplit("-", 1)[-1])
+        for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.name.rsplit("-", 1)[-1].isdigit()
+    }
+    complete = {path: step for path, step in steps.items() if (path / TRAINER_STATE_NAME).is_file()}
+    for partial in steps.keys() - complete.keys():
         logger.info("Ignoring %s: a checkpoint left half written", partial)
-    return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None
+    return str(max(complete, key=complete.get)) if complete else None
 
 
 def describe_stage(name: str, stage: StageSpec, teacher: str | None) -> dict[str, str]:
     terms = BitEmbedLoss.describe(asdict(stage.loss), teacher)
-    data = " + ".join(
-        f"{spec.name or Path(spec.path).name} ({', '.join(spec.columns)})" for _, spec in stage_datasets(stage, "")
-    )
+    data = " + ".join(f"{spec.label} ({', '.join(spec.columns)})" for _, spec in stage_datasets(stage, ""))
     t = stage.training
     schedule = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs} epoch(s)"
     return {
@@ -350,7 +344,7 @@ def run_recipe(
     output = Path(recipe.output_dir)
     if not resume:
         written = [output / "model"] + [output / "converted"] * ("convert" in stages)
-        written += [output / name / "final" for name in ("pretrain", "finetune") if name in stages]
+        written += [output / name / "final" for name, _ in recipe.training_stages() if name in stages]
         for folder in written:
             check_target(folder, overwrite, "--resume to continue that run, or --overwrite to start over")
     datasets = preflight(recipe)
@@ -365,23 +359,22 @@ def run_recipe(
         else None
     )
     processes = running_processes()
-    if processes.is_main_process and "convert" in stages and not (resume and (converted / "modules.json").exists()):
+    if processes.is_main_process and "convert" in stages and not (resume and holds_model(converted)):
         logger.info("Stage convert: %s -> %s", recipe.backbone.name, converted)
         convert(recipe, calibration_texts).save(str(converted))
     processes.wait_for_everyone()
     previous = converted
     recipe_summary = []
-    for stage_name in ("pretrain", "finetune"):
-        stage: StageSpec | None = getattr(recipe, stage_name)
+    for stage_name, stage in recipe.training_stages():
         final = output / stage_name / "final"
-        if stage is None or stage_name not in stages:
-            previous = final if (final / "modules.json").exists() else previous
+        if stage_name not in stages:
+            previous = final if holds_model(final) else previous
             continue
         recipe_summary.append(describe_stage(stage_name, stage, recipe.teacher))
-        if resume and (final / "modules.json").exists():
+        if resume and holds_model(final):
             logger.info("Stage %s already done: %s", stage_name, final)
         else:
-            if not (previous / "modules.json").exists():
+            if not holds_model(previous):
                 raise RecipeError(f"No model at {previous} to start {stage_name} from: run the earlier stages first.")
             logger.info("Stage %s: %s -> %s", stage_name, previous, final)
             model = BitEmbed(str(previous), keep_latent_weights=True)
@@ -389,7 +382,7 @@ def run_recipe(
                 model.calibrate_quantizer(calibration_texts)
             train_stage(model, stage, datasets[stage_name], teacher, output / stage_name, resume, recipe.teacher or "")
         previous = final
-    if not (previous / "modules.json").exists():
+    if not holds_model(previous):
         raise RecipeError(f"No model at {previous}: run the earlier stages first (st-bitembed train / pretrain).")
     model = BitEmbed(str(previous), keep_latent_weights=True)  # saved again below: with its own latent weights
     if calibration_texts and recipe_summary:
@@ -433,8 +426,7 @@ def describe_origin(model: BitEmbed, recipe: Recipe) -> None:
     licence."""
     card_data = model.model_card_data
     card_data.base_model = hub_name(recipe.backbone.name)
-    stages = [stage for stage in (recipe.pretrain, recipe.finetune) if stage is not None]
-    names = [spec.name for stage in stages for _, spec in stage_datasets(stage, "") if spec.name]
+    names = [spec.name for _, stage in recipe.training_stages() for _, spec in stage_datasets(stage, "") if spec.name]
     card_data.train_datasets = [{"id": name} for name in dict.fromkeys(names)]
     card_data.language = recipe.language or None
     card_data.license = recipe.license
@@ -447,17 +439,3 @@ def _convert_description(recipe: Recipe) -> str:
         data = calibration.dataset.name or calibration.dataset.path
         text += f"; inserted norms and Quantize head calibrated on {calibration.texts} texts of {data}"
     return text
-
-
-def summary_table(report: EvaluationReport) -> str:
-    """Teacher vs student per task and precision, with the student's share of the teacher's mean score."""
-    teacher_mean = report.mean_score("teacher", "float32")
-    lines = [report.to_markdown()]
-    if teacher_mean:
-        shares = [
-            f"{p}: {100 * m / teacher_mean:.1f}%"
-            for p in report.precisions("head")
-            if (m := report.mean_score("head", p)) is not None
-        ]
-        lines.append(f"\nStudent mean as a share of the teacher's ({100 * teacher_mean:.2f}): {', '.join(shares)}")
-    return "\n".join(lines)

@@ -61,3 +61,25 @@ def test_head_records_its_precisions_and_refuses_one_it_lacks(tmp_path):
         loaded.quantize(embeddings, "int4")
     with pytest.raises(ValueError, match="signed integer precisions"):
         Quantize(8, precisions=["uint8"])
+
+
+def test_a_precision_added_as_one_record_works_through_head_search_and_reports(monkeypatch):
+    from st_bitembed.evaluation import EvaluationReport, Score, posthoc_quantize
+    from st_bitembed.precisions import Precision
+    from st_bitembed.search import quantized_semantic_search
+
+    monkeypatch.setitem(PRECISIONS, "int6", Precision("int6", 6, "integer", torch.int8))
+    head = Quantize(16, precisions=["int8", "int6"])
+    embeddings = torch.nn.functional.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    head.calibrate(embeddings)
+    codes = head.quantize(embeddings, "int6")
+    assert codes.min() >= -32 and codes.max() <= 31 and len(codes.unique()) > 16
+    restored = head.dequantize(codes, "int6")
+    assert (restored - embeddings).abs().max() < (
+        head.dequantize(head.quantize(embeddings, "int8"), "int8") - embeddings
+    ).abs().max() * 8
+    hits = quantized_semantic_search(embeddings, codes, "int6", head, top_k=1)
+    assert [h[0]["corpus_id"] for h in hits] == list(range(5))
+    assert head.bytes_per_vector("int6") == 12 and len(posthoc_quantize(embeddings, "int6").unique()) > 16
+    report = EvaluationReport("m", 16, [Score("head", "int6", "t", "STS", "spearman", 0.5)])
+    assert "| BitEmbed head | int6 | 6 | 12 |" in report.to_markdown()

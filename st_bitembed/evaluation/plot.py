@@ -10,12 +10,11 @@ from st_bitembed.precisions import get_precision
 
 def plot_precision_scores(report: EvaluationReport, path: str | Path) -> Path:
     """Write a PNG of mean main score (x100) vs bits per dimension, one line per method, the teacher dashed."""
-    import matplotlib
+    # A Figure of its own, not pyplot: the caller's matplotlib backend and open figures stay as they were.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    axis = figure.subplots()
     for method, marker in (("head", "o"), ("posthoc", "s")):
         # An unsigned layout scores exactly as its signed twin: one point per distinct code.
         points = sorted(
@@ -51,5 +50,4 @@ def plot_precision_scores(report: EvaluationReport, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path)
-    plt.close(figure)
     return path

@@ -84,6 +84,19 @@ class EvaluationReport:
         types = ", ".join(f"{t} ({s.task_type})" for t, s in {s.task: s for s in self.scores}.items())
         return "\n".join(lines) + f"\n\nTasks: {types}. Scores are each task's mteb main score x 100."
 
+    def to_markdown_with_shares(self) -> str:
+        """:meth:`to_markdown`, then the trained head's mean at each precision as a share of the teacher's."""
+        teacher_mean = self.mean_score("teacher", "float32")
+        lines = [self.to_markdown()]
+        if teacher_mean:
+            shares = [
+                f"{p}: {100 * m / teacher_mean:.1f}%"
+                for p in self.precisions("head")
+                if (m := self.mean_score("head", p)) is not None
+            ]
+            lines.append(f"\nStudent mean as a share of the teacher's ({100 * teacher_mean:.2f}): {', '.join(shares)}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {
             "model_name": self.model_name,

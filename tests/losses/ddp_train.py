@@ -1,4 +1,4 @@
-"""Run by test_training.py under `torch.distributed.run --nproc_per_node 2`: a CPU (gloo) DDP training run."""
+"""Run by test_bitembed_trainer.py under `torch.distributed.run --nproc_per_node 2`: a CPU (gloo) DDP training run."""
 
 from __future__ import annotations
 

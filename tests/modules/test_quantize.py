@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from sentence_transformers.util import quantize_embeddings
 
 from st_bitembed import PRECISIONS, BitEmbed, Quantize
-from st_bitembed.quantization.packing import pack_codes, unpack_codes
 
 CODE_RANGES = {"int8": (-128, 127), "int4": (-8, 7), "int2": (-2, 1), "uint8": (0, 255)}
 
@@ -28,17 +27,6 @@ def test_codes_are_in_range_and_have_the_storage_size(precision):
         assert unpacked.min() >= low and unpacked.max() <= high
         assert unpacked.min() == low and unpacked.max() == high  # clipping reaches both ends
     assert codes[0].numel() * codes.element_size() == head.bytes_per_vector(precision)
-
-
-@pytest.mark.parametrize("bits", [1, 2, 4])
-@pytest.mark.parametrize("dimension", [64, 37])
-def test_pack_unpack_round_trips_exactly(bits, dimension):
-    low = 0 if bits == 1 else -(2 ** (bits - 1))
-    high = 1 if bits == 1 else 2 ** (bits - 1) - 1
-    codes = torch.randint(low, high + 1, (5, dimension), dtype=torch.int8)
-    packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-dimension * bits // 8))
-    assert torch.equal(unpack_codes(packed, bits, dimension), codes)
 
 
 def test_binary_bytes_equal_sentence_transformers():
