@@ -225,14 +225,14 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
             if (spec.name is None) == (spec.path is None):
                 raise RecipeError(f"{where}: give exactly one of name (Hub) or path (local file).")
             if len(spec.columns) < least_columns:
-                pairs = [name for name in BitEmbedLoss.active_terms(weights) if BitEmbedLoss.TERMS[name].needs.pairs]
+                pairs = BitEmbedLoss.terms_that_need(weights, "pairs")
                 raise RecipeError(
                     f"{where}.columns: name the (query, positive[, negatives]) columns: {', '.join(pairs)} rank "
                     "queries against documents (one text column is enough for the other terms alone)."
                 )
         if not BitEmbedLoss.active_terms(weights):
             raise RecipeError(f"{source}.{stage_name}.loss: every weight is 0; turn at least one loss term on.")
-        teacher_terms = [name for name in BitEmbedLoss.active_terms(weights) if BitEmbedLoss.TERMS[name].needs.teacher]
+        teacher_terms = BitEmbedLoss.terms_that_need(weights, "teacher")
         if teacher_terms and recipe.teacher is None:
             raise RecipeError(f"{source}.{stage_name}.loss: {', '.join(teacher_terms)} > 0 needs a top-level teacher.")
     if recipe.evaluation is not None and not recipe.evaluation.tasks and recipe.evaluation.benchmark is None:

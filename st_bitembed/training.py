@@ -103,7 +103,7 @@ def preflight(recipe: Recipe) -> dict[str, Any]:
         where = f"{recipe.name}.{stage_name}.dataset"
         datasets[stage_name] = [load_columns(spec, path) for path, spec in stage_datasets(stage, where)]
         weights = asdict(stage.loss)
-        token_terms = [n for n in BitEmbedLoss.active_terms(weights) if BitEmbedLoss.TERMS[n].needs.same_tokenizer]
+        token_terms = BitEmbedLoss.terms_that_need(weights, "same_tokenizer")
         if token_terms:
             _check_same_tokenizer(recipe, stage_name, token_terms)
     if recipe.calibration is not None:

@@ -53,3 +53,18 @@ def test_card_metadata_says_what_the_model_was_made_from(converted_qwen3):
     assert data["base_model_relation"] == "finetune"
     assert data["datasets"] == ["sentence-transformers/all-nli"]
     assert data["language"] == ["en"] and data["license"] == "apache-2.0"
+
+
+def test_card_state_is_bitembed_card_data(converted_qwen3):
+    from sentence_transformers import SentenceTransformerModelCardData
+
+    from st_bitembed import BitEmbed
+    from st_bitembed.card import BitEmbedModelCardData
+
+    card_data = converted_qwen3.model_card_data
+    assert isinstance(card_data, BitEmbedModelCardData)
+    card_data.training_recipe = [{"name": "convert", "description": "tiny"}]
+    exported = card_data.to_dict()  # what sentence-transformers' own card is made from
+    assert "training_recipe" not in exported and "evaluation_report" not in exported
+    with pytest.raises(TypeError, match="model_card_data must be a BitEmbedModelCardData"):
+        BitEmbed(modules=list(converted_qwen3), model_card_data=SentenceTransformerModelCardData())

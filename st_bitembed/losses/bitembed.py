@@ -143,7 +143,7 @@ class BitEmbedLoss(nn.Module):
         weights.update(renamed(renamed_weights, "BitEmbedLoss"))
         if min(weights.values()) < 0 or max(weights.values()) == 0:
             raise ValueError(f"Loss weights must be >= 0 and at least one > 0, got {weights}.")
-        in_loss = [name for name in self.active_terms(weights) if self.TERMS[name].needs.teacher_in_loss]
+        in_loss = self.terms_that_need(weights, "teacher_in_loss")
         if in_loss and teacher is None:
             raise ValueError(
                 f"{', '.join(in_loss)} > 0 (token-level distillation) needs teacher=, run inside the loss."
@@ -179,6 +179,11 @@ class BitEmbedLoss(nn.Module):
     def active_terms(cls, weights: Mapping[str, float]) -> list[str]:
         """The weights' names whose terms are on (weight > 0), in :data:`TERMS` order."""
         return [name for name in cls.TERMS if weights.get(name, 0) > 0]
+
+    @classmethod
+    def terms_that_need(cls, weights: Mapping[str, float], requirement: str) -> list[str]:
+        """The active terms that have ``requirement`` (a :class:`TermNeeds` field), e.g. ``"same_tokenizer"``."""
+        return [name for name in cls.active_terms(weights) if getattr(cls.TERMS[name].needs, requirement)]
 
     @classmethod
     def needs(cls, weights: Mapping[str, float]) -> TermNeeds:

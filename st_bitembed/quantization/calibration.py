@@ -2,8 +2,9 @@
 
 An inserted RMSNorm with weight 1 rescales each token's input to unit RMS, while the pretrained projection expects
 the original scale. Setting the norm's weight per channel to ``E|x_i| / E|x_i / rms(x)|`` (over real tokens of a few
-hundred sentences) restores that scale on average: measured on all-MiniLM-L6-v2, STS-B rises from 0.30 to 0.58
-before any training (../shared/NOTES.md), which makes the distillation that follows far shorter.
+hundred sentences) restores that scale on average: all-MiniLM-L6-v2 converted and calibrated on 256 STS-B train
+sentences scores 64.7 on STS-B test before any training, 30.3 uncalibrated (Spearman x 100 of the cosines of the
+1,379 pairs), which makes the distillation that follows far shorter.
 """
 
 from __future__ import annotations
