@@ -129,31 +129,22 @@ def convert_backbone(
 
     transformer_cls = SubLNTransformer if norm == "subln" else Transformer
     init_kwargs = {"subln_targets": subln_targets} if norm == "subln" else {}
+    # What sentence-transformers' loaders take, for the model and for its Transformer module alike.
+    load_kwargs = {
+        "revision": revision,
+        "token": token,
+        "cache_folder": cache_folder,
+        "local_files_only": local_files_only,
+        "model_kwargs": model_kwargs,
+        "processor_kwargs": processor_kwargs,
+        "config_kwargs": config_kwargs,
+    }
     if st_modules is not None:
         model = model_class._load_with_module_classes(
-            name_or_path,
-            {st_modules[0]["type"]: transformer_cls},
-            device=device,
-            revision=revision,
-            token=token,
-            cache_folder=cache_folder,
-            local_files_only=local_files_only,
-            model_kwargs=model_kwargs,
-            processor_kwargs=processor_kwargs,
-            config_kwargs=config_kwargs,
+            name_or_path, {st_modules[0]["type"]: transformer_cls}, device=device, **load_kwargs
         )
     else:
-        transformer = transformer_cls.load(
-            name_or_path,
-            token=token,
-            cache_folder=cache_folder,
-            revision=revision,
-            local_files_only=local_files_only,
-            model_kwargs=model_kwargs,
-            processor_kwargs=processor_kwargs,
-            config_kwargs=config_kwargs,
-            init_defaults=init_kwargs,
-        )
+        transformer = transformer_cls.load(name_or_path, init_defaults=init_kwargs, **load_kwargs)
         pooling_module = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
         model = model_class(modules=[transformer, pooling_module, Normalize()], device=device)
 
