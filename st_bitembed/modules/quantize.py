@@ -26,16 +26,34 @@ INT8_RANGES_FILE = "int8_ranges.npy"
 UNLISTED_PRECISIONS = ("int8", "int4", "int2")
 
 
+# Beyond this many standard deviations a standard Gaussian has no mass in float64: the outer cells' bounds.
+_GAUSSIAN_TAIL = 40.0
+
+
 @lru_cache
 def gaussian_optimal_half_range(bits: int) -> float:
-    """Half-range (in standard deviations) of the uniform midrise quantizer with least MSE on a standard Gaussian."""
-    probabilities = torch.linspace(0, 1, 40_003, dtype=torch.float64)[1:-1]
-    samples = math.sqrt(2) * torch.erfinv(2 * probabilities - 1)
-    candidates = torch.linspace(0.3, 8.0, 771, dtype=torch.float64)
-    errors = [
-        (samples - _midrise(samples, half_range / 2 ** (bits - 1), bits)).pow(2).mean() for half_range in candidates
-    ]
-    return float(candidates[int(torch.stack(errors).argmin())])
+    """Half-range (in standard deviations, on a 0.01 grid) of the uniform midrise quantizer with least MSE on a
+    standard Gaussian.
+
+    The MSE of each candidate is integrated exactly, cell by cell: over ``[a, b]`` with centre ``c``, ``E[(x - c)^2]``
+    is ``m2 - 2 c m1 + c^2 m0`` with the Gaussian's partial moments ``m0 = Phi(b) - Phi(a)``, ``m1 = phi(a) - phi(b)``
+    and ``m2 = m0 + a phi(a) - b phi(b)`` (a few hundred candidates x levels: no sampling, no large temporaries).
+    """
+    half_ranges = torch.linspace(0.3, 8.0, 771, dtype=torch.float64)[:, None]
+    step = half_ranges / 2 ** (bits - 1)
+    cells = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.float64)
+    lower, upper = cells * step, (cells + 1) * step
+    lower[:, 0], upper[:, -1] = -_GAUSSIAN_TAIL, _GAUSSIAN_TAIL  # the outer cells take the tails
+    centre = (cells + 0.5) * step
+
+    def density(x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+    m0 = torch.special.ndtr(upper) - torch.special.ndtr(lower)
+    m1 = density(lower) - density(upper)
+    m2 = m0 + lower * density(lower) - upper * density(upper)
+    errors = (m2 - 2 * centre * m1 + centre**2 * m0).sum(dim=-1)
+    return float(half_ranges[errors.argmin(), 0])
 
 
 def _codes(values: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
