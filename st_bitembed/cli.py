@@ -35,7 +35,9 @@ def _convert(args: argparse.Namespace) -> None:
     from st_bitembed.saving import check_target
 
     check_target(args.output_dir, args.overwrite)
-    model = BitEmbed.from_backbone(args.base, norm=args.norm, pooling=args.pooling, eos_token=args.eos_token)
+    model = BitEmbed.from_backbone(
+        args.base, norm=args.norm, pooling=args.pooling, eos_token=args.eos_token, nested_codes=args.nested_codes
+    )
     model.save(args.output_dir)
     layers = sum(1 for module in model[0].auto_model.modules() if isinstance(module, AutoBitLinear))
     print(f"Converted {args.base} ({layers} BitLinear layers, norm={args.norm}) -> {args.output_dir}")
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--norm", default="all", help="where to insert RMSNorms: all (default) or subln")
     convert.add_argument("--pooling", default=None, help="pooling of a plain transformers backbone (lasttoken, mean)")
     convert.add_argument("--eos-token", default=None, help="token appended to every text for last-token pooling")
+    convert.add_argument(
+        "--nested-codes", action="store_true", help="one range for all integer precisions: codes truncate"
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace a model already in output_dir")
     convert.set_defaults(run=_convert)
 

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from st_bitembed.hub import check_model_source
+from st_bitembed.modules.quantize import Quantize
 from st_bitembed.modules.subln_transformer import SubLNTransformer
 from st_bitembed.quantization.bitlinear import install_bitlinear
 from st_bitembed.quantization.convert import (
@@ -43,6 +44,7 @@ def convert_backbone(
     pooling: Literal["lasttoken", "mean", "cls"] | None = None,
     eos_token: str | None = None,
     subln_targets: Sequence[str] = SUBLN_TARGETS,
+    nested_codes: bool = False,
     device: str | None = None,
     revision: str | None = None,
     token: bool | str | None = None,
@@ -75,6 +77,9 @@ def convert_backbone(
         eos_token: For last-token pooling, the token appended to every text; defaults to ``<|endoftext|>`` for
             the Qwen families and to the tokenizer's ``eos_token`` otherwise.
         subln_targets: Module name suffixes that get a norm when ``norm="subln"``.
+        nested_codes: Give the model a nested Quantize head: one range per dimension for all integer precisions,
+            so that the int4 / int2 / binary codes are the top bits of the int8 code and one stored array serves
+            every precision (:meth:`~st_bitembed.modules.quantize.Quantize.truncate`).
         device: Device to put the model on.
         revision, token, cache_folder, local_files_only: Hub arguments, as for ``SentenceTransformer``.
         model_kwargs, processor_kwargs, config_kwargs: Passed on to ``AutoModel`` / ``AutoTokenizer`` /
@@ -164,6 +169,8 @@ def convert_backbone(
         eos_token = pooling_eos_token(tokenizer, backbone.config.model_type, eos_token)
         if tokenizer("a")["input_ids"][-1] != tokenizer.convert_tokens_to_ids(eos_token):
             append_eos_token(tokenizer, eos_token)
+    if nested_codes:
+        model.set_quantizer(Quantize(model.get_embedding_dimension(), nested=True))
     model.to(model.device)  # the new norms were created on the weights' device; keep everything together
     if not os.path.isdir(name_or_path):
         model.model_card_data.base_model = name_or_path

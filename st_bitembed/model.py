@@ -247,6 +247,16 @@ class BitEmbed(SentenceTransformer):
             raise ValueError("This model has no Quantize head: its embedding dimension is unknown.")
         return self._quantize_head
 
+    def set_quantizer(self, head: Quantize) -> None:
+        """Replace the Quantize head (e.g. by a nested one, ``Quantize(dim, nested=True)``); it moves to the model's
+        device and is saved with the model."""
+        if head.embedding_dimension != self.get_embedding_dimension():
+            raise ValueError(
+                f"The head quantizes {head.embedding_dimension} dimensions; this model's embeddings have "
+                f"{self.get_embedding_dimension()}."
+            )
+        object.__setattr__(self, "_quantize_head", head.to(self.device))
+
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> BitEmbed:
         # .to() / .half() / .cuda() reach the head, which is not a registered child.
         super()._apply(fn, *args, **kwargs)

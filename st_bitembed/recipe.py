@@ -113,6 +113,7 @@ class BackboneSpec:
     pooling: str | None = None
     eos_token: str | None = None
     max_seq_length: int | None = None
+    nested_codes: bool = False
 
 
 @dataclass

@@ -145,7 +145,11 @@ def convert(recipe: Recipe, calibration_texts: list[str] | None) -> BitEmbed:
     """Convert the backbone; calibrate the inserted norms and the Quantize head on the calibration texts."""
     backbone = recipe.backbone
     model = BitEmbed.from_backbone(
-        backbone.name, norm=backbone.norm, pooling=backbone.pooling, eos_token=backbone.eos_token
+        backbone.name,
+        norm=backbone.norm,
+        pooling=backbone.pooling,
+        eos_token=backbone.eos_token,
+        nested_codes=backbone.nested_codes,
     )
     model.model_card_data.base_model = hub_name(backbone.name)
     if backbone.max_seq_length is not None:
@@ -435,6 +439,8 @@ def describe_origin(model: BitEmbed, recipe: Recipe) -> None:
 def _convert_description(recipe: Recipe) -> str:
     calibration = recipe.calibration
     text = f"{recipe.backbone.name} -> W1.58A8 BitLinear, norm={recipe.backbone.norm}"
+    if recipe.backbone.nested_codes:
+        text += ", nested output codes (int4 / int2 / binary codes are the top bits of the int8 code)"
     if calibration is not None:
         data = calibration.dataset.name or calibration.dataset.path
         text += f"; inserted norms and Quantize head calibrated on {calibration.texts} texts of {data}"

@@ -65,3 +65,17 @@ def test_tokenizer_without_eos_is_refused_before_loading_weights(gemma3_dir, min
 def test_bad_arguments_are_refused(qwen3_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         BitEmbed.from_backbone(str(qwen3_dir), **kwargs)
+
+
+def test_nested_codes_survive_saving_and_truncate_to_what_encode_gives(qwen3_dir, tmp_path):
+    model = BitEmbed.from_backbone(str(qwen3_dir), nested_codes=True)
+    texts = ["A man is playing a guitar.", "Ternary weights, nested codes."]
+    model.calibrate_quantizer(texts * 4)
+    model.save(str(tmp_path / "nested"))
+    loaded = BitEmbed(str(tmp_path / "nested"))
+    assert loaded.quantizer.nested
+    stored = loaded.encode(texts, precision="int8", convert_to_tensor=True)
+    assert torch.equal(stored, model.encode(texts, precision="int8", convert_to_tensor=True))
+    for precision in ("int4", "int2", "binary"):
+        truncated = loaded.quantizer.truncate(stored, "int8", precision)
+        assert torch.equal(truncated, loaded.encode(texts, precision=precision, convert_to_tensor=True))

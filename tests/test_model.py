@@ -192,3 +192,20 @@ def test_loading_does_not_warn_of_weight_unpacking(saved_model):
     if not torch.cuda.is_available():  # transformers' own load says it (on CPU)
         assert "weight unpacking" in stderr["sentence_transformers"]
     assert "weight unpacking" not in stderr["st_bitembed"]
+
+
+def test_multi_process_encoding_gives_the_codes_of_one_process(saved_model):
+    """sentence-transformers' pool (2 CPU processes, spawned: the model is pickled to them after it released its
+    latent weights) with precision=: each chunk is one batch, so one process encoding the same batches must give
+    exactly the same codes (BitEmbed's embeddings depend on a batch's padding at the level of float rounding,
+    amplified by the int8 activation codes)."""
+    model = BitEmbed(str(saved_model))
+    texts = [f"{text} {i}" for i in range(6) for text in TEXTS]
+    single = np.concatenate([model.encode(texts[i : i + 4], precision="int4", batch_size=4) for i in range(0, 18, 4)])
+    assert all(layer.latent_weight_released for layer in model.modules() if isinstance(layer, BitLinear))
+    pool = model.start_multi_process_pool(["cpu", "cpu"])
+    try:
+        pooled = model.encode(texts, precision="int4", batch_size=4, chunk_size=4, pool=pool)
+    finally:
+        model.stop_multi_process_pool(pool)
+    np.testing.assert_array_equal(pooled, single)

@@ -28,18 +28,20 @@ UNLISTED_PRECISIONS = ("int8", "int4", "int2")
 
 # Beyond this many standard deviations a standard Gaussian has no mass in float64: the outer cells' bounds.
 _GAUSSIAN_TAIL = 40.0
+# The candidate half-ranges (in standard deviations) of the initial ranges.
+_HALF_RANGE_GRID = (0.3, 8.0, 771)
+# The key of the one range that all precisions of a nested head share.
+NESTED_RANGE = "nested"
 
 
-@lru_cache
-def gaussian_optimal_half_range(bits: int) -> float:
-    """Half-range (in standard deviations, on a 0.01 grid) of the uniform midrise quantizer with least MSE on a
-    standard Gaussian.
+def _gaussian_midrise_errors(bits: int) -> torch.Tensor:
+    """MSE of the uniform midrise quantizer on a standard Gaussian, for each half-range of the grid.
 
-    The MSE of each candidate is integrated exactly, cell by cell: over ``[a, b]`` with centre ``c``, ``E[(x - c)^2]``
-    is ``m2 - 2 c m1 + c^2 m0`` with the Gaussian's partial moments ``m0 = Phi(b) - Phi(a)``, ``m1 = phi(a) - phi(b)``
-    and ``m2 = m0 + a phi(a) - b phi(b)`` (a few hundred candidates x levels: no sampling, no large temporaries).
+    Integrated exactly, cell by cell: over ``[a, b]`` with centre ``c``, ``E[(x - c)^2]`` is ``m2 - 2 c m1 + c^2 m0``
+    with the Gaussian's partial moments ``m0 = Phi(b) - Phi(a)``, ``m1 = phi(a) - phi(b)`` and
+    ``m2 = m0 + a phi(a) - b phi(b)`` (a few hundred candidates x levels: no sampling, no large temporaries).
     """
-    half_ranges = torch.linspace(0.3, 8.0, 771, dtype=torch.float64)[:, None]
+    half_ranges = torch.linspace(*_HALF_RANGE_GRID, dtype=torch.float64)[:, None]
     step = half_ranges / 2 ** (bits - 1)
     cells = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.float64)
     lower, upper = cells * step, (cells + 1) * step
@@ -52,8 +54,22 @@ def gaussian_optimal_half_range(bits: int) -> float:
     m0 = torch.special.ndtr(upper) - torch.special.ndtr(lower)
     m1 = density(lower) - density(upper)
     m2 = m0 + lower * density(lower) - upper * density(upper)
-    errors = (m2 - 2 * centre * m1 + centre**2 * m0).sum(dim=-1)
-    return float(half_ranges[errors.argmin(), 0])
+    return (m2 - 2 * centre * m1 + centre**2 * m0).sum(dim=-1)
+
+
+@lru_cache
+def gaussian_optimal_half_range(bits: int) -> float:
+    """Half-range (in standard deviations, on a 0.01 grid) of the uniform midrise quantizer with least MSE on a
+    standard Gaussian."""
+    return float(torch.linspace(*_HALF_RANGE_GRID, dtype=torch.float64)[_gaussian_midrise_errors(bits).argmin()])
+
+
+@lru_cache
+def nested_gaussian_half_range(bits: tuple[int, ...]) -> float:
+    """The one half-range that nested precisions of these widths share on a standard Gaussian: the least sum of each
+    precision's MSE relative to its own optimum (so that each precision counts alike)."""
+    relative = sum(errors / errors.min() for errors in map(_gaussian_midrise_errors, bits))
+    return float(torch.linspace(*_HALF_RANGE_GRID, dtype=torch.float64)[relative.argmin()])
 
 
 def _codes(values: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
@@ -73,6 +89,14 @@ class Quantize(Module):
     Binary codes are the sign bits in sentence-transformers' packed layout and stand for ``+-1 / sqrt(dim)``.
     A text's codes depend only on its own embedding, never on the rest of the batch.
 
+    A **nested** head (``nested=True``) gives all its integer precisions one range per dimension, so that each
+    lower precision's code is the top bits of a higher one's: ``floor(x / (2**k s)) = floor(floor(x / s) / 2**k)``,
+    so the int4 code is the int8 code shifted right by 4, the int2 code by 6, and the sign bit is the binary code
+    (``x >= 0``; a non-nested head's binary code is ``x > 0``, as in sentence-transformers, which differs only at
+    exactly 0). One stored int8 (or int4) array then serves every precision (:meth:`truncate`); the price is one
+    range where each precision had its own best one (on a Gaussian, at the range that minimises the sum of the three
+    precisions' MSE relative to their own optimum: 1.3x the MSE at int8, 1.4x at int4, 2.2x at int2).
+
     The ranges start at the MSE-optimal clipping for coordinates of a random unit vector (standard deviation
     ``1 / sqrt(dim)``), so an untrained head already works; :meth:`calibrate` fits them to real embeddings, and
     :meth:`fake_quantize` (straight-through estimator) lets training optimise them with the model.
@@ -82,6 +106,8 @@ class Quantize(Module):
 
     Args:
         embedding_dimension: Dimension of the sentence embeddings.
+        precisions: The integer precisions the head holds ranges for (a nested head: fits its shared range for).
+        nested: One range shared by all integer precisions, so that codes truncate (see above).
 
     Example:
         ::
@@ -93,11 +119,17 @@ class Quantize(Module):
             embeddings = torch.nn.functional.normalize(torch.randn(2, 384), dim=-1)
             codes = head.quantize(embeddings, "int4")  # int8 tensor with values in [-8, 7]
             reconstructed = head.dequantize(codes, "int4")
+
+            nested = Quantize(384, nested=True)
+            int8_codes = nested.quantize(embeddings, "int8")  # the one array to store
+            assert torch.equal(nested.truncate(int8_codes, "int8", "int4"), nested.quantize(embeddings, "int4"))
     """
 
-    config_keys: list[str] = ["embedding_dimension", "precisions"]
+    config_keys: list[str] = ["embedding_dimension", "precisions", "nested"]
 
-    def __init__(self, embedding_dimension: int, precisions: Sequence[str] = INTEGER_PRECISIONS) -> None:
+    def __init__(
+        self, embedding_dimension: int, precisions: Sequence[str] = INTEGER_PRECISIONS, nested: bool = False
+    ) -> None:
         super().__init__()
         records = [get_precision(p) for p in precisions]
         if not records or any(not p.is_integer or p.unsigned for p in records):
@@ -107,15 +139,18 @@ class Quantize(Module):
             )
         self.embedding_dimension = embedding_dimension
         self.precisions = [p.name for p in records]
+        self.nested = nested
+        # In standard deviations of a coordinate of a random unit vector (1 / sqrt(dim)).
+        if nested:
+            half_ranges = {NESTED_RANGE: nested_gaussian_half_range(tuple(sorted(p.bits for p in records)))}
+        else:
+            half_ranges = {p.name: gaussian_optimal_half_range(p.bits) for p in records}
         self.log_half_ranges = nn.ParameterDict(
             {
-                p.name: nn.Parameter(
-                    torch.full(
-                        (embedding_dimension,),
-                        math.log(gaussian_optimal_half_range(p.bits)) - 0.5 * math.log(embedding_dimension),
-                    )
+                key: nn.Parameter(
+                    torch.full((embedding_dimension,), math.log(half_range) - 0.5 * math.log(embedding_dimension))
                 )
-                for p in records
+                for key, half_range in half_ranges.items()
             }
         )
 
@@ -126,7 +161,7 @@ class Quantize(Module):
     def step(self, precision: PrecisionName | Precision, dimension: int | None = None) -> torch.Tensor:
         """Quantization step per dimension of an integer precision (for the first ``dimension`` dimensions)."""
         precision = get_precision(precision)
-        name = precision.code_precision
+        name = NESTED_RANGE if self.nested else precision.code_precision
         if name not in self.log_half_ranges:
             raise ValueError(
                 f"This Quantize head has no range for {name} (it holds {', '.join(self.precisions)}): it was saved "
@@ -152,7 +187,7 @@ class Quantize(Module):
             rounded = embeddings.to(precision.dtype).to(embeddings.dtype)
             return embeddings + (rounded - embeddings).detach()
         if precision.is_binary:
-            signs = torch.where(embeddings > 0, 1.0, -1.0).to(embeddings.dtype) / math.sqrt(dimension)
+            signs = torch.where(self._sign_bits(embeddings), 1.0, -1.0).to(embeddings.dtype) / math.sqrt(dimension)
             return embeddings + (signs - embeddings).detach()
         bits, step = precision.bits, self.step(precision, dimension)
         scaled = embeddings / step
@@ -173,12 +208,66 @@ class Quantize(Module):
         if precision.is_float:
             return embeddings.to(precision.dtype)
         if precision.is_binary:
-            codes = to_signed(pack_codes((embeddings > 0).to(torch.int8), bits=1))
-        else:
-            codes = _codes(embeddings.float(), self.step(precision, dimension), precision.bits).to(torch.int8)
-            if pack and precision.bits < 8:
-                return pack_codes(codes, precision.bits)
+            return _binary_layout(self._sign_bits(embeddings), precision)
+        codes = _codes(embeddings.float(), self.step(precision, dimension), precision.bits).to(torch.int8)
+        if pack and precision.bits < 8:
+            return pack_codes(codes, precision.bits)
         return to_unsigned(codes) if precision.unsigned else codes
+
+    def _sign_bits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        # A nested head's binary code is the sign bit of its integer codes (floor(x / s) >= 0 exactly when x >= 0).
+        return embeddings >= 0 if self.nested else embeddings > 0
+
+    @torch.no_grad()
+    def truncate(
+        self,
+        codes: torch.Tensor | np.ndarray,
+        source: PrecisionName | Precision,
+        target: PrecisionName | Precision,
+        dimension: int | None = None,
+        pack: bool = False,
+    ) -> torch.Tensor | np.ndarray:
+        """The ``target`` codes of the embeddings whose ``source`` codes are ``codes``, from the codes alone: a
+        nested head's lower precisions are the top bits of its higher ones, so one stored array serves them all.
+
+        Args:
+            codes: Codes as :meth:`quantize` (or ``BitEmbed.encode``) returns them at ``source`` (int8 / uint8, or
+                int4 / int2, unpacked or packed), as a tensor or a NumPy array (a memory-mapped store, say).
+            source: Their integer precision.
+            target: An integer precision of at most ``source``'s bits, or ``binary`` / ``ubinary``.
+            dimension: For packed ``codes``, the embedding dimension, unless it is the head's.
+            pack: Pack int4 / int2 results, as ``quantize(..., pack=True)`` does.
+
+        Returns:
+            Exactly ``quantize(embeddings, target, pack)``, as a tensor or array like ``codes``.
+
+        Raises:
+            ValueError: the head is not nested, or ``target`` is not a lower precision of ``source``.
+        """
+        source, target = get_precision(source), get_precision(target)
+        if not self.nested:
+            raise ValueError(
+                "Only a nested head's codes truncate to another precision: this head has a range per precision. "
+                "Quantize the embeddings at the target precision instead, or use a nested head "
+                "(Quantize(dim, nested=True); BitEmbed.from_backbone(..., nested_codes=True))."
+            )
+        if not source.is_integer or target.is_float or target.bits > source.bits:
+            raise ValueError(
+                f"Cannot truncate {source.name} codes to {target.name}: the target must be an integer precision of "
+                f"at most {source.bits} bits, or binary."
+            )
+        if isinstance(codes, np.ndarray):
+            return self.truncate(torch.from_numpy(np.asarray(codes)), source, target, dimension, pack).numpy()
+        if source.unsigned:
+            codes = to_signed(codes)
+        if codes.dtype == torch.uint8:  # packed int4 / int2
+            codes = unpack_codes(codes, source.bits, dimension or self.embedding_dimension)
+        if target.is_binary:
+            return _binary_layout(codes >= 0, target)
+        truncated = codes >> (source.bits - target.bits)  # arithmetic shift: floor division by a power of two
+        if pack and target.bits < 8:
+            return pack_codes(truncated, target.bits)
+        return to_unsigned(truncated) if target.unsigned else truncated
 
     @torch.no_grad()
     def dequantize(
@@ -190,11 +279,11 @@ class Quantize(Module):
         dimension = dimension or self.embedding_dimension
         if precision.is_float:
             return codes.float()
+        if precision.is_binary:  # packed bytes: ubinary's as they are, binary's shifted back
+            bits = unpack_codes(codes if precision.unsigned else to_unsigned(codes), bits=1, dimension=dimension)
+            return (bits.float() * 2 - 1) / math.sqrt(dimension)
         if precision.unsigned:
             codes = to_signed(codes)
-        if precision.is_binary:
-            bits = unpack_codes(to_unsigned(codes), bits=1, dimension=dimension)
-            return (bits.float() * 2 - 1) / math.sqrt(dimension)
         if codes.dtype == torch.uint8:  # packed int4 / int2
             codes = unpack_codes(codes, precision.bits, dimension)
         return (codes.float() + 0.5) * self.step(precision, codes.shape[-1])
@@ -202,13 +291,14 @@ class Quantize(Module):
     @torch.no_grad()
     def calibrate(self, embeddings: torch.Tensor, candidates: int = 64) -> None:
         """Set every integer precision's per-dimension range to the least-MSE one on ``embeddings`` (``[N, dim]``),
-        searched among multiples (0.25 to 8) of each dimension's root mean square."""
+        searched among multiples (0.25 to 8) of each dimension's root mean square. A nested head's one range per
+        dimension is the candidate with the least sum of its precisions' MSE, each relative to its own best."""
         embeddings = embeddings.float().to(self.device)
         root_mean_square = embeddings.pow(2).mean(dim=0).sqrt().clamp(min=1e-8)
         multiples = torch.linspace(0.25, 8.0, candidates, device=embeddings.device)
-        for name in self.precisions:
-            bits = get_precision(name).bits
-            errors = torch.stack(
+
+        def errors(bits: int) -> torch.Tensor:  # [candidates, dim]
+            return torch.stack(
                 [
                     (embeddings - _midrise(embeddings, multiple * root_mean_square / 2 ** (bits - 1), bits))
                     .pow(2)
@@ -216,7 +306,15 @@ class Quantize(Module):
                     for multiple in multiples
                 ]
             )
-            best = multiples[errors.argmin(dim=0)] * root_mean_square
+
+        if self.nested:
+            per_precision = [errors(get_precision(name).bits) for name in self.precisions]
+            relative = sum(e / e.min(dim=0).values.clamp(min=1e-30) for e in per_precision)
+            best = multiples[relative.argmin(dim=0)] * root_mean_square
+            self.log_half_ranges[NESTED_RANGE].copy_(best.log()[: self.embedding_dimension])
+            return
+        for name in self.precisions:
+            best = multiples[errors(get_precision(name).bits).argmin(dim=0)] * root_mean_square
             self.log_half_ranges[name].copy_(best.log()[: self.embedding_dimension])
 
     def int8_ranges(self) -> torch.Tensor:
@@ -266,3 +364,9 @@ class Quantize(Module):
         config.setdefault("precisions", UNLISTED_PRECISIONS)
         head = cls(**{key: value for key, value in config.items() if key in cls.config_keys})
         return cls.load_torch_weights(model_name_or_path=model_name_or_path, model=head, **hub_kwargs)
+
+
+def _binary_layout(sign_bits: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """Sign bits packed 8 per byte, in sentence-transformers' layout: ``ubinary`` the bytes, ``binary`` bytes - 128."""
+    packed = pack_codes(sign_bits.to(torch.int8), bits=1)
+    return packed if precision.unsigned else to_signed(packed)

@@ -46,8 +46,10 @@ class BitLinear(AutoBitLinear):
         super().__init__(*args, **kwargs)
         self._ternary: TernaryWeight | None = None
         self._ternary_key: tuple | None = None
-        # While the latent weight is released: its codes, 2 bits each (the GEMM's layout of them cannot be read back).
+        # While the latent weight is released: its codes, 2 bits each (the GEMM's layout of them cannot be read back),
+        # and their scale.
         self._released_codes: torch.Tensor | None = None
+        self._released_scale: torch.Tensor | None = None
         self.register_state_dict_post_hook(_materialize_in_state_dict)
         self.register_load_state_dict_pre_hook(_materialize_before_loading)
 
@@ -71,7 +73,7 @@ class BitLinear(AutoBitLinear):
     def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes, scale)``: the ``[N, K]`` int8 ternary codes and 0-d float32 scale this layer computes with."""
         if self._released_codes is not None:
-            return unpack_codes(self._released_codes, 2, self.in_features), self._ternary.scale
+            return unpack_codes(self._released_codes, 2, self.in_features), self._released_scale
         if self.online_quant:
             return ternary_weight_codes(self.weight)
         # Offline (exported) checkpoints hold the ternary values, with their scale beside them.
@@ -100,7 +102,7 @@ class BitLinear(AutoBitLinear):
         if self._released_codes is not None:
             return
         codes, scale = self.ternary_codes()  # computed once, for the GEMM's layout and the 2-bit copy
-        self._released_codes = pack_codes(codes, 2)
+        self._released_codes, self._released_scale = pack_codes(codes, 2), scale.detach().float().reshape(())
         placeholder = torch.zeros(1, dtype=self.weight.dtype, device=self.weight.device)
         self.weight.data = placeholder.expand(self.weight.shape)
         self._prepare(codes, scale, gemm_backend(self.weight.device.type))
@@ -110,7 +112,7 @@ class BitLinear(AutoBitLinear):
         if self._released_codes is None:
             return
         self.weight.data = self._weight_from_codes()
-        self._released_codes = None
+        self._released_codes = self._released_scale = None
 
     def _weight_from_codes(self) -> torch.Tensor:
         codes, scale = self.ternary_codes()
@@ -119,6 +121,12 @@ class BitLinear(AutoBitLinear):
         # absmean(codes * s) = s * mean|codes|: dividing by mean|codes| gives back exactly scale s and these codes.
         nonzero_share = codes.abs().float().mean().clamp(min=1 / codes.numel())
         return (codes.float() * (scale / nonzero_share)).to(self.weight.dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The GEMM's layout is a cache, rebuilt at first use: pickling it (e.g. to the processes of
+        # sentence-transformers' multi-process encoding) would send temporaries of FBGEMM's packed weights.
+        state = super().__getstate__()
+        return {**state, "_ternary": None, "_ternary_key": None}
 
     def train(self, mode: bool = True) -> BitLinear:
         if mode:  # a layer that trains keeps its latent weight from now on, also through evaluations

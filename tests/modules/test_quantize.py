@@ -163,3 +163,72 @@ def test_saved_int8_ranges_give_vanilla_users_the_heads_int8_codes(converted_qwe
         in_batch = quantize_embeddings(vanilla.encode(texts), precision, ranges=ranges)
         alone = quantize_embeddings(vanilla.encode(texts[:1]), precision, ranges=ranges)
         assert np.array_equal(alone[0], in_batch[0])
+
+
+def nested_head_and_embeddings(precisions=("int8", "int4", "int2")) -> tuple[Quantize, torch.Tensor]:
+    head = Quantize(100, precisions=precisions, nested=True)
+    embeddings = unit_vectors(300, 100)
+    head.calibrate(embeddings)
+    embeddings[:5] *= 4  # beyond the ranges: clipping must nest too
+    embeddings[5, :10] = 0.0  # exactly zero: the sign bit of a code that floors to 0
+    return head, embeddings
+
+
+@pytest.mark.parametrize("target", ["int4", "int2", "binary", "ubinary", "uint8", "int8"])
+@pytest.mark.parametrize("source", ["int8", "uint8"])
+def test_nested_codes_truncate_to_exactly_the_lower_precisions_codes(source, target):
+    head, embeddings = nested_head_and_embeddings()
+    stored = head.quantize(embeddings, source)
+    assert torch.equal(head.truncate(stored, source, target), head.quantize(embeddings, target))
+
+
+def test_packed_nested_codes_truncate_packed():
+    head, embeddings = nested_head_and_embeddings()
+    int4_packed = head.quantize(embeddings, "int4", pack=True)
+    int2_packed = head.truncate(int4_packed, "int4", "int2", pack=True)
+    assert torch.equal(int2_packed, head.quantize(embeddings, "int2", pack=True))
+    assert torch.equal(head.truncate(int2_packed, "int2", "binary"), head.quantize(embeddings, "binary"))
+    as_array = head.truncate(int4_packed.numpy(), "int4", "int2", pack=True)  # a NumPy (memory-mapped) store
+    assert isinstance(as_array, np.ndarray) and np.array_equal(as_array, int2_packed.numpy())
+    # Truncated codes mean what the head's own codes mean.
+    own_codes = head.quantize(embeddings, "int2")
+    assert torch.equal(head.dequantize(int2_packed, "int2"), head.dequantize(own_codes, "int2"))
+
+
+def test_truncating_is_refused_where_codes_do_not_nest():
+    embeddings = unit_vectors(8, 100)
+    with pytest.raises(ValueError, match="Only a nested head"):
+        Quantize(100).truncate(Quantize(100).quantize(embeddings, "int8"), "int8", "int4")
+    head, _ = nested_head_and_embeddings()
+    codes = head.quantize(embeddings, "int4")
+    for source, target in [("int4", "int8"), ("int4", "float32"), ("binary", "binary")]:
+        with pytest.raises(ValueError, match="Cannot truncate"):
+            head.truncate(codes, source, target)
+
+
+def test_nested_head_shares_one_trainable_range_and_fits_one_precision_as_a_plain_head_does():
+    head, embeddings = nested_head_and_embeddings()
+    assert list(head.log_half_ranges) == ["nested"]
+    assert torch.allclose(head.step("int4"), 16 * head.step("int8")) and torch.allclose(
+        head.step("int2"), 64 * head.step("int8")
+    )
+    loss = sum((head.fake_quantize(embeddings, p) - embeddings).pow(2).sum() for p in ("int8", "int4", "int2"))
+    loss.backward()
+    assert head.log_half_ranges["nested"].grad.abs().sum() > 0
+    single, plain = Quantize(100, ["int4"], nested=True), Quantize(100, ["int4"])
+    single.calibrate(embeddings)
+    plain.calibrate(embeddings)
+    assert torch.equal(single.step("int4"), plain.step("int4"))
+
+
+def test_nested_range_lies_between_the_precisions_own_optima():
+    shared = Quantize(64, nested=True).step("int8") * 128  # its half-range
+    own = {p: Quantize(64).step(p) * 2 ** (PRECISIONS[p].bits - 1) for p in ("int8", "int2")}
+    assert (own["int2"] < shared).all() and (shared < own["int8"]).all()
+
+
+def test_nested_head_saves_and_loads_nested(tmp_path):
+    head, embeddings = nested_head_and_embeddings()
+    head.save(str(tmp_path))
+    loaded = Quantize.load(str(tmp_path))
+    assert loaded.nested and torch.equal(loaded.quantize(embeddings, "int4"), head.quantize(embeddings, "int4"))

@@ -1,0 +1,258 @@
+"""One store, every precision: a search index over a nested Quantize head's codes, with a binary first pass in memory
+and rescoring from the stored int8 / int4 codes (in memory, or memory-mapped from disk)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from st_bitembed.modules.quantize import Quantize
+from st_bitembed.precisions import PrecisionName, get_precision
+from st_bitembed.quantization.packing import hamming_distance
+
+FirstPassBackend = Literal["faiss", "usearch", "torch"]
+INDEX_FILE = "index.json"
+STORE_FILE = "codes.bin"
+HEAD_FOLDER = "quantize"
+# Rows truncated, added or rescored at a time (bounded memory for corpora larger than it).
+_ROWS_PER_BLOCK = 65_536
+# Queries compared at a time by the torch first pass (its XOR intermediate is queries x corpus x bytes).
+_QUERIES_PER_BLOCK = 8
+_STORE_PRECISIONS = ("int8", "int4")
+
+
+class NestedCodeIndex:
+    """Semantic search over one store of nested codes: a Hamming first pass on the binary codes (the top bit of every
+    stored code), then rescoring of ``rescore_multiplier * top_k`` candidates from the stored codes themselves.
+
+    sentence-transformers' own recipe (``semantic_search_faiss(..., corpus_precision="binary", rescore=True)``)
+    keeps a binary index and, for accurate rescoring, a second copy of the corpus in int8 or float. With a nested
+    head (:class:`~st_bitembed.modules.quantize.Quantize` with ``nested=True``) the binary codes are the top bit of
+    the int8 / int4 codes, so the index keeps only the int8 or int4 store: the first pass is derived from it
+    (:meth:`Quantize.truncate`), in memory (1 bit per dimension), and the rescoring reads the few candidate rows from
+    the store, which may stay on disk (``path``: appended to by :meth:`add`, memory-mapped when searched).
+
+    Args:
+        quantizer: The model's nested Quantize head (``model.quantizer``); it defines what the codes stand for.
+        store_precision: ``"int8"`` (1 byte per dimension) or ``"int4"`` (packed, 2 codes per byte).
+        path: A folder for the store, written as codes are added (corpora larger than memory); ``None``: in memory
+            (:meth:`save` writes it).
+        backend: The first pass: faiss's ``IndexBinaryFlat``, usearch's ``Index(metric="hamming", dtype="b1")``
+            (both optional: ``pip install st_bitembed[search]``) or popcount in torch.
+
+    Example:
+        ::
+
+            from st_bitembed import BitEmbed
+            from st_bitembed.index import NestedCodeIndex
+
+            model = BitEmbed.from_backbone("sentence-transformers/all-MiniLM-L6-v2", nested_codes=True)
+            index = NestedCodeIndex(model.quantizer, "int4", path="my-index")
+            for chunk in (["A man is eating food.", "A cheetah chases prey."], ["A plane is taking off."]):
+                index.add(model.encode(chunk, precision="int4", pack=True))
+            hits = index.search(model.encode(["Someone eats."]), top_k=2)  # [[{"corpus_id": 0, "score": ...}, ...]]
+            index.save()
+            same = NestedCodeIndex.load("my-index")
+    """
+
+    def __init__(
+        self,
+        quantizer: Quantize,
+        store_precision: PrecisionName = "int4",
+        path: str | Path | None = None,
+        backend: FirstPassBackend = "faiss",
+    ) -> None:
+        if not quantizer.nested:
+            raise ValueError(
+                "NestedCodeIndex needs a nested Quantize head, whose binary codes are the top bits of its int8 / int4 "
+                "codes: convert with BitEmbed.from_backbone(..., nested_codes=True), or give the model "
+                "Quantize(dim, nested=True) with model.set_quantizer and calibrate it."
+            )
+        if store_precision not in _STORE_PRECISIONS:
+            raise ValueError(f"The store holds {' or '.join(_STORE_PRECISIONS)} codes, not {store_precision!r}.")
+        if backend not in ("faiss", "usearch", "torch"):
+            raise ValueError(f"Unknown first-pass backend {backend!r}; choose faiss, usearch or torch.")
+        self.quantizer = quantizer.cpu().eval()
+        self.store_precision = store_precision
+        self.backend = backend
+        self.path = Path(path) if path is not None else None
+        self.dimension = quantizer.embedding_dimension
+        self.count = 0
+        self._memory_store: list[np.ndarray] = []
+        self._first_pass = _FirstPass(backend, self.dimension)
+        if self.path is not None:
+            if (self.path / STORE_FILE).exists():
+                raise FileExistsError(
+                    f"{self.path} already holds an index: open it with NestedCodeIndex.load({str(self.path)!r}), or "
+                    "choose another folder."
+                )
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / STORE_FILE).touch()
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Bytes per vector of the store (the first pass adds ``dimension / 8`` in memory)."""
+        return get_precision(self.store_precision).bytes_per_vector(self.dimension)
+
+    def add(self, codes: np.ndarray | torch.Tensor) -> None:
+        """Append vectors, as ``BitEmbed.encode(texts, precision=store_precision, pack=True)`` returns their codes
+        (int8 codes unpacked; int4 codes packed). Call it chunk by chunk for corpora larger than memory."""
+        codes = np.ascontiguousarray(codes.cpu().numpy() if isinstance(codes, torch.Tensor) else codes)
+        expected = (np.int8, self.dimension) if self.store_precision == "int8" else (np.uint8, self.bytes_per_vector)
+        if codes.ndim != 2 or codes.dtype != expected[0] or codes.shape[1] != expected[1]:
+            raise ValueError(
+                f"Expected {self.store_precision} codes shaped [N, {expected[1]}] of dtype {np.dtype(expected[0])} "
+                f"(encode(..., precision={self.store_precision!r}, pack=True)), got {codes.dtype} {codes.shape}."
+            )
+        for start in range(0, len(codes), _ROWS_PER_BLOCK):
+            block = codes[start : start + _ROWS_PER_BLOCK]
+            self._first_pass.add(self._binary(block), first_id=self.count)
+            if self.path is not None:
+                with open(self.path / STORE_FILE, "ab") as file:
+                    file.write(block.tobytes())
+            else:
+                self._memory_store.append(block)
+            self.count += len(block)
+
+    def _binary(self, codes: np.ndarray) -> np.ndarray:
+        return self.quantizer.truncate(codes, self.store_precision, "ubinary", dimension=self.dimension)
+
+    def _store(self) -> np.ndarray:
+        """The stored codes, ``[count, bytes per vector]``: memory-mapped from disk, or in memory."""
+        dtype = np.int8 if self.store_precision == "int8" else np.uint8
+        if self.path is not None:
+            if self.count == 0:
+                return np.empty((0, self.bytes_per_vector), dtype=dtype)
+            return np.memmap(self.path / STORE_FILE, dtype=dtype, mode="r", shape=(self.count, self.bytes_per_vector))
+        if len(self._memory_store) > 1:
+            self._memory_store = [np.concatenate(self._memory_store)]
+        return self._memory_store[0] if self._memory_store else np.empty((0, self.bytes_per_vector), dtype=dtype)
+
+    @torch.no_grad()
+    def search(
+        self, queries: np.ndarray | torch.Tensor, top_k: int = 10, rescore_multiplier: int = 4
+    ) -> list[list[dict[str, int | float]]]:
+        """Top-``top_k`` corpus entries per query, best first, as ``sentence_transformers.util.semantic_search``
+        returns them (``{"corpus_id", "score"}``).
+
+        Args:
+            queries: Float embeddings ``[Q, dim]`` (rescored against the dequantized codes: the more accurate
+                choice) or codes at the store's precision (as :meth:`add` takes them).
+            top_k: Hits per query.
+            rescore_multiplier: Candidates from the binary first pass per hit; ``0`` returns the first pass alone
+                (scores ``1 - 2 * hamming / dim``).
+        """
+        queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries.cpu())
+        is_float = queries.is_floating_point()
+        query_bits = self.quantizer.quantize(queries, "ubinary").numpy() if is_float else self._binary(queries.numpy())
+        candidates = min(self.count, top_k * max(rescore_multiplier, 1))
+        hamming, ids = self._first_pass.search(query_bits, candidates)
+        if rescore_multiplier == 0:
+            return _hits(1 - 2 * hamming.float() / self.dimension, ids, top_k)
+        query_vectors = F.normalize(queries.float() if is_float else self._dequantize(queries.numpy()), dim=-1)
+        store = self._store()
+        scores = torch.empty(ids.shape, dtype=torch.float32)
+        queries_per_block = max(1, _ROWS_PER_BLOCK // max(candidates, 1))
+        for start in range(0, len(ids), queries_per_block):
+            block = ids[start : start + queries_per_block]
+            unique, inverse = np.unique(block.numpy(), return_inverse=True)  # sorted reads, each row once
+            documents = F.normalize(self._dequantize(np.asarray(store[unique])), dim=-1)
+            documents = documents[torch.from_numpy(inverse).reshape(block.shape)]  # [queries, candidates, dim]
+            scores[start : start + len(block)] = torch.einsum(
+                "qd,qkd->qk", query_vectors[start : start + len(block)], documents
+            )
+        return _hits(scores, ids, top_k)
+
+    def _dequantize(self, codes: np.ndarray) -> torch.Tensor:
+        return self.quantizer.dequantize(torch.from_numpy(codes), self.store_precision, self.dimension)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the index (its description, the Quantize head and, for an in-memory index, the store) to ``path``
+        (default: the folder it was built in). The first pass is not saved: :meth:`load` derives it from the store."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ValueError("This index is in memory: give save() a folder.")
+        if target != self.path:
+            if (target / STORE_FILE).exists():
+                raise FileExistsError(f"{target} already holds an index; choose another folder.")
+            target.mkdir(parents=True, exist_ok=True)
+            self._store().tofile(target / STORE_FILE)
+        (target / HEAD_FOLDER).mkdir(exist_ok=True)
+        self.quantizer.save(str(target / HEAD_FOLDER))
+        description = {"store_precision": self.store_precision, "dimension": self.dimension, "count": self.count}
+        (target / INDEX_FILE).write_text(json.dumps(description, indent=2))
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path, backend: FirstPassBackend = "faiss") -> NestedCodeIndex:
+        """Open a saved index: the store stays on disk (memory-mapped); the binary first pass is rebuilt from it."""
+        path = Path(path)
+        if not (path / INDEX_FILE).exists():
+            raise FileNotFoundError(f"{path} has no {INDEX_FILE}: it is not a saved NestedCodeIndex.")
+        description = json.loads((path / INDEX_FILE).read_text())
+        index = cls(Quantize.load(str(path / HEAD_FOLDER)), description["store_precision"], backend=backend)
+        index.path, index.count = path, description["count"]
+        store = index._store()
+        if store.nbytes != (path / STORE_FILE).stat().st_size:
+            raise ValueError(
+                f"{path / STORE_FILE} holds {(path / STORE_FILE).stat().st_size} bytes, but {INDEX_FILE} describes "
+                f"{index.count} vectors of {index.bytes_per_vector} bytes: the index was not saved after its last "
+                "add(), or the file is damaged."
+            )
+        for start in range(0, index.count, _ROWS_PER_BLOCK):
+            index._first_pass.add(index._binary(np.asarray(store[start : start + _ROWS_PER_BLOCK])), first_id=start)
+        return index
+
+
+class _FirstPass:
+    """Exact Hamming search over packed sign bits (ubinary bytes) on faiss, usearch or torch: ``(hamming, ids)``."""
+
+    def __init__(self, backend: FirstPassBackend, dimension: int) -> None:
+        self.backend = backend
+        self.bits = -(-dimension // 8) * 8  # the packed codes' whole bytes
+        self._blocks: list[torch.Tensor] = []  # the torch backend's codes
+        if backend == "faiss":
+            import faiss
+
+            self._index: Any = faiss.IndexBinaryFlat(self.bits)
+        elif backend == "usearch":
+            from usearch.index import Index
+
+            self._index = Index(ndim=self.bits, metric="hamming", dtype="b1")
+
+    def add(self, bits: np.ndarray, first_id: int) -> None:
+        if self.backend == "faiss":
+            self._index.add(bits)  # faiss numbers vectors in the order they are added
+        elif self.backend == "usearch":
+            self._index.add(np.arange(first_id, first_id + len(bits)), bits)
+        else:
+            self._blocks.append(torch.from_numpy(bits.copy()))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hamming distances and ids, each ``[Q, k]``, nearest first (ties: the lower id)."""
+        if self.backend == "faiss":
+            distances, ids = self._index.search(queries, k)
+        elif self.backend == "usearch":
+            matches = self._index.search(queries, k, exact=True)
+            distances, ids = matches.distances, matches.keys
+        else:
+            documents = torch.cat(self._blocks) if self._blocks else torch.empty(0, self.bits // 8, dtype=torch.uint8)
+            hamming = torch.cat(
+                [hamming_distance(block, documents) for block in torch.from_numpy(queries).split(_QUERIES_PER_BLOCK)]
+            )
+            nearest = hamming.sort(dim=1, stable=True)
+            return nearest.values[:, :k], nearest.indices[:, :k]
+        return torch.from_numpy(np.asarray(distances, dtype=np.int64)), torch.from_numpy(np.asarray(ids, np.int64))
+
+
+def _hits(scores: torch.Tensor, ids: torch.Tensor, top_k: int) -> list[list[dict[str, int | float]]]:
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :top_k]
+    return [
+        [{"corpus_id": int(i), "score": float(s)} for s, i in zip(row_scores, row_ids)]
+        for row_scores, row_ids in zip(scores.gather(1, order).tolist(), ids.gather(1, order).tolist())
+    ]

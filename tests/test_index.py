@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from st_bitembed import Quantize
+from st_bitembed.index import STORE_FILE, NestedCodeIndex
+from st_bitembed.search import quantized_semantic_search
+
+DIMENSION = 64
+
+
+@pytest.fixture(scope="module")
+def corpus_and_head() -> tuple[torch.Tensor, torch.Tensor, Quantize]:
+    """500 random unit documents, 40 queries near documents 7 * i, and a nested head calibrated on the corpus."""
+    generator = torch.Generator().manual_seed(0)
+    corpus = F.normalize(torch.randn(500, DIMENSION, generator=generator), dim=-1)
+    queries = F.normalize(corpus[::7][:40] + 0.3 * torch.randn(40, DIMENSION, generator=generator), dim=-1)
+    head = Quantize(DIMENSION, nested=True)
+    head.calibrate(corpus)
+    return queries, corpus, head
+
+
+def ids(results: list[list[dict]]) -> list[list[int]]:
+    return [[hit["corpus_id"] for hit in hits] for hits in results]
+
+
+def backends() -> list[str]:
+    available = ["torch"]
+    for backend in ("faiss", "usearch"):
+        try:
+            __import__(backend)
+            available.append(backend)
+        except ImportError:
+            pass
+    return available
+
+
+@pytest.mark.parametrize("store_precision", ["int8", "int4"])
+@pytest.mark.parametrize("backend", backends())
+def test_rescoring_every_candidate_equals_searching_the_store_directly(corpus_and_head, store_precision, backend):
+    queries, corpus, head = corpus_and_head
+    codes = head.quantize(corpus, store_precision, pack=True)
+    index = NestedCodeIndex(head, store_precision, backend=backend)
+    index.add(codes[:123])  # in chunks
+    index.add(codes[123:])
+    # Enough candidates to cover the corpus: the binary first pass then drops nothing.
+    found = index.search(queries, top_k=10, rescore_multiplier=50)
+    expected = quantized_semantic_search(queries, codes, store_precision, head, top_k=10)
+    assert ids(found) == ids(expected)
+    np.testing.assert_allclose(
+        [[h["score"] for h in hits] for hits in found], [[h["score"] for h in hits] for hits in expected], atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_first_pass_alone_is_the_hamming_search_of_the_truncated_codes(corpus_and_head, backend):
+    queries, corpus, head = corpus_and_head
+    index = NestedCodeIndex(head, "int4", backend=backend)
+    index.add(head.quantize(corpus, "int4", pack=True))
+    found = index.search(queries, top_k=5, rescore_multiplier=0)
+    expected = quantized_semantic_search(
+        head.quantize(queries, "ubinary"), head.quantize(corpus, "ubinary"), "ubinary", head, top_k=5
+    )
+    # Equal distances may come in another order from another backend: compare the scores, and the ids where unique.
+    np.testing.assert_allclose(
+        [[h["score"] for h in hits] for hits in found], [[h["score"] for h in hits] for hits in expected]
+    )
+    for found_hits, expected_hits in zip(found, expected):
+        last = expected_hits[-1]["score"]
+        assert {h["corpus_id"] for h in found_hits if h["score"] > last} == {
+            h["corpus_id"] for h in expected_hits if h["score"] > last
+        }
+
+
+def test_code_queries_are_rescored_from_their_dequantized_values(corpus_and_head):
+    queries, corpus, head = corpus_and_head
+    index = NestedCodeIndex(head, "int8", backend="torch")
+    index.add(head.quantize(corpus, "int8"))
+    query_codes = head.quantize(queries, "int8")
+    found = index.search(query_codes, top_k=10, rescore_multiplier=50)
+    expected = quantized_semantic_search(query_codes, head.quantize(corpus, "int8"), "int8", head, top_k=10)
+    assert ids(found) == ids(expected)
+
+
+def test_binary_first_pass_then_rescoring_recovers_float_search(corpus_and_head):
+    queries, corpus, head = corpus_and_head
+    index = NestedCodeIndex(head, "int4", backend="torch")
+    index.add(head.quantize(corpus, "int4", pack=True))
+    float_top = (queries @ corpus.T).topk(10).indices.tolist()
+    recall = {}
+    for multiplier in (1, 4, 16):  # 1: the first pass's top 10, reordered
+        found = ids(index.search(queries, top_k=10, rescore_multiplier=multiplier))
+        recall[multiplier] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, float_top)])
+    assert recall[1] < recall[4] < recall[16] and recall[16] > 0.8  # 64 random dimensions: a weak first pass
+
+
+def test_on_disk_index_is_written_as_it_grows_and_loads_memory_mapped(corpus_and_head, tmp_path):
+    queries, corpus, head = corpus_and_head
+    codes = head.quantize(corpus, "int4", pack=True)
+    index = NestedCodeIndex(head, "int4", path=tmp_path / "index", backend="torch")
+    for start in range(0, len(codes), 200):
+        index.add(codes[start : start + 200].numpy())
+    assert (tmp_path / "index" / STORE_FILE).stat().st_size == len(corpus) * DIMENSION // 2
+    with pytest.raises(FileNotFoundError, match="not a saved NestedCodeIndex"):
+        NestedCodeIndex.load(tmp_path / "index")
+    index.save()
+    loaded = NestedCodeIndex.load(tmp_path / "index", backend="torch")
+    assert isinstance(loaded._store(), np.memmap) and loaded.count == len(corpus)
+    assert ids(loaded.search(queries, top_k=10)) == ids(index.search(queries, top_k=10))
+    with pytest.raises(FileExistsError, match="already holds an index"):
+        NestedCodeIndex(head, "int4", path=tmp_path / "index")
+    loaded.add(codes[:5])  # added, not saved: the description no longer matches the store
+    with pytest.raises(ValueError, match="not saved after its last"):
+        NestedCodeIndex.load(tmp_path / "index")
+
+
+def test_in_memory_index_saves_to_a_folder(corpus_and_head, tmp_path):
+    queries, corpus, head = corpus_and_head
+    index = NestedCodeIndex(head, "int8", backend="torch")
+    index.add(head.quantize(corpus, "int8"))
+    index.save(tmp_path / "saved")
+    loaded = NestedCodeIndex.load(tmp_path / "saved", backend="torch")
+    assert ids(loaded.search(queries, top_k=10)) == ids(index.search(queries, top_k=10))
+    with pytest.raises(FileExistsError):
+        index.save(tmp_path / "saved")
+
+
+def test_bad_heads_and_codes_are_refused(corpus_and_head):
+    _, corpus, head = corpus_and_head
+    with pytest.raises(ValueError, match="needs a nested Quantize head"):
+        NestedCodeIndex(Quantize(DIMENSION))
+    with pytest.raises(ValueError, match="holds int8 or int4"):
+        NestedCodeIndex(head, "int2")
+    index = NestedCodeIndex(head, "int4", backend="torch")
+    with pytest.raises(ValueError, match="Expected int4 codes"):
+        index.add(head.quantize(corpus, "int4"))  # unpacked
