@@ -120,6 +120,7 @@ def render_model_card(model: BitEmbed, repo_id: str | None = None, report: Evalu
         "pooling": {"lasttoken": "last-token (EOS)"}.get(str(pooling), str(pooling)),
         "dimension": dimension,
         "bytes_int4": model.bytes_per_vector("int4"),
+        "nested_codes": model.quantizer.nested,
         "results_table": report.to_markdown() if report is not None and report.scores else None,
         "storage_rows": [
             {"precision": p.name, "bits": p.bits, "bytes": model.bytes_per_vector(p)}

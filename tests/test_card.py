@@ -68,3 +68,12 @@ def test_card_state_is_bitembed_card_data(converted_qwen3):
     assert "training_recipe" not in exported and "evaluation_report" not in exported
     with pytest.raises(TypeError, match="model_card_data must be a BitEmbedModelCardData"):
         BitEmbed(modules=list(converted_qwen3), model_card_data=SentenceTransformerModelCardData())
+
+
+def test_card_shows_the_nested_store_only_for_a_nested_head(converted_qwen3):
+    from st_bitembed import Quantize
+
+    assert "NestedCodeIndex" not in render_model_card(converted_qwen3, "org/bitembed-tiny")
+    converted_qwen3.set_quantizer(Quantize(converted_qwen3.get_embedding_dimension(), nested=True))
+    card = validate_model_card(render_model_card(converted_qwen3, "org/bitembed-tiny"))
+    assert 'NestedCodeIndex(model.quantizer, "int4", path="my-index")' in card.text

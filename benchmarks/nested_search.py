@@ -1,0 +1,244 @@
+"""One store, every precision: binary -> int rescoring from a nested store against float32 exact search and
+sentence-transformers' own binary -> int8 recipe, and what nesting costs on the kit's tasks.
+
+Search (recall@10 of float32 exact search on the same embeddings, queries/s, bytes per vector), on two corpora:
+
+- SciFact: its 5,183 abstracts and 1,109 queries, real embeddings;
+- ``--corpus-size`` vectors (default 1,000,000): real embeddings of the kit's 10,033 Wikipedia lead passages and of
+  the all-nli training sentences, then **random vectors drawn from a Gaussian with the real embeddings' mean and
+  covariance**, L2-normalised, up to the size; queries: real embeddings of Wikipedia short descriptions.
+
+Methods: float32 exact (faiss ``IndexFlatIP``); binary only (sentence-transformers' ``quantize_embeddings`` ubinary,
+faiss ``IndexBinaryFlat``); sentence-transformers' binary -> int8 rescoring (its int8 codes with ranges calibrated on
+the calibration sentences, float query x int8 codes, as its documentation does), and BitEmbed's
+:class:`~st_bitembed.index.NestedCodeIndex` on one int8 or int4 store, the binary first pass derived from it. Each
+rescoring method reads ``--rescore-multiplier`` x 10 candidates.
+
+Cost (``--cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
+same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
+from one encoding pass.
+
+Usage (offline, from the repository root):
+    python tools/offline_kit.py -- python benchmarks/nested_search.py --model output/minilm-cpu-final/model
+        [--corpus-size 1000000] [--queries 1000] [--rescore-multiplier 4] [--cost] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+KIT_TASKS = ["STSBenchmark", "SciFact", "SICK-R", "STS12", "STS13", "STS14", "STS15"]
+
+
+def calibration_sentences() -> list[str]:
+    from datasets import load_dataset
+
+    stsb = load_dataset("sentence-transformers/stsb", split="train")
+    return list(dict.fromkeys([*stsb["sentence1"], *stsb["sentence2"]]))[:256]  # as the recipes' calibration
+
+
+def nested_head(model, calibration: np.ndarray):
+    from st_bitembed import Quantize
+
+    head = Quantize(model.get_embedding_dimension(), nested=True)
+    head.calibrate(torch_tensor(calibration))
+    return head
+
+
+def torch_tensor(values: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def embeddings(model, name: str, texts: list[str], cache: Path) -> np.ndarray:
+    """Float32 embeddings of ``texts``, encoded once and kept in ``cache``."""
+    path = cache / f"{name}.npy"
+    if not path.exists():
+        start = time.perf_counter()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, model.encode(texts, batch_size=32, convert_to_numpy=True).astype(np.float32))
+        print(f"encoded {len(texts):,} {name} in {time.perf_counter() - start:.0f} s")
+    return np.load(path)
+
+
+def scifact(model, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    from datasets import load_dataset
+
+    corpus = load_dataset("mteb/scifact", "corpus", split="corpus")
+    queries = load_dataset("mteb/scifact", "queries", split="queries")
+    documents = [f"{title} {text}".strip() for title, text in zip(corpus["title"], corpus["text"])]
+    return embeddings(model, "scifact-corpus", documents, cache), embeddings(model, "scifact-queries",
+                                                                             queries["text"], cache)  # fmt: skip
+
+
+def large_corpus(model, cache: Path, size: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from datasets import load_dataset
+
+    with gzip.open(SHARED / "data/raw/wikipedia_vital/vital_articles_en.jsonl.gz", "rt", encoding="utf8") as file:
+        articles = [json.loads(line) for line in file]
+    nli = load_dataset("sentence-transformers/all-nli", "triplet", split="train")
+    sentences = list(dict.fromkeys([*nli["anchor"], *nli["positive"], *nli["negative"]]))
+    real = np.concatenate(
+        [
+            embeddings(model, "wikipedia-passages", [a["extract"] for a in articles], cache),
+            embeddings(model, "all-nli-sentences", sentences, cache),
+        ]
+    )
+    descriptions = [f"{a['title']}: {a['description']}" for a in articles if a.get("description")]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(descriptions), size=min(queries, len(descriptions)), replace=False)
+    query_embeddings = embeddings(model, f"wikipedia-queries-{len(chosen)}", [descriptions[i] for i in chosen], cache)
+    if size <= len(real):
+        return real[:size], query_embeddings
+    mean, covariance = real.mean(axis=0), np.cov(real, rowvar=False)
+    synthetic = rng.multivariate_normal(mean, covariance, size=size - len(real), method="cholesky").astype(np.float32)
+    synthetic /= np.linalg.norm(synthetic, axis=1, keepdims=True)
+    return np.concatenate([real, synthetic]), query_embeddings
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def compare_search(model, calibration: np.ndarray, corpus: np.ndarray, queries: np.ndarray, multiplier: int) -> None:
+    import faiss
+    from sentence_transformers.util import quantize_embeddings
+
+    from st_bitembed.index import NestedCodeIndex
+
+    dimension, top_k = corpus.shape[1], 10
+    candidates = top_k * multiplier
+    head = nested_head(model, calibration)
+    float_index = faiss.IndexFlatIP(dimension)
+    float_index.add(corpus)
+    (_, exact), float_seconds = timed(lambda: float_index.search(queries, top_k))
+    exact_sets = [set(row) for row in exact.tolist()]
+
+    def recall(found: list[list[int]]) -> float:
+        return float(np.mean([len(reference & set(row)) / top_k for reference, row in zip(exact_sets, found)]))
+
+    binary_index = faiss.IndexBinaryFlat(dimension)
+    binary_index.add(quantize_embeddings(corpus, "ubinary"))
+    int8_corpus = quantize_embeddings(corpus, "int8", calibration_embeddings=calibration)
+    int8_queries = queries.astype(np.float32)
+
+    def binary_only() -> list[list[int]]:
+        return binary_index.search(quantize_embeddings(queries, "ubinary"), top_k)[1].tolist()
+
+    def binary_then_int8() -> list[list[int]]:  # sentence-transformers' documented binary -> int8 rescoring
+        _, ids = binary_index.search(quantize_embeddings(queries, "ubinary"), candidates)
+        scores = np.einsum("qd,qkd->qk", int8_queries, int8_corpus[ids].astype(np.float32))
+        return np.take_along_axis(ids, np.argsort(-scores, axis=1, kind="stable")[:, :top_k], axis=1).tolist()
+
+    rows = [
+        ("float32 exact (faiss IndexFlatIP)", 4 * dimension, 1.0, float_seconds),
+        ("binary only (sentence-transformers ubinary, faiss)", dimension // 8, *_recall_and_time(binary_only, recall)),
+        (
+            f"sentence-transformers binary -> int8 rescoring (x{multiplier})",
+            dimension // 8 + dimension,
+            *_recall_and_time(binary_then_int8, recall),
+        ),
+    ]
+    for store in ("int8", "int4"):
+        index = NestedCodeIndex(head, store, backend="faiss")
+        codes = head.quantize(torch_tensor(corpus), store, pack=True)
+        index.add(codes)
+        del codes
+
+        def nested_search(index: NestedCodeIndex = index) -> list[list[int]]:
+            hits = index.search(queries, top_k=top_k, rescore_multiplier=multiplier)
+            return [[hit["corpus_id"] for hit in row] for row in hits]
+
+        rows.append(
+            (
+                f"BitEmbed nested store: binary -> {store} rescoring (x{multiplier})",
+                index.bytes_per_vector + dimension // 8,
+                *_recall_and_time(nested_search, recall),
+            )
+        )
+    print(f"\n{len(corpus):,} vectors x {dimension}, {len(queries):,} queries, top 10\n")
+    print("| method | bytes/vector | recall@10 of float32 exact | queries/s | x float32 exact |")
+    print("|---|---|---|---|---|")
+    for name, bytes_per_vector, found_recall, seconds in rows:
+        print(f"| {name} | {bytes_per_vector:,} | {found_recall:.4f} | {len(queries) / seconds:,.0f} | "
+              f"{float_seconds / seconds:.1f} |")  # fmt: skip
+
+
+def _recall_and_time(search, recall) -> tuple[float, float]:
+    found, seconds = timed(search)
+    return recall(found), seconds
+
+
+def nesting_cost(model, calibration: np.ndarray, tasks: list[str]) -> None:
+    import mteb
+    from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+
+    from st_bitembed.evaluation.encoders import EncodeOnce, QuantizedEncoder
+
+    heads = {"own head": model.quantizer, "nested head": nested_head(model, calibration)}
+    precisions = ["int8", "int4", "int2", "binary"]
+    encoder = EncodeOnce(SentenceTransformerEncoderWrapper(model))
+    scores: dict[tuple[str, str], list[float]] = {}
+    for task in mteb.get_tasks(tasks=tasks):
+        for head_name, head in heads.items():
+            for precision in precisions:
+                wrapped = QuantizedEncoder(encoder, precision, f"local/{head_name.replace(' ', '-')}", quantizer=head)
+                result = mteb.evaluate(wrapped, task, cache=None, encode_kwargs={"batch_size": 32},
+                                       show_progress_bar=False)  # fmt: skip
+                scores.setdefault((head_name, precision), []).append(100 * result.task_results[0].get_score())
+        encoder.clear()
+    print(f"\nnesting cost on {', '.join(tasks)} (mean score x 100)\n")
+    print("| precision | own head | nested head | nested - own |")
+    print("|---|---|---|---|")
+    for precision in precisions:
+        own, nested = (float(np.mean(scores[(h, precision)])) for h in heads)
+        print(f"| {precision} | {own:.2f} | {nested:.2f} | {nested - own:+.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a BitEmbed model folder")
+    parser.add_argument("--corpus-size", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--rescore-multiplier", type=int, default=4)
+    parser.add_argument("--cost", action="store_true", help="also evaluate the cost of nesting on the kit's tasks")
+    parser.add_argument("--cache-dir", default=".cache/nested-search", help="encoded embeddings are kept here")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    import faiss
+    import torch
+
+    from st_bitembed import BitEmbed
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    model = BitEmbed(args.model)
+    weights = Path(args.model).resolve() / "model.safetensors"
+    key = f"{weights.parent}:{weights.stat().st_mtime_ns if weights.exists() else ''}"
+    cache = Path(args.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]  # per model folder and weights
+    calibration = embeddings(model, "calibration", calibration_sentences(), cache)
+    print(f"torch {torch.__version__}, faiss {faiss.__version__}, {args.threads} threads; model {args.model}")
+    print("\n## SciFact (real embeddings)")
+    compare_search(model, calibration, *scifact(model, cache), args.rescore_multiplier)
+    print("\n## Large corpus (real embeddings, then Gaussian vectors with their mean and covariance)")
+    corpus, queries = large_corpus(model, cache, args.corpus_size, args.queries)
+    compare_search(model, calibration, corpus, queries, args.rescore_multiplier)
+    if args.cost:
+        nesting_cost(model, calibration, KIT_TASKS)
+
+
+if __name__ == "__main__":
+    main()
