@@ -12,15 +12,15 @@ Methods: float32 exact (faiss ``IndexFlatIP``); binary only (sentence-transforme
 faiss ``IndexBinaryFlat``); sentence-transformers' binary -> int8 rescoring (its int8 codes with ranges calibrated on
 the calibration sentences, float query x int8 codes, as its documentation does), and BitEmbed's
 :class:`~st_bitembed.index.NestedCodeIndex` on one int8 or int4 store, the binary first pass derived from it. Each
-rescoring method reads ``--rescore-multiplier`` x 10 candidates.
+rescoring method reads each of ``--rescore-multipliers`` x 10 candidates.
 
-Cost (``--cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
+Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
 from one encoding pass.
 
 Usage (offline, from the repository root):
     python tools/offline_kit.py -- python benchmarks/nested_search.py --model output/minilm-cpu-final/model
-        [--corpus-size 1000000] [--queries 1000] [--rescore-multiplier 4] [--cost] [--threads 2]
+        [--corpus-size 1000000] [--queries 1000] [--rescore-multipliers 4,16,64] [--parts search,cost] [--threads 2]
 """
 
 from __future__ import annotations
@@ -112,14 +112,15 @@ def timed(function):
     return result, time.perf_counter() - start
 
 
-def compare_search(model, calibration: np.ndarray, corpus: np.ndarray, queries: np.ndarray, multiplier: int) -> None:
+def compare_search(
+    model, calibration: np.ndarray, corpus: np.ndarray, queries: np.ndarray, multipliers: list[int]
+) -> None:
     import faiss
     from sentence_transformers.util import quantize_embeddings
 
     from st_bitembed.index import NestedCodeIndex
 
     dimension, top_k = corpus.shape[1], 10
-    candidates = top_k * multiplier
     head = nested_head(model, calibration)
     float_index = faiss.IndexFlatIP(dimension)
     float_index.add(corpus)
@@ -132,42 +133,43 @@ def compare_search(model, calibration: np.ndarray, corpus: np.ndarray, queries: 
     binary_index = faiss.IndexBinaryFlat(dimension)
     binary_index.add(quantize_embeddings(corpus, "ubinary"))
     int8_corpus = quantize_embeddings(corpus, "int8", calibration_embeddings=calibration)
-    int8_queries = queries.astype(np.float32)
+    nested = {}
+    for store in ("int8", "int4"):
+        nested[store] = NestedCodeIndex(head, store, backend="faiss")
+        nested[store].add(head.quantize(torch_tensor(corpus), store, pack=True))
 
     def binary_only() -> list[list[int]]:
         return binary_index.search(quantize_embeddings(queries, "ubinary"), top_k)[1].tolist()
 
-    def binary_then_int8() -> list[list[int]]:  # sentence-transformers' documented binary -> int8 rescoring
-        _, ids = binary_index.search(quantize_embeddings(queries, "ubinary"), candidates)
-        scores = np.einsum("qd,qkd->qk", int8_queries, int8_corpus[ids].astype(np.float32))
+    def binary_then_int8(multiplier: int) -> list[list[int]]:  # sentence-transformers' binary -> int8 rescoring
+        _, ids = binary_index.search(quantize_embeddings(queries, "ubinary"), top_k * multiplier)
+        scores = np.einsum("qd,qkd->qk", queries, int8_corpus[ids].astype(np.float32))
         return np.take_along_axis(ids, np.argsort(-scores, axis=1, kind="stable")[:, :top_k], axis=1).tolist()
+
+    def nested_search(store: str, multiplier: int) -> list[list[int]]:
+        hits = nested[store].search(queries, top_k=top_k, rescore_multiplier=multiplier)
+        return [[hit["corpus_id"] for hit in row] for row in hits]
 
     rows = [
         ("float32 exact (faiss IndexFlatIP)", 4 * dimension, 1.0, float_seconds),
         ("binary only (sentence-transformers ubinary, faiss)", dimension // 8, *_recall_and_time(binary_only, recall)),
-        (
-            f"sentence-transformers binary -> int8 rescoring (x{multiplier})",
-            dimension // 8 + dimension,
-            *_recall_and_time(binary_then_int8, recall),
-        ),
     ]
-    for store in ("int8", "int4"):
-        index = NestedCodeIndex(head, store, backend="faiss")
-        codes = head.quantize(torch_tensor(corpus), store, pack=True)
-        index.add(codes)
-        del codes
-
-        def nested_search(index: NestedCodeIndex = index) -> list[list[int]]:
-            hits = index.search(queries, top_k=top_k, rescore_multiplier=multiplier)
-            return [[hit["corpus_id"] for hit in row] for row in hits]
-
+    for multiplier in multipliers:
         rows.append(
             (
-                f"BitEmbed nested store: binary -> {store} rescoring (x{multiplier})",
-                index.bytes_per_vector + dimension // 8,
-                *_recall_and_time(nested_search, recall),
+                f"sentence-transformers binary -> int8 rescoring (x{multiplier})",
+                dimension // 8 + dimension,
+                *_recall_and_time(lambda: binary_then_int8(multiplier), recall),
             )
         )
+        for store, index in nested.items():
+            rows.append(
+                (
+                    f"BitEmbed nested store: binary -> {store} rescoring (x{multiplier})",
+                    index.bytes_per_vector + dimension // 8,
+                    *_recall_and_time(lambda: nested_search(store, multiplier), recall),
+                )
+            )
     print(f"\n{len(corpus):,} vectors x {dimension}, {len(queries):,} queries, top 10\n")
     print("| method | bytes/vector | recall@10 of float32 exact | queries/s | x float32 exact |")
     print("|---|---|---|---|---|")
@@ -212,8 +214,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a BitEmbed model folder")
     parser.add_argument("--corpus-size", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--rescore-multiplier", type=int, default=4)
-    parser.add_argument("--cost", action="store_true", help="also evaluate the cost of nesting on the kit's tasks")
+    parser.add_argument("--rescore-multipliers", default="4,16,64", help="candidates per hit, comma-separated")
+    parser.add_argument("--parts", default="search", help="search, cost (nesting's cost on the kit's tasks) or both")
     parser.add_argument("--cache-dir", default=".cache/nested-search", help="encoded embeddings are kept here")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -231,12 +233,14 @@ def main() -> None:
     cache = Path(args.cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]  # per model folder and weights
     calibration = embeddings(model, "calibration", calibration_sentences(), cache)
     print(f"torch {torch.__version__}, faiss {faiss.__version__}, {args.threads} threads; model {args.model}")
-    print("\n## SciFact (real embeddings)")
-    compare_search(model, calibration, *scifact(model, cache), args.rescore_multiplier)
-    print("\n## Large corpus (real embeddings, then Gaussian vectors with their mean and covariance)")
-    corpus, queries = large_corpus(model, cache, args.corpus_size, args.queries)
-    compare_search(model, calibration, corpus, queries, args.rescore_multiplier)
-    if args.cost:
+    multipliers = [int(m) for m in args.rescore_multipliers.split(",")]
+    if "search" in args.parts:
+        print("\n## SciFact (real embeddings)")
+        compare_search(model, calibration, *scifact(model, cache), multipliers)
+        print("\n## Large corpus (real embeddings, then Gaussian vectors with their mean and covariance)")
+        corpus, queries = large_corpus(model, cache, args.corpus_size, args.queries)
+        compare_search(model, calibration, corpus, queries, multipliers)
+    if "cost" in args.parts:
         nesting_cost(model, calibration, KIT_TASKS)
 
 
