@@ -257,7 +257,9 @@ class Quantize(Module):
                 f"at most {source.bits} bits, or binary."
             )
         if isinstance(codes, np.ndarray):
-            return self.truncate(torch.from_numpy(np.asarray(codes)), source, target, dimension, pack).numpy()
+            array = np.asarray(codes)  # a memmap's pages; torch refuses to wrap a read-only one silently
+            array = array if array.flags.writeable else array.copy()
+            return self.truncate(torch.from_numpy(array), source, target, dimension, pack).numpy()
         if source.unsigned:
             codes = to_signed(codes)
         if codes.dtype == torch.uint8:  # packed int4 / int2
