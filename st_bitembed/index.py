@@ -241,7 +241,9 @@ class _FirstPass:
             matches = self._index.search(queries, k, exact=True)
             distances, ids = matches.distances, matches.keys
         else:
-            documents = torch.cat(self._blocks) if self._blocks else torch.empty(0, self.bits // 8, dtype=torch.uint8)
+            if len(self._blocks) != 1:  # joined once, not at every search
+                self._blocks = [torch.cat(self._blocks) if self._blocks else torch.empty(0, self.bits // 8).byte()]
+            documents = self._blocks[0]
             hamming = torch.cat(
                 [hamming_distance(block, documents) for block in torch.from_numpy(queries).split(_QUERIES_PER_BLOCK)]
             )

@@ -34,6 +34,16 @@ _HALF_RANGE_GRID = (0.3, 8.0, 771)
 NESTED_RANGE = "nested"
 
 
+def _half_range_grid() -> torch.Tensor:
+    return torch.linspace(*_HALF_RANGE_GRID, dtype=torch.float64)
+
+
+def _least_relative_error(errors: list[torch.Tensor]) -> torch.Tensor:
+    """Index (along dim 0, the candidates) of the least sum of each precision's error relative to its own least: the
+    one range nested precisions share, each counting alike."""
+    return sum(e / e.min(dim=0).values.clamp(min=1e-30) for e in errors).argmin(dim=0)
+
+
 def _gaussian_midrise_errors(bits: int) -> torch.Tensor:
     """MSE of the uniform midrise quantizer on a standard Gaussian, for each half-range of the grid.
 
@@ -41,7 +51,7 @@ def _gaussian_midrise_errors(bits: int) -> torch.Tensor:
     with the Gaussian's partial moments ``m0 = Phi(b) - Phi(a)``, ``m1 = phi(a) - phi(b)`` and
     ``m2 = m0 + a phi(a) - b phi(b)`` (a few hundred candidates x levels: no sampling, no large temporaries).
     """
-    half_ranges = torch.linspace(*_HALF_RANGE_GRID, dtype=torch.float64)[:, None]
+    half_ranges = _half_range_grid()[:, None]
     step = half_ranges / 2 ** (bits - 1)
     cells = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.float64)
     lower, upper = cells * step, (cells + 1) * step
@@ -61,15 +71,14 @@ def _gaussian_midrise_errors(bits: int) -> torch.Tensor:
 def gaussian_optimal_half_range(bits: int) -> float:
     """Half-range (in standard deviations, on a 0.01 grid) of the uniform midrise quantizer with least MSE on a
     standard Gaussian."""
-    return float(torch.linspace(*_HALF_RANGE_GRID, dtype=torch.float64)[_gaussian_midrise_errors(bits).argmin()])
+    return float(_half_range_grid()[_gaussian_midrise_errors(bits).argmin()])
 
 
 @lru_cache
 def nested_gaussian_half_range(bits: tuple[int, ...]) -> float:
     """The one half-range that nested precisions of these widths share on a standard Gaussian: the least sum of each
     precision's MSE relative to its own optimum (so that each precision counts alike)."""
-    relative = sum(errors / errors.min() for errors in map(_gaussian_midrise_errors, bits))
-    return float(torch.linspace(*_HALF_RANGE_GRID, dtype=torch.float64)[relative.argmin()])
+    return float(_half_range_grid()[_least_relative_error([_gaussian_midrise_errors(b) for b in bits])])
 
 
 def _codes(values: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
@@ -311,8 +320,7 @@ class Quantize(Module):
 
         if self.nested:
             per_precision = [errors(get_precision(name).bits) for name in self.precisions]
-            relative = sum(e / e.min(dim=0).values.clamp(min=1e-30) for e in per_precision)
-            best = multiples[relative.argmin(dim=0)] * root_mean_square
+            best = multiples[_least_relative_error(per_precision)] * root_mean_square
             self.log_half_ranges[NESTED_RANGE].copy_(best.log()[: self.embedding_dimension])
             return
         for name in self.precisions:
