@@ -81,7 +81,9 @@ class QuantizedEncoder:
     be an :class:`EncodeOnce`, so that every precision reuses one encoding pass.
 
     The result namespace (``ModelMeta.name`` / ``revision``) is the model's name with ``{method}-{precision}`` as
-    revision, so that results of different precisions never overwrite each other in an mteb ``ResultCache``.
+    revision (``{method}-{precision}-{fingerprint}`` with a ``fingerprint`` of the weights), so that results of
+    different precisions, or of different weights under one name, never stand for each other in an mteb
+    ``ResultCache``.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class QuantizedEncoder:
         name: str,
         method: QuantizationMethod = "head",
         quantizer: Quantize | None = None,
+        fingerprint: str = "",
     ) -> None:
         get_precision(precision)
         if method == "head" and quantizer is None and precision != "float32":
@@ -100,7 +103,7 @@ class QuantizedEncoder:
         self.method = method
         self.quantizer = quantizer
         self.mteb_model_meta = encoder.mteb_model_meta.model_copy(
-            update={"name": name, "revision": f"{method}-{precision}"}
+            update={"name": name, "revision": "-".join(filter(None, (method, precision, fingerprint)))}
         )
 
     def encode(self, inputs: Any, **kwargs: Any) -> np.ndarray:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from sentence_transformers import SentenceTransformer
 
 from st_bitembed.evaluation.encoders import EncodeOnce, QuantizedEncoder
@@ -14,6 +16,7 @@ from st_bitembed.evaluation.plot import plot_precision_scores
 from st_bitembed.evaluation.report import EvaluationReport, Score
 from st_bitembed.model import BitEmbed
 from st_bitembed.precisions import DEFAULT_PRECISIONS, PrecisionName, get_precision
+from st_bitembed.quantization.bitlinear import BitLinear
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,22 @@ def model_label(model: SentenceTransformer, name_or_path: str | None = None) -> 
     folder = Path(name)
     # a package's generic "model" folder says less than its parent's name
     return f"local/{folder.parent.name if folder.name == 'model' and folder.parent.name else folder.name}"
+
+
+@torch.no_grad()
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """A short hash of what the modules compute with: every parameter and buffer, and for each BitLinear its ternary
+    codes and scale instead of its latent weight (so a model that freed its latent weights hashes like one that
+    kept them). Results are cached under it: a model retrained or converted again under the same name is scored
+    anew, never given the scores of the model that was there before."""
+    digest = hashlib.blake2b(digest_size=6)
+    for module in (child for module in modules for child in module.modules()):
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if isinstance(module, BitLinear):
+            tensors = [t for t in tensors if t is not module.weight] + list(module.ternary_codes())
+        for tensor in tensors:
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _resolve_tasks(tasks: Sequence | None, benchmark: str | None, languages: Sequence[str] | None = None) -> list:
@@ -101,7 +120,8 @@ def evaluate_precisions(
     Every text is encoded once (:class:`~st_bitembed.evaluation.encoders.EncodeOnce`); each precision
     is then derived from that float output by the model's Quantize head (a deterministic function of it), so five
     precisions cost about one encoding pass. Results go to an mteb ``ResultCache`` under ``output_dir/mteb``, one
-    namespace per method and precision (reruns skip what is done). With ``posthoc=True`` the same float embeddings
+    namespace per method, precision and model weights (:func:`weights_fingerprint`: reruns of the same model skip
+    what is done; another model under the same name is evaluated). With ``posthoc=True`` the same float embeddings
     are also quantized after the fact (:func:`~st_bitembed.evaluation.encoders.posthoc_quantize`), the baseline that
     shows what the trained head adds. A ``teacher`` is evaluated at float32, as the reference line.
 
@@ -137,20 +157,25 @@ def evaluate_precisions(
     cache = ResultCache(output_dir / "mteb")
     report = EvaluationReport(model_name=label, embedding_dimension=model.get_embedding_dimension())
     encoder = EncodeOnce(SentenceTransformerEncoderWrapper(model))
+    fingerprint = weights_fingerprint(model, model.quantizer)
     rows = [("head", p) for p in precisions] + [("posthoc", p) for p in precisions if posthoc and p != "float32"]
     if teacher is not None:
         teacher_path = teacher if isinstance(teacher, str) else None
         teacher = SentenceTransformer(teacher) if isinstance(teacher, str) else teacher
         report.teacher_name = teacher_name or model_label(teacher, teacher_path)
         teacher_encoder = QuantizedEncoder(
-            SentenceTransformerEncoderWrapper(teacher), "float32", report.teacher_name, "teacher"
+            SentenceTransformerEncoderWrapper(teacher),
+            "float32",
+            report.teacher_name,
+            "teacher",
+            fingerprint=weights_fingerprint(teacher),
         )
 
     for number, task in enumerate(tasks, 1):  # task by task, so that only one task's embeddings are held in memory
         logger.info("Task %d/%d: %s (%s)", number, len(tasks), task.metadata.name, ", ".join(task.hf_subsets))
         for method, precision in rows:
             logger.debug("Evaluating %s on %s at %s (%s)", label, task.metadata.name, precision, method)
-            wrapped = QuantizedEncoder(encoder, precision, label, method, quantizer=model.quantizer)
+            wrapped = QuantizedEncoder(encoder, precision, label, method, model.quantizer, fingerprint)
             report.scores += _scores(wrapped, [task], method, precision, cache, batch_size, show_progress_bar)
         encoder.clear()
         if teacher is not None:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from mteb.mocks.mock_tasks.retrieval import MockRetrievalTask
 from mteb.mocks.mock_tasks.sts import MockSTSTask
 
 from st_bitembed.cli import main
 from st_bitembed.evaluation import EvaluationReport, evaluate_precisions
+from st_bitembed.evaluation.evaluate import weights_fingerprint
 
 PRECISIONS = ["float32", "int8", "int4", "int2", "binary"]
 
@@ -31,7 +33,9 @@ def test_every_precision_from_one_encoding_pass_in_separate_namespaces(converted
     assert rows == {("head", p) for p in PRECISIONS} | {("posthoc", p) for p in PRECISIONS[1:]}
     assert {s.task for s in report.scores} == {"MockSTSTask", "MockRetrievalTask"}
     result_dirs = {p.parent.name for p in (tmp_path / "all" / "mteb").rglob("MockSTSTask.json")}
-    assert result_dirs == {f"head-{p}" for p in PRECISIONS} | {f"posthoc-{p}" for p in PRECISIONS[1:]}
+    fingerprint = weights_fingerprint(converted_qwen3, converted_qwen3.quantizer)
+    expected = {f"head-{p}" for p in PRECISIONS} | {f"posthoc-{p}" for p in PRECISIONS[1:]}
+    assert result_dirs == {f"{namespace}-{fingerprint}" for namespace in expected}
     for name in ("results.json", "results.md", "precision_scores.png"):
         assert (tmp_path / "all" / name).stat().st_size > 0
     assert (tmp_path / "all" / "precision_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -41,6 +45,31 @@ def test_every_precision_from_one_encoding_pass_in_separate_namespaces(converted
     again = evaluate_precisions(converted_qwen3, tasks=tasks, precisions=PRECISIONS, output_dir=tmp_path / "all")
     assert calls[0] == 0  # reruns read the per-precision result caches
     assert [s.score for s in again.scores] == pytest.approx([s.score for s in report.scores])
+
+
+def test_another_model_under_the_same_name_is_evaluated_not_read_from_the_cache(converted_qwen3, tmp_path):
+    """A model retrained or converted again into the same folder keeps its name: its results must be its own."""
+    tasks = [MockSTSTask()]
+    first = evaluate_precisions(converted_qwen3, tasks=tasks, precisions=["float32"], output_dir=tmp_path, name="a/b")
+    embeddings = converted_qwen3[0].auto_model.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings.copy_(torch.randn_like(embeddings))  # other weights, same name
+    calls = count_forward_passes(converted_qwen3)
+    second = evaluate_precisions(converted_qwen3, tasks=tasks, precisions=["float32"], output_dir=tmp_path, name="a/b")
+    assert calls[0] > 0
+    assert second.scores[0].score != pytest.approx(first.scores[0].score)
+
+
+def test_the_fingerprint_is_the_same_with_latent_weights_or_only_codes(converted_qwen3):
+    from st_bitembed.quantization.bitlinear import release_latent_weights
+
+    kept = weights_fingerprint(converted_qwen3)
+    release_latent_weights(converted_qwen3)
+    assert weights_fingerprint(converted_qwen3) == kept
+    layer = next(m for m in converted_qwen3.modules() if hasattr(m, "rms_norm") and m.rms_norm is not None)
+    with torch.no_grad():
+        layer.rms_norm.weight.mul_(1.5)
+    assert weights_fingerprint(converted_qwen3) != kept
 
 
 def test_cli_reproduces_minilm_stsbenchmark_offline(kit, minilm_dir, tmp_path, capsys):
