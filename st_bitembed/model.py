@@ -19,7 +19,12 @@ from st_bitembed.card import BitEmbedModelCardData, write_model_card
 from st_bitembed.conversion import convert_backbone
 from st_bitembed.modules.quantize import Quantize
 from st_bitembed.precisions import Precision, PrecisionName, get_precision
-from st_bitembed.quantization.bitlinear import Kernel, install_bitlinear, release_latent_weights
+from st_bitembed.quantization.bitlinear import (
+    Kernel,
+    install_bitlinear,
+    leave_checkpoint_file,
+    release_latent_weights,
+)
 from st_bitembed.saving import staged_folder
 
 PLUGIN_NAMESPACE = "st_bitembed."
@@ -64,6 +69,7 @@ class BitEmbed(SentenceTransformer):
             kwargs: As for ``SentenceTransformer``.
         """
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
+        self._reads_checkpoint_file = False
         card_data = kwargs.pop("model_card_data", None) or BitEmbedModelCardData()
         if not isinstance(card_data, BitEmbedModelCardData):
             raise TypeError(
@@ -105,6 +111,8 @@ class BitEmbed(SentenceTransformer):
                 )
             if model_name_or_path is not None and not keep_latent_weights:
                 release_latent_weights(self[0].auto_model, at_first_inference=True)
+                # The weights are views of the checkpoint's memory map (transformers maps safetensors files).
+                self._reads_checkpoint_file = True
         if has_saved_head:
             head = Quantize.load(
                 model_name_or_path,
@@ -170,6 +178,13 @@ class BitEmbed(SentenceTransformer):
         )
         check_finite(embeddings, precision)
         return self._codes_as_requested(embeddings, precision, pack, convert_to_numpy, convert_to_tensor)
+
+    def forward(self, input: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
+        output = super().forward(input, **kwargs)
+        if self._reads_checkpoint_file:  # until the latent weights are freed at the first inference
+            head = [self._quantize_head] if self._quantize_head is not None else []
+            self._reads_checkpoint_file = not leave_checkpoint_file([self, *head])
+        return output
 
     def _codes_as_requested(
         self,

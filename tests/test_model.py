@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -95,12 +96,19 @@ def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_d
               (("kept", kept), ("released", released))}  # fmt: skip
     assert len(layers["released"]) == 14
     assert not any(layer.latent_weight_released for layer in layers["released"])  # until it first encodes
-    np.testing.assert_array_equal(released.encode(TEXTS), kept.encode(TEXTS))
+    checkpoint = str((tmp_path / "model" / "model.safetensors").resolve())
+    assert checkpoint_mapped(checkpoint) in (None, True)
+    expected = kept.encode(TEXTS)
+    np.testing.assert_array_equal(released.encode(TEXTS), expected)
     assert all(layer.latent_weight_released for layer in layers["released"])
     assert not any(layer.latent_weight_released for layer in layers["kept"])
+    del kept, layers["kept"]  # it keeps its latent weights, which are views of the file
+    gc.collect()  # the model holds reference cycles
+    # Released: the other weights were copied out of the checkpoint's memory map, which then closed.
+    assert checkpoint_mapped(checkpoint) in (None, False)
     latent_bytes = sum(layer.weight.untyped_storage().nbytes() for layer in layers["released"])
     assert latent_bytes == 4 * len(layers["released"])  # one float each instead of in x out
-    np.testing.assert_array_equal(released.encode(TEXTS), kept.encode(TEXTS))
+    np.testing.assert_array_equal(released.encode(TEXTS), expected)
     codes_before = [layer.ternary_codes()[0].clone() for layer in layers["released"]]
 
     released.train()  # what the trainer does first: latent weights come back, rebuilt from the same codes
@@ -110,6 +118,12 @@ def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_d
     train_one_step(released)  # asserts that the latent weights and norms changed
     released.encode(TEXTS)  # a model that trained keeps its latent weights through evaluations
     assert not any(layer.latent_weight_released for layer in layers["released"])
+
+
+def checkpoint_mapped(path: str) -> bool | None:
+    """Whether this process maps ``path`` (None where /proc/self/maps does not exist)."""
+    maps = Path("/proc/self/maps")
+    return any(line.rstrip().endswith(path) for line in maps.read_text().splitlines()) if maps.exists() else None
 
 
 @pytest.fixture(scope="module")

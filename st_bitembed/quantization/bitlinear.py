@@ -188,3 +188,27 @@ def release_latent_weights(model: torch.nn.Module, at_first_inference: bool = Fa
         else:
             layer.release_latent_weight()
     return len(layers)
+
+
+@torch.inference_mode(False)  # called while encoding, in inference mode: copies made there could never train
+@torch.no_grad()
+def leave_checkpoint_file(modules: list[torch.nn.Module]) -> bool:
+    """Once every :class:`BitLinear` in ``modules`` has freed its latent weight, copy their other parameters and
+    buffers (embeddings, norms, biases) into process memory.
+
+    transformers loads safetensors weights as views of the file's memory map; the map stays open while any of them
+    lives, and the freed latent weights' pages with it (resident, counted in the process's memory). After the copy
+    nothing refers to the map and it closes. Returns whether the model is done with the file: copied, or a layer
+    keeps its latent weight (the model trains), so there is nothing to leave.
+    """
+    layers = [layer for module in modules for layer in module.modules() if isinstance(layer, BitLinear)]
+    if not all(layer.latent_weight_released for layer in layers):
+        return not all(layer.release_at_inference for layer in layers)
+    latent = {id(layer.weight) for layer in layers}
+    for module in (child for module in modules for child in module.modules()):
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) not in latent:
+                parameter.data = parameter.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.clone())
+    return True
