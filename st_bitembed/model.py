@@ -110,9 +110,9 @@ class BitEmbed(SentenceTransformer):
                     "entry that makes transformers build them. Restore config.json from the original model."
                 )
             if model_name_or_path is not None and not keep_latent_weights:
-                release_latent_weights(self[0].auto_model, at_first_inference=True)
-                # The weights are views of the checkpoint's memory map (transformers maps safetensors files).
-                self._reads_checkpoint_file = True
+                # The weights are views of the checkpoint's memory map (transformers maps safetensors files): left
+                # at the first inference, once the latent weights are freed (nothing to leave without BitLinears).
+                self._reads_checkpoint_file = release_latent_weights(self[0].auto_model, at_first_inference=True) > 0
         if has_saved_head:
             head = Quantize.load(
                 model_name_or_path,

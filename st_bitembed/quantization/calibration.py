@@ -67,10 +67,11 @@ def calibrate_inserted_norms(
         inputs = args[0].float()
         tokens = inputs[real_tokens] if inputs.shape[:2] == real_tokens.shape else inputs.reshape(-1, inputs.shape[-1])
         rms = tokens.pow(2).mean(dim=-1, keepdim=True).add(norm.variance_epsilon).sqrt()
-        scale = tokens.abs().mean(dim=0) / (tokens / rms).abs().mean(dim=0).clamp(min=1e-12)
+        normalized = tokens / rms
+        scale = tokens.abs().mean(dim=0) / normalized.abs().mean(dim=0).clamp(min=1e-12)
         if fit_weights and layer.online_quant:  # exported (offline) layers hold fixed ternary values
             every = -(-len(tokens) // MAX_FIT_TOKENS)
-            scale = scale / fit_ternary_weight(layer, (tokens / rms)[::every] * scale)
+            scale = scale / fit_ternary_weight(layer, normalized[::every] * scale)
         norm.weight.copy_(scale.to(norm.weight.dtype))
         calibrated.add(id(layer))
 
