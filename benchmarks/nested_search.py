@@ -11,8 +11,9 @@ Search (recall@10 of float32 exact search on the same embeddings, queries/s, byt
 Methods: float32 exact (faiss ``IndexFlatIP``); binary only (sentence-transformers' ``quantize_embeddings`` ubinary,
 faiss ``IndexBinaryFlat``); sentence-transformers' binary -> int8 rescoring (its int8 codes with ranges calibrated on
 the calibration sentences, float query x int8 codes, as its documentation does), and BitEmbed's
-:class:`~st_bitembed.index.NestedCodeIndex` on one int8 or int4 store, the binary first pass derived from it. Each
-rescoring method reads each of ``--rescore-multipliers`` x 10 candidates.
+:class:`~st_bitembed.index.NestedCodeIndex` on one int8 or int4 store, the binary first pass derived from it: an exact
+Hamming scan (faiss ``IndexBinaryFlat``) or an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``;
+its build time is printed). Each rescoring method reads each of ``--rescore-multipliers`` x 10 candidates.
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
@@ -135,8 +136,12 @@ def compare_search(
     int8_corpus = quantize_embeddings(corpus, "int8", calibration_embeddings=calibration)
     nested = {}
     for store in ("int8", "int4"):
-        nested[store] = NestedCodeIndex(head, store, backend="faiss")
-        nested[store].add(head.quantize(torch_tensor(corpus), store, pack=True))
+        codes = head.quantize(torch_tensor(corpus), store, pack=True)
+        for exact in (True, False):
+            nested[store, exact] = NestedCodeIndex(head, store, backend="faiss", exact=exact)
+            _, seconds = timed(lambda: nested[store, exact].add(codes))
+            if not exact:
+                print(f"HNSW first pass over the {store} store's bits built in {seconds:.0f} s")
 
     def binary_only() -> list[list[int]]:
         return binary_index.search(quantize_embeddings(queries, "ubinary"), top_k)[1].tolist()
@@ -146,8 +151,8 @@ def compare_search(
         scores = np.einsum("qd,qkd->qk", queries, int8_corpus[ids].astype(np.float32))
         return np.take_along_axis(ids, np.argsort(-scores, axis=1, kind="stable")[:, :top_k], axis=1).tolist()
 
-    def nested_search(store: str, multiplier: int) -> list[list[int]]:
-        hits = nested[store].search(queries, top_k=top_k, rescore_multiplier=multiplier)
+    def nested_search(store: str, exact: bool, multiplier: int) -> list[list[int]]:
+        hits = nested[store, exact].search(queries, top_k=top_k, rescore_multiplier=multiplier)
         return [[hit["corpus_id"] for hit in row] for row in hits]
 
     rows = [
@@ -162,12 +167,13 @@ def compare_search(
                 *_recall_and_time(lambda: binary_then_int8(multiplier), recall),
             )
         )
-        for store, index in nested.items():
+        for (store, exact), index in nested.items():
+            first_pass = "binary scan" if exact else "binary HNSW"
             rows.append(
                 (
-                    f"BitEmbed nested store: binary -> {store} rescoring (x{multiplier})",
-                    index.bytes_per_vector + dimension // 8,
-                    *_recall_and_time(lambda: nested_search(store, multiplier), recall),
+                    f"BitEmbed nested store: {first_pass} -> {store} rescoring (x{multiplier})",
+                    round(index.bytes_per_vector + index.first_pass_bytes_per_vector),
+                    *_recall_and_time(lambda: nested_search(store, exact, multiplier), recall),
                 )
             )
     print(f"\n{len(corpus):,} vectors x {dimension}, {len(queries):,} queries, top 10\n")

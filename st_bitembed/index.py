@@ -1,5 +1,6 @@
 """One store, every precision: a search index over a nested Quantize head's codes, with a binary first pass in memory
-and rescoring from the stored int8 / int4 codes (in memory, or memory-mapped from disk)."""
+(an exact Hamming scan, or an approximate HNSW graph) and rescoring from the stored int8 / int4 codes (in memory, or
+memory-mapped from disk)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ FirstPassBackend = Literal["faiss", "usearch", "torch"]
 INDEX_FILE = "index.json"
 STORE_FILE = "codes.bin"
 HEAD_FOLDER = "quantize"
+# An HNSW first pass is saved beside the store (a graph takes minutes to build for millions of codes; a scan's codes
+# are read back from the store in seconds).
+GRAPH_FILES = {"faiss": "first_pass.faiss", "usearch": "first_pass.usearch"}
+# Neighbours per node of the HNSW graph: sentence-transformers' approximate binary search uses 16 too.
+HNSW_NEIGHBORS = 16
 # Rows truncated, added or rescored at a time (bounded memory for corpora larger than it).
 _ROWS_PER_BLOCK = 65_536
 # Queries compared at a time by the torch first pass (its XOR intermediate is queries x corpus x bytes).
@@ -37,13 +43,19 @@ class NestedCodeIndex:
     (:meth:`Quantize.truncate`), in memory (1 bit per dimension), and the rescoring reads the few candidate rows from
     the store, which may stay on disk (``path``: appended to by :meth:`add`, memory-mapped when searched).
 
+    The first pass scans every binary code (``exact=True``: its candidates are the nearest in Hamming distance, at a
+    cost that grows with the corpus) or walks an HNSW graph built on the same bits (``exact=False``: approximate, for
+    large corpora; sentence-transformers' ``exact=False`` builds the same graphs). The graph is saved with the index.
+
     Args:
         quantizer: The model's nested Quantize head (``model.quantizer``); it defines what the codes stand for.
         store_precision: ``"int8"`` (1 byte per dimension) or ``"int4"`` (packed, 2 codes per byte).
         path: A folder for the store, written as codes are added (corpora larger than memory); ``None``: in memory
             (:meth:`save` writes it).
-        backend: The first pass: faiss's ``IndexBinaryFlat``, usearch's ``Index(metric="hamming", dtype="b1")``
-            (both optional: ``pip install st_bitembed[search]``) or popcount in torch.
+        backend: The first pass: faiss (``IndexBinaryFlat``, or ``IndexBinaryHNSW``), usearch
+            (``Index(metric="hamming", dtype="b1")``; both optional: ``pip install st_bitembed[search]``) or popcount
+            in torch (exact only).
+        exact: Scan every code (``True``) or search an HNSW graph (``False``; faiss or usearch).
 
     Example:
         ::
@@ -66,6 +78,7 @@ class NestedCodeIndex:
         store_precision: PrecisionName = "int4",
         path: str | Path | None = None,
         backend: FirstPassBackend = "faiss",
+        exact: bool = True,
     ) -> None:
         if not quantizer.nested:
             raise ValueError(
@@ -77,6 +90,8 @@ class NestedCodeIndex:
             raise ValueError(f"The store holds {' or '.join(_STORE_PRECISIONS)} codes, not {store_precision!r}.")
         if backend not in ("faiss", "usearch", "torch"):
             raise ValueError(f"Unknown first-pass backend {backend!r}; choose faiss, usearch or torch.")
+        if backend == "torch" and not exact:
+            raise ValueError("The torch first pass scans every code (exact=True); HNSW needs faiss or usearch.")
         self.quantizer = quantizer.cpu().eval()
         self.store_precision = store_precision
         self.backend = backend
@@ -84,7 +99,8 @@ class NestedCodeIndex:
         self.dimension = quantizer.embedding_dimension
         self.count = 0
         self._memory_store: list[np.ndarray] = []
-        self._first_pass = _FirstPass(backend, self.dimension)
+        self.exact = exact
+        self._first_pass = _FirstPass(backend, self.dimension, exact)
         if self.path is not None:
             if (self.path / STORE_FILE).exists():
                 raise FileExistsError(
@@ -96,8 +112,14 @@ class NestedCodeIndex:
 
     @property
     def bytes_per_vector(self) -> int:
-        """Bytes per vector of the store (the first pass adds ``dimension / 8`` in memory)."""
+        """Bytes per vector of the store (the first pass adds :attr:`first_pass_bytes_per_vector` in memory)."""
         return get_precision(self.store_precision).bytes_per_vector(self.dimension)
+
+    @property
+    def first_pass_bytes_per_vector(self) -> float:
+        """Bytes per vector the first pass holds in memory: the binary codes (``dimension / 8``), and an HNSW
+        graph's links (about 3x the codes' bytes at 384 dimensions)."""
+        return self._first_pass.bytes_per_vector(self.count)
 
     def add(self, codes: np.ndarray | torch.Tensor) -> None:
         """Append vectors, as ``BitEmbed.encode(texts, precision=store_precision, pack=True)`` returns their codes
@@ -135,7 +157,11 @@ class NestedCodeIndex:
 
     @torch.no_grad()
     def search(
-        self, queries: np.ndarray | torch.Tensor, top_k: int = 10, rescore_multiplier: int = 4
+        self,
+        queries: np.ndarray | torch.Tensor,
+        top_k: int = 10,
+        rescore_multiplier: int = 4,
+        ef_search: int | None = None,
     ) -> list[list[dict[str, int | float]]]:
         """Top-``top_k`` corpus entries per query, best first, as ``sentence_transformers.util.semantic_search``
         returns them (``{"corpus_id", "score"}``).
@@ -146,12 +172,14 @@ class NestedCodeIndex:
             top_k: Hits per query.
             rescore_multiplier: Candidates from the binary first pass per hit; ``0`` returns the first pass alone
                 (scores ``1 - 2 * hamming / dim``).
+            ef_search: For an HNSW first pass, how many nodes its search keeps in view (at least the number of
+                candidates, the default): more finds the Hamming-nearest candidates more surely, and takes longer.
         """
         queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries.cpu())
         is_float = queries.is_floating_point()
         query_bits = self.quantizer.quantize(queries, "ubinary").numpy() if is_float else self._binary(queries.numpy())
         candidates = min(self.count, top_k * max(rescore_multiplier, 1))
-        hamming, ids = self._first_pass.search(query_bits, candidates)
+        hamming, ids = self._first_pass.search(query_bits, candidates, ef_search)
         if rescore_multiplier == 0:
             return _hits(1 - 2 * hamming.float() / self.dimension, ids, top_k)
         query_vectors = F.normalize(queries.float() if is_float else self._dequantize(queries.numpy()), dim=-1)
@@ -159,21 +187,22 @@ class NestedCodeIndex:
         scores = torch.empty(ids.shape, dtype=torch.float32)
         queries_per_block = max(1, _ROWS_PER_BLOCK // max(candidates, 1))
         for start in range(0, len(ids), queries_per_block):
-            block = ids[start : start + queries_per_block]
+            block = ids[start : start + queries_per_block].clamp(min=0)  # a missing candidate (-1) scores -inf below
             unique, inverse = np.unique(block.numpy(), return_inverse=True)  # sorted reads, each row once
             documents = F.normalize(self._dequantize(np.asarray(store[unique])), dim=-1)
             documents = documents[torch.from_numpy(inverse).reshape(block.shape)]  # [queries, candidates, dim]
             scores[start : start + len(block)] = torch.einsum(
                 "qd,qkd->qk", query_vectors[start : start + len(block)], documents
             )
-        return _hits(scores, ids, top_k)
+        return _hits(scores.masked_fill(ids < 0, -torch.inf), ids, top_k)
 
     def _dequantize(self, codes: np.ndarray) -> torch.Tensor:
         return self.quantizer.dequantize(torch.from_numpy(codes), self.store_precision, self.dimension)
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write the index (its description, the Quantize head and, for an in-memory index, the store) to ``path``
-        (default: the folder it was built in). The first pass is not saved: :meth:`load` derives it from the store."""
+        """Write the index (its description, the Quantize head, an HNSW first pass and, for an in-memory index, the
+        store) to ``path`` (default: the folder it was built in). An exact first pass is not saved: :meth:`load`
+        derives it from the store."""
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("This index is in memory: give save() a folder.")
@@ -184,18 +213,36 @@ class NestedCodeIndex:
             self._store().tofile(target / STORE_FILE)
         (target / HEAD_FOLDER).mkdir(exist_ok=True)
         self.quantizer.save(str(target / HEAD_FOLDER))
-        description = {"store_precision": self.store_precision, "dimension": self.dimension, "count": self.count}
+        for stale in GRAPH_FILES.values():  # a graph saved before no longer describes the store
+            (target / stale).unlink(missing_ok=True)
+        if not self.exact:
+            self._first_pass.save(target / GRAPH_FILES[self.backend])
+        description = {
+            "store_precision": self.store_precision,
+            "dimension": self.dimension,
+            "count": self.count,
+            "exact": self.exact,
+        }
         (target / INDEX_FILE).write_text(json.dumps(description, indent=2))
         return target
 
     @classmethod
-    def load(cls, path: str | Path, backend: FirstPassBackend = "faiss") -> NestedCodeIndex:
-        """Open a saved index: the store stays on disk (memory-mapped); the binary first pass is rebuilt from it."""
+    def load(cls, path: str | Path, backend: FirstPassBackend = "faiss", exact: bool | None = None) -> NestedCodeIndex:
+        """Open a saved index: the store stays on disk (memory-mapped); an HNSW first pass saved by this backend is
+        read back, any other first pass is built from the store.
+
+        Args:
+            path: The index's folder.
+            backend: As for the constructor.
+            exact: The first pass: as the index was saved (``None``), or another (built from the store).
+        """
         path = Path(path)
         if not (path / INDEX_FILE).exists():
             raise FileNotFoundError(f"{path} has no {INDEX_FILE}: it is not a saved NestedCodeIndex.")
         description = json.loads((path / INDEX_FILE).read_text())
-        index = cls(Quantize.load(str(path / HEAD_FOLDER)), description["store_precision"], backend=backend)
+        exact = description.get("exact", True) if exact is None else exact
+        head = Quantize.load(str(path / HEAD_FOLDER))
+        index = cls(head, description["store_precision"], backend=backend, exact=exact)
         index.path, index.count = path, description["count"]
         store = index._store()
         if store.nbytes != (path / STORE_FILE).stat().st_size:
@@ -204,26 +251,33 @@ class NestedCodeIndex:
                 f"{index.count} vectors of {index.bytes_per_vector} bytes: the index was not saved after its last "
                 "add(), or the file is damaged."
             )
+        graph = path / GRAPH_FILES.get(backend, "")
+        if not exact and graph.is_file():
+            index._first_pass.read(graph, index.count)
+            return index
         for start in range(0, index.count, _ROWS_PER_BLOCK):
             index._first_pass.add(index._binary(np.asarray(store[start : start + _ROWS_PER_BLOCK])), first_id=start)
         return index
 
 
 class _FirstPass:
-    """Exact Hamming search over packed sign bits (ubinary bytes) on faiss, usearch or torch: ``(hamming, ids)``."""
+    """Hamming search over packed sign bits (ubinary bytes): a scan of every code (faiss ``IndexBinaryFlat``, usearch's
+    exact search, torch popcount) or an HNSW graph (faiss ``IndexBinaryHNSW``, usearch's ``Index``)."""
 
-    def __init__(self, backend: FirstPassBackend, dimension: int) -> None:
-        self.backend = backend
+    def __init__(self, backend: FirstPassBackend, dimension: int, exact: bool) -> None:
+        self.backend, self.exact = backend, exact
         self.bits = -(-dimension // 8) * 8  # the packed codes' whole bytes
         self._blocks: list[torch.Tensor] = []  # the torch backend's codes
         if backend == "faiss":
             import faiss
 
-            self._index: Any = faiss.IndexBinaryFlat(self.bits)
+            self._index: Any = (
+                faiss.IndexBinaryFlat(self.bits) if exact else faiss.IndexBinaryHNSW(self.bits, HNSW_NEIGHBORS)
+            )
         elif backend == "usearch":
             from usearch.index import Index
 
-            self._index = Index(ndim=self.bits, metric="hamming", dtype="b1")
+            self._index = Index(ndim=self.bits, metric="hamming", dtype="b1", connectivity=HNSW_NEIGHBORS)
 
     def add(self, bits: np.ndarray, first_id: int) -> None:
         if self.backend == "faiss":
@@ -233,13 +287,20 @@ class _FirstPass:
         else:
             self._blocks.append(torch.from_numpy(bits.copy()))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hamming distances and ids, each ``[Q, k]``, nearest first (ties: the lower id)."""
+    def search(self, queries: np.ndarray, k: int, ef_search: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hamming distances and ids, each ``[Q, k]``, nearest first (ties: the lower id, when exact); an HNSW
+        search that finds fewer than ``k`` codes pads with id -1."""
+        explored = max(k, ef_search or 0)
         if self.backend == "faiss":
+            if not self.exact:
+                self._index.hnsw.efSearch = explored
             distances, ids = self._index.search(queries, k)
         elif self.backend == "usearch":
-            matches = self._index.search(queries, k, exact=True)
-            distances, ids = matches.distances, matches.keys
+            if not self.exact:
+                self._index.expansion_search = explored
+            matches = self._index.search(queries, k, exact=self.exact)
+            found = np.arange(k)[None, :] < np.asarray(matches.counts)[:, None]
+            distances, ids = np.where(found, matches.distances, 0), np.where(found, matches.keys.astype(np.int64), -1)
         else:
             if len(self._blocks) != 1:  # joined once, not at every search
                 self._blocks = [torch.cat(self._blocks) if self._blocks else torch.empty(0, self.bits // 8).byte()]
@@ -251,10 +312,43 @@ class _FirstPass:
             return nearest.values[:, :k], nearest.indices[:, :k]
         return torch.from_numpy(np.asarray(distances, dtype=np.int64)), torch.from_numpy(np.asarray(ids, np.int64))
 
+    def bytes_per_vector(self, count: int) -> float:
+        if self.exact or count == 0:
+            return self.bits / 8
+        if self.backend == "faiss":
+            import faiss
+
+            return faiss.serialize_index_binary(self._index).size / count
+        return self._index.serialized_length / count
+
+    def save(self, file: Path) -> None:
+        if self.backend == "faiss":
+            import faiss
+
+            faiss.write_index_binary(self._index, str(file))
+        else:
+            self._index.save(str(file))
+
+    def read(self, file: Path, count: int) -> None:
+        """Replace the (empty) graph by the one saved in ``file``, which must hold ``count`` codes."""
+        if self.backend == "faiss":
+            import faiss
+
+            self._index = faiss.read_index_binary(str(file))
+            saved = self._index.ntotal
+        else:
+            self._index.load(str(file))
+            saved = len(self._index)
+        if saved != count:
+            raise ValueError(
+                f"{file} holds a first pass over {saved} codes, but the store {count}: it was saved by another index. "
+                "Delete it to build the first pass from the store."
+            )
+
 
 def _hits(scores: torch.Tensor, ids: torch.Tensor, top_k: int) -> list[list[dict[str, int | float]]]:
     order = scores.sort(dim=1, descending=True, stable=True).indices[:, :top_k]
     return [
-        [{"corpus_id": int(i), "score": float(s)} for s, i in zip(row_scores, row_ids)]
+        [{"corpus_id": int(i), "score": float(s)} for s, i in zip(row_scores, row_ids) if i >= 0]
         for row_scores, row_ids in zip(scores.gather(1, order).tolist(), ids.gather(1, order).tolist())
     ]

@@ -21,8 +21,8 @@ from st_bitembed.modules.quantize import Quantize
 from st_bitembed.precisions import Precision, PrecisionName, get_precision
 from st_bitembed.quantization.bitlinear import (
     Kernel,
+    finish_latent_weight_release,
     install_bitlinear,
-    leave_checkpoint_file,
     release_latent_weights,
 )
 from st_bitembed.saving import staged_folder
@@ -69,7 +69,7 @@ class BitEmbed(SentenceTransformer):
             kwargs: As for ``SentenceTransformer``.
         """
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
-        self._reads_checkpoint_file = False
+        self._releasing_latent_weights = False
         card_data = kwargs.pop("model_card_data", None) or BitEmbedModelCardData()
         if not isinstance(card_data, BitEmbedModelCardData):
             raise TypeError(
@@ -110,9 +110,9 @@ class BitEmbed(SentenceTransformer):
                     "entry that makes transformers build them. Restore config.json from the original model."
                 )
             if model_name_or_path is not None and not keep_latent_weights:
-                # The weights are views of the checkpoint's memory map (transformers maps safetensors files): left
-                # at the first inference, once the latent weights are freed (nothing to leave without BitLinears).
-                self._reads_checkpoint_file = release_latent_weights(self[0].auto_model, at_first_inference=True) > 0
+                # Freed at the first inference, then the memory they held is given back (finish_latent_weight_release).
+                released = release_latent_weights(self[0].auto_model, at_first_inference=True)
+                self._releasing_latent_weights = released > 0
         if has_saved_head:
             head = Quantize.load(
                 model_name_or_path,
@@ -181,9 +181,9 @@ class BitEmbed(SentenceTransformer):
 
     def forward(self, input: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         output = super().forward(input, **kwargs)
-        if self._reads_checkpoint_file:  # until the latent weights are freed at the first inference
+        if self._releasing_latent_weights:  # until the latent weights are freed at the first inference
             head = [self._quantize_head] if self._quantize_head is not None else []
-            self._reads_checkpoint_file = not leave_checkpoint_file([self, *head])
+            self._releasing_latent_weights = not finish_latent_weight_release([self, *head])
         return output
 
     def _codes_as_requested(
@@ -322,8 +322,14 @@ def _without_cpu_unpacking_warning() -> Iterator[None]:
 
 
 def check_finite_weights(model: torch.nn.Module, head: torch.nn.Module | None, source: str) -> None:
-    """Refuse a model whose loaded weights hold NaN or infinities (a damaged file), naming the first such tensor."""
-    named = [*model.named_parameters(), *model.named_buffers()]
+    """Refuse a model whose loaded weights hold NaN or infinities (a damaged file), naming the first such tensor.
+
+    Embedding tables are not scanned: they stay in the checkpoint's memory map, read row by row as texts use their
+    tokens, and a scan would make the whole table resident (~330 MiB for Gemma3's 262k x 640 in bf16) and double
+    the peak while loading. A damaged row surfaces in the embeddings of the texts that use it, which ``encode``
+    refuses (:func:`check_finite`)."""
+    tables = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    named = [(name, p) for name, p in [*model.named_parameters(), *model.named_buffers()] if id(p) not in tables]
     named += [(f"{QUANTIZE_FOLDER}/{name}", p) for name, p in (head.named_parameters() if head is not None else [])]
     for name, tensor in named:
         # A float32 sum is NaN or infinite exactly when a value is (real weights are far too small to overflow it).

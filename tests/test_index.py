@@ -137,3 +137,66 @@ def test_bad_heads_and_codes_are_refused(corpus_and_head):
     index = NestedCodeIndex(head, "int4", backend="torch")
     with pytest.raises(ValueError, match="Expected int4 codes"):
         index.add(head.quantize(corpus, "int4"))  # unpacked
+
+
+def graph_backends() -> list[str]:
+    return [backend for backend in backends() if backend != "torch"]
+
+
+@pytest.mark.parametrize("backend", graph_backends())
+def test_hnsw_first_pass_finds_the_exact_scans_candidates(corpus_and_head, backend):
+    queries, corpus, head = corpus_and_head
+    codes = head.quantize(corpus, "int4", pack=True)
+    exact = NestedCodeIndex(head, "int4", backend=backend)
+    graph = NestedCodeIndex(head, "int4", backend=backend, exact=False)
+    exact.add(codes)
+    graph.add(codes)
+    # Exploring the whole graph, its 40 nearest codes are never nearer than the scan's and as near but for a rare
+    # code out of reach (usearch's graph, built by several threads); ids differ among equal distances (64 bits leave
+    # many ties). The default exploration (the candidates) is approximate, nearly as near.
+    scores = [[[h["score"] for h in hits] for hits in result] for result in (
+        exact.search(queries, top_k=40, rescore_multiplier=0),
+        graph.search(queries, top_k=40, rescore_multiplier=0, ef_search=len(corpus)),
+        graph.search(queries, top_k=40, rescore_multiplier=0),
+    )]  # fmt: skip
+    expected, explored, approximate = (np.array(result) for result in scores)
+    assert (explored <= expected + 1e-6).all() and explored.mean() > expected.mean() - 0.002
+    assert approximate.mean() > expected.mean() - 0.02
+
+    # A graph search may find fewer codes than asked (asked for more than there are; usearch's graph may also leave
+    # a few out of reach): the rest comes as id -1, which the rescoring leaves out.
+    distances, found_ids = graph._first_pass.search(head.quantize(queries[:3], "ubinary").numpy(), len(corpus) + 20)
+    assert (found_ids[:, -20:] == -1).all()
+    for row in found_ids:
+        found = row[row >= 0]
+        assert len(found) >= 0.9 * len(corpus) and len(found.unique()) == len(found) and found.max() < len(corpus)
+
+
+@pytest.mark.parametrize("backend", graph_backends())
+def test_hnsw_first_pass_is_saved_and_read_back(corpus_and_head, tmp_path, backend):
+    queries, corpus, head = corpus_and_head
+    index = NestedCodeIndex(head, "int8", path=tmp_path / "index", backend=backend, exact=False)
+    index.add(head.quantize(corpus, "int8"))
+    index.save()
+    graph_file = tmp_path / "index" / f"first_pass.{backend}"
+    assert graph_file.is_file()
+    loaded = NestedCodeIndex.load(tmp_path / "index", backend=backend)
+    assert not loaded.exact and loaded.count == len(corpus)
+    assert ids(loaded.search(queries, top_k=10, rescore_multiplier=2)) == ids(
+        index.search(queries, top_k=10, rescore_multiplier=2)
+    )
+    # Asked for an exact first pass, the same folder scans the store: the graph is not used.
+    scanned = NestedCodeIndex.load(tmp_path / "index", backend=backend, exact=True)
+    expected = quantized_semantic_search(queries, head.quantize(corpus, "int8"), "int8", head, top_k=10)
+    assert ids(scanned.search(queries, top_k=10, rescore_multiplier=50)) == ids(expected)
+    # A graph over another number of codes than the store's is refused, naming the file.
+    other = NestedCodeIndex(head, "int8", backend=backend, exact=False)
+    other.add(head.quantize(corpus[:100], "int8"))
+    other._first_pass.save(graph_file)
+    with pytest.raises(ValueError, match="first pass over 100 codes"):
+        NestedCodeIndex.load(tmp_path / "index", backend=backend)
+
+
+def test_torch_has_no_hnsw_first_pass(corpus_and_head):
+    with pytest.raises(ValueError, match="HNSW needs faiss or usearch"):
+        NestedCodeIndex(corpus_and_head[2], "int4", backend="torch", exact=False)

@@ -120,6 +120,21 @@ def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_d
     assert not any(layer.latent_weight_released for layer in layers["released"])
 
 
+def test_a_loaded_packed_export_reads_its_embedding_table_from_the_file(qwen3_dir, tmp_path):
+    """A 2-bit export's checkpoint holds no latent weights (transformers unpacks its codes into process memory), so
+    after the latent weights are freed the model keeps reading its embedding table from the file's memory map (only
+    the rows texts use become resident) instead of copying the whole table."""
+    from st_bitembed.export import export_packed
+
+    source = BitEmbed.from_backbone(str(qwen3_dir))
+    expected = source.encode(TEXTS)
+    export_packed(source, tmp_path / "packed")
+    model = BitEmbed(str(tmp_path / "packed"))
+    np.testing.assert_allclose(model.encode(TEXTS), expected, atol=1e-5)
+    assert all(layer.latent_weight_released for layer in model.modules() if isinstance(layer, BitLinear))
+    assert checkpoint_mapped(str((tmp_path / "packed" / "model.safetensors").resolve())) in (None, True)
+
+
 def checkpoint_mapped(path: str) -> bool | None:
     """Whether this process maps ``path`` (None where /proc/self/maps does not exist)."""
     maps = Path("/proc/self/maps")
@@ -166,11 +181,29 @@ def test_non_finite_weights_are_refused(saved_model, tmp_path, damaged_file):
 
     model_dir = damaged_copy(saved_model, tmp_path / "model")
     tensors = load_file(model_dir / damaged_file)
-    name = next(name for name, tensor in tensors.items() if tensor.numel() > 16)
+    name = next(name for name, tensor in tensors.items() if tensor.numel() > 16 and "embed" not in name)
     tensors[name].view(-1)[3] = float("nan")
     save_file(tensors, model_dir / damaged_file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"hold NaN or infinite values \(.*\): a weights file"):
         BitEmbed(str(model_dir))
+
+
+def test_a_damaged_embedding_row_is_refused_when_a_text_uses_it(saved_model, tmp_path):
+    """The embedding table is not scanned at load (it would become resident): its damaged rows show in the
+    embeddings of the texts whose tokens read them, which encode refuses."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = damaged_copy(saved_model, tmp_path / "model")
+    tensors = load_file(model_dir / "model.safetensors")
+    name = next(name for name in tensors if name.endswith("embed_tokens.weight"))
+    tokens = BitEmbed(str(saved_model)).tokenizer(TEXTS)["input_ids"]
+    damaged_token = next(token for token in tokens[1] if token not in tokens[0] + tokens[2])  # one of TEXTS[1] only
+    tensors[name][damaged_token, 3] = float("nan")
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    model = BitEmbed(str(model_dir))
+    assert np.isfinite(model.encode([TEXTS[0], TEXTS[2]])).all()
+    with pytest.raises(ValueError, match="1 of 3 embeddings are NaN or infinite"):
+        model.encode(TEXTS)
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8", "int4", "binary"])
