@@ -204,7 +204,7 @@ def finish_latent_weight_release(modules: list[torch.nn.Module]) -> bool:
     biases) are copied into process memory, and the map closes. An exported (2-bit packed) checkpoint holds only
     the packed codes, which transformers unpacked into process memory: its map stays, and an embedding table read
     from it keeps only the rows that texts use resident. Then glibc's allocator is asked to return the freed
-    memory to the system (it keeps freed blocks of a few MiB otherwise: ~150 MiB for the Gemma3-270M shape).
+    memory to the system (it otherwise keeps freed blocks of a few MiB, which stay resident).
     """
     layers = [layer for module in modules for layer in module.modules() if isinstance(layer, BitLinear)]
     if not all(layer.latent_weight_released for layer in layers):
