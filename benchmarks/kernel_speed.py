@@ -1,5 +1,6 @@
 """The BitLinear inference pieces alone: the activation quantizer (compiled vs PyTorch operators) and the integer GEMM
-backends (FBGEMM, oneDNN) against the fp32 product, for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections.
+backends (the native ternary kernel, FBGEMM, oneDNN; each from float codes, as ``integer_product`` takes them) against
+the fp32 product, for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections.
 
 Usage:
     python benchmarks/kernel_speed.py [--threads 2]
@@ -56,14 +57,14 @@ def main() -> None:
                 continue
             fused = milliseconds(lambda: compiled(activations, norm_weight, 1e-6, 0))
             print(f"| {tokens} x {in_features} | {eager:.3f} | {fused:.3f} | {eager / fused:.1f}x |")
-    print("\n| tokens x in x out | fp32 matmul | FBGEMM | oneDNN |\n|---|---|---|---|")
+    print("\n| tokens x in x out | fp32 matmul | native | FBGEMM | oneDNN |\n|---|---|---|---|---|")
     for tokens in TOKENS:
         for in_features, out_features in SHAPES:
             codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
             dense = codes.float()
             activations = torch.randint(-127, 128, (tokens, in_features)).float()
             cells = [milliseconds(lambda: activations @ dense.T)]
-            for backend, offset in (("fbgemm", 0), ("onednn", UINT8_ZERO_POINT)):
+            for backend, offset in (("native", 0), ("fbgemm", 0), ("onednn", UINT8_ZERO_POINT)):
                 try:
                     weight = prepare_ternary_weight(codes, torch.tensor(1.0), backend)
                 except (RuntimeError, AttributeError, NotImplementedError):

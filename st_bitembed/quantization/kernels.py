@@ -8,6 +8,11 @@ materialised.
 
 The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
 
+- ``"native"`` (CPUs with AVX2 and without AMX, where a C compiler is found): ``csrc/ternary_gemm.c``, made for
+  ternary weights: 16-bit accumulators, so each 32 products cost one multiply-add and one add where int8 GEMM
+  libraries take three instructions; 1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU
+  (``benchmarks/kernel_speed.py``). The quantizer writes its uint8 input directly and the kernel applies the
+  rescale and bias, so nothing else passes over the output.
 - ``"fbgemm"`` (x86 CPUs without AMX): ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, FBGEMM's
   uint8 x int8 GEMM on weights prepacked once (with their column sums, so the zero point costs nothing per call);
   it takes the float codes and makes them uint8 itself. On a 2-core AVX2 CPU it is 2-2.4x faster than oneDNN for
@@ -19,7 +24,7 @@ The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
 - ``"float"`` (anything else): the same integer codes multiplied in float32, which is exact while
   ``127 * in_features`` stays below 2**24 (every BitLinear of the models we target).
 
-All three are tested against :mod:`st_bitembed.quantization.ternary`.
+All of them are tested against :mod:`st_bitembed.quantization.ternary`.
 """
 
 from __future__ import annotations
@@ -34,16 +39,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from st_bitembed.quantization.native import native_activation_codes
+from st_bitembed.quantization.native import native_activation_codes, native_ternary_gemm, native_uint8_activation_codes
 from st_bitembed.quantization.ternary import INT8_MAX, MIN_SCALE
 
 logger = logging.getLogger(__name__)
 
-GemmBackend = Literal["fbgemm", "onednn", "int_mm", "float"]
-# oneDNN's uint8 activations are the signed codes shifted by this zero point.
+GemmBackend = Literal["native", "fbgemm", "onednn", "int_mm", "float"]
+# The uint8 activations of oneDNN, FBGEMM and the native kernel are the signed codes shifted by this zero point.
 UINT8_ZERO_POINT = 128
 # Activations quantized at a time by ternary_linear (8 MiB of float32): fastest of 2**17..2**21 on a 2-core AVX2 CPU.
 CHUNK_ELEMENTS = 2**21
+# The native kernel's layout (csrc/ternary_gemm.c): panels of 24 outputs, inputs in groups of 4, rows in tiles of 4.
+NATIVE_PANEL, NATIVE_INPUT_GROUP, NATIVE_TILE_ROWS = 24, 4, 4
 
 
 @dataclass(frozen=True)
@@ -52,12 +59,14 @@ class TernaryWeight:
 
     Attributes:
         backend: The backend ``operand`` is laid out for.
-        operand: fbgemm / onednn: the prepacked int8 codes; int_mm: int8 codes ``[K, N]``; float: float32 codes
-            ``[K, N]``.
+        operand: native: int8 codes in panels ``[ceil(N / 24), ceil(K / 4), 24, 4]``; fbgemm / onednn: the
+            prepacked int8 codes; int_mm: int8 codes ``[K, N]``; float: float32 codes ``[K, N]``.
         scale: 0-d float32 scale of the ternary codes.
         out_features: ``N``.
         onednn_qparams: For onednn, the per-output weight scales (ones: the GEMM returns the integer product) and
             zero points it takes, made once instead of at every call.
+        column_sums: For native, each output's int32 sum of codes (padded like the panels), which takes the
+            activations' zero point back out.
     """
 
     backend: GemmBackend
@@ -65,6 +74,14 @@ class TernaryWeight:
     scale: torch.Tensor
     out_features: int
     onednn_qparams: tuple[torch.Tensor, torch.Tensor] | None = None
+    column_sums: torch.Tensor | None = None
+
+
+def _native_works() -> bool:
+    if native_ternary_gemm() is None:
+        return False
+    weight = prepare_ternary_weight(torch.ones(8, 32, dtype=torch.int8), torch.tensor(1.0), "native")
+    return bool((integer_product(torch.full((3, 32), -2.0), weight) == -64).all())
 
 
 def _fbgemm_works() -> bool:
@@ -88,10 +105,10 @@ def _candidates(device_type: str) -> list[tuple[GemmBackend, Callable[[], bool]]
         return [("int_mm", _int_mm_works)]
     if device_type != "cpu":
         return []
-    # With AMX, oneDNN's AMX kernels are the fast int8 GEMM (what Inductor's x86 int8 path uses); without it, FBGEMM.
-    onednn_first = torch.cpu._is_amx_tile_supported()
-    fbgemm, onednn = ("fbgemm", _fbgemm_works), ("onednn", _onednn_works)
-    return [onednn, fbgemm] if onednn_first else [fbgemm, onednn]
+    # With AMX, oneDNN's AMX kernels are the fast int8 GEMM (what Inductor's x86 int8 path uses); without it, the
+    # native ternary kernel, then FBGEMM.
+    native, fbgemm, onednn = ("native", _native_works), ("fbgemm", _fbgemm_works), ("onednn", _onednn_works)
+    return [onednn, native, fbgemm] if torch.cpu._is_amx_tile_supported() else [native, fbgemm, onednn]
 
 
 @functools.cache
@@ -109,6 +126,14 @@ def gemm_backend(device_type: str) -> GemmBackend:
 def prepare_ternary_weight(codes: torch.Tensor, scale: torch.Tensor, backend: GemmBackend) -> TernaryWeight:
     """Lay out ``[N, K]`` int8 ternary ``codes`` (and their 0-d ``scale``) for ``backend``."""
     scale = scale.detach().float().reshape(())
+    if backend == "native":
+        out_features, in_features = codes.shape
+        padded = F.pad(
+            codes.cpu().to(torch.int8), (0, -in_features % NATIVE_INPUT_GROUP, 0, -out_features % NATIVE_PANEL)
+        )
+        panels = padded.view(-1, NATIVE_PANEL, padded.shape[1] // NATIVE_INPUT_GROUP, NATIVE_INPUT_GROUP)
+        column_sums = padded.sum(dim=1, dtype=torch.int32)
+        return TernaryWeight(backend, panels.transpose(1, 2).contiguous(), scale, out_features, None, column_sums)
     if backend == "fbgemm":
         with warnings.catch_warnings():  # creating the quantized weight tensor warns of that API's deprecation
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*", category=UserWarning)
@@ -181,6 +206,15 @@ def torch_activation_codes(
 def integer_product(codes: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
     """``codes @ W_codes.T`` (exact integers, as float32) for 2-D float32 integer-valued ``codes`` (shifted by
     :data:`UINT8_ZERO_POINT` for the onednn backend), on ``weight.backend``."""
+    if weight.backend == "native":
+        rows = codes.shape[0]
+        uint8_codes = torch.empty(rows + -rows % NATIVE_TILE_ROWS, weight.operand.shape[1] * NATIVE_INPUT_GROUP)
+        uint8_codes = uint8_codes.to(torch.uint8)
+        uint8_codes[:rows, : codes.shape[1]] = (codes + UINT8_ZERO_POINT).to(torch.int16)
+        product = torch.empty(rows, weight.out_features)
+        native_ternary_gemm()(uint8_codes, rows, weight.operand, weight.column_sums, weight.out_features,
+                              torch.ones(rows), 1.0, None, product)  # fmt: skip
+        return product
     if weight.backend == "fbgemm":  # quantizes the codes with scale 1 and zero point 128: exactly codes + 128
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             codes, 1.0, UINT8_ZERO_POINT, weight.operand
@@ -228,6 +262,9 @@ def ternary_linear(
     offset = UINT8_ZERO_POINT if weight.backend == "onednn" else 0
     rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
     output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)
+    if weight.backend == "native":
+        _native_ternary_linear(flat, weight, bias, norm_weight, eps, rows, output)
+        return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)
     for start in range(0, flat.shape[0], rows):
         codes, step = activation_codes(flat[start : start + rows], norm_weight, eps, offset)
         product = integer_product(codes, weight)
@@ -237,3 +274,29 @@ def ternary_linear(
         else:
             torch.addcmul(bias, product, step.mul_(weight.scale), out=output[start : start + rows])
     return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)
+
+
+def _native_ternary_linear(
+    flat: torch.Tensor,
+    weight: TernaryWeight,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    chunk_rows: int,
+    output: torch.Tensor,
+) -> None:
+    """:func:`ternary_linear` on the native kernel: the quantizer writes each chunk's uint8 codes into one buffer
+    (rows padded to the kernel's tiles) and the kernel writes rescaled, biased outputs."""
+    quantize, gemm = native_uint8_activation_codes(), native_ternary_gemm()
+    norm_weight = norm_weight.float().contiguous() if norm_weight is not None else None
+    bias = bias.float().contiguous() if bias is not None else None
+    chunk_rows = max(1, min(chunk_rows, flat.shape[0]))
+    padded_rows = chunk_rows + -chunk_rows % NATIVE_TILE_ROWS
+    codes = torch.empty(padded_rows, weight.operand.shape[1] * NATIVE_INPUT_GROUP, dtype=torch.uint8)
+    for start in range(0, flat.shape[0], chunk_rows):
+        chunk = flat[start : start + chunk_rows]
+        if chunk.dtype != torch.float32 or chunk.stride(-1) != 1:  # e.g. a bf16 model: one chunk-sized float32 copy
+            chunk = chunk.float().contiguous()
+        steps = quantize(chunk, norm_weight, eps, codes)
+        gemm(codes, chunk.shape[0], weight.operand, weight.column_sums, weight.out_features, steps,
+             float(weight.scale), bias, output[start : start + chunk.shape[0]])  # fmt: skip

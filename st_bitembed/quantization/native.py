@@ -1,10 +1,15 @@
-"""The fused activation quantizer (``csrc/activation_codes.c``), compiled for this processor at first use.
+"""BitLinear's C kernels (``csrc/``), compiled for this processor at first use.
 
-PyTorch makes about ten operator calls and as many passes over a projection's input to quantize it per token (see
-:func:`st_bitembed.quantization.kernels.activation_codes`); this C kernel makes one call and one pass. It is built
-the way Inductor builds its CPU kernels: with the system C compiler (``$CC``, else ``cc``) and ``-march=native``,
-once per processor, cached in ``$ST_BITEMBED_CACHE`` (default ``~/.cache/st_bitembed``) and loaded with ctypes.
-Without a compiler (or with ``ST_BITEMBED_NATIVE=0``) the PyTorch path runs instead, with the same codes.
+- ``activation_codes.c``: the fused activation quantizer. PyTorch makes about ten operator calls and as many passes
+  over a projection's input to quantize it per token (see :func:`st_bitembed.quantization.kernels.activation_codes`);
+  this kernel makes one call and one pass.
+- ``ternary_gemm.c``: uint8 activation codes x ternary weights with 16-bit accumulators (AVX2), the GEMM of the
+  ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
+
+They are built the way Inductor builds its CPU kernels: with the system C compiler (``$CC``, else ``cc``) and
+``-march=native``, once per processor, into one library cached in ``$ST_BITEMBED_CACHE`` (default
+``~/.cache/st_bitembed``) and loaded with ctypes. Without a compiler (or with ``ST_BITEMBED_NATIVE=0``) the PyTorch
+quantizer and the next GEMM backend run instead, with the same codes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,11 +33,15 @@ from st_bitembed.quantization.ternary import MIN_SCALE
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "activation_codes.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("activation_codes.c", "ternary_gemm.c"))
 # No FMA contraction: the kernel must round exactly as the PyTorch path's separate multiply and add do.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, int], tuple[torch.Tensor, torch.Tensor]]
+# (activations, norm weight, eps, uint8 codes to fill) -> per-token steps.
+Uint8ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, torch.Tensor], torch.Tensor]
+# (uint8 codes, rows, packed weight, column sums, out features, steps, scale, bias, out) -> None
+TernaryGemm = Callable[..., None]
 
 
 def _processor_id() -> str:
@@ -48,48 +58,123 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _processor_id()]).encode()).hexdigest()
-    library = _cache_dir() / f"activation_codes-{key[:16]}.so"
+    sources = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, *FLAGS, version, _processor_id()]).encode()).hexdigest()
+    library = _cache_dir() / f"bitlinear-{key[:16]}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:  # built aside, moved in at once
             built = Path(build_dir) / library.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, check=True)
+            subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, check=True)
             os.replace(built, library)
     return library
 
 
 @functools.cache
-def native_activation_codes() -> ActivationCodes | None:
-    """The compiled quantizer as a function like ``kernels.activation_codes`` for contiguous float32 CPU input, or
-    ``None`` where it cannot be built (the reason is logged at INFO level)."""
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or ``None`` where they cannot be built (the reason is logged at INFO level)."""
     if os.environ.get("ST_BITEMBED_NATIVE", "1") == "0" or platform.system() == "Windows":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("No C compiler found: BitLinear quantizes activations with PyTorch operators")
+        logger.info("No C compiler found: BitLinear runs its PyTorch quantizer and the next GEMM backend")
         return None
     try:
-        kernel = ctypes.CDLL(str(_build(compiler))).activation_codes
+        library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         details = getattr(error, "stderr", b"") or b""
-        logger.info("Fused activation quantizer unavailable (%s %s)", error, details.decode(errors="replace")[:500])
+        logger.info("BitLinear's C kernels unavailable (%s %s)", error, details.decode(errors="replace")[:500])
         return None
-    pointer, integer = ctypes.c_void_p, ctypes.c_int64
-    kernel.argtypes = [pointer, integer, integer, integer, pointer, ctypes.c_float, ctypes.c_float, ctypes.c_float]
-    kernel.argtypes += [pointer, pointer, ctypes.c_int]
-    kernel.restype = None
+    pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    library.activation_codes.argtypes = [pointer, integer, integer, integer, pointer, real, real, real, pointer]
+    library.activation_codes.argtypes += [pointer, ctypes.c_int]
+    library.activation_codes_uint8.argtypes = [pointer, integer, integer, integer, pointer, real, real, pointer]
+    library.activation_codes_uint8.argtypes += [integer, pointer, ctypes.c_int]
+    library.ternary_gemm.argtypes = [pointer, integer, integer, integer, pointer, pointer, integer, pointer, real]
+    library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int]
+    for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
+        function.restype = None
+    return library
+
+
+def _quantize(
+    function: ctypes._CFuncPtr, activations: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, *outputs: Any
+) -> None:
+    """Call one of the quantizers of ``activation_codes.c``: their arguments differ only in the outputs."""
+    rows, cols = activations.shape
+    weight_pointer = norm_weight.data_ptr() if norm_weight is not None else None
+    function(activations.data_ptr(), rows, cols, activations.stride(0), weight_pointer, eps, MIN_SCALE, *outputs,
+             torch.get_num_threads())  # fmt: skip
+
+
+@functools.cache
+def native_activation_codes() -> ActivationCodes | None:
+    """The compiled quantizer as a function like ``kernels.activation_codes`` for float32 CPU input with rows of
+    unit stride, or ``None`` where it cannot be built."""
+    library = _library()
+    if library is None:
+        return None
 
     def activation_codes(
         activations: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, offset: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = activations.shape
-        codes = torch.empty(rows, cols)
-        steps = torch.empty(rows, 1)
-        weight_pointer = norm_weight.data_ptr() if norm_weight is not None else None
-        threads = torch.get_num_threads()
-        kernel(activations.data_ptr(), rows, cols, activations.stride(0), weight_pointer, eps, MIN_SCALE, offset,
-               codes.data_ptr(), steps.data_ptr(), threads)  # fmt: skip
+        codes, steps = torch.empty(activations.shape), torch.empty(activations.shape[0], 1)
+        _quantize(library.activation_codes, activations, norm_weight, eps, offset, codes.data_ptr(), steps.data_ptr())
         return codes, steps
 
     return activation_codes
+
+
+@functools.cache
+def native_uint8_activation_codes() -> Uint8ActivationCodes | None:
+    """The compiled quantizer writing uint8 codes (signed codes + 128) into the first rows and columns of a given
+    ``uint8`` buffer of unit column stride (the ``"native"`` GEMM's input); returns the float32 ``[rows]`` steps."""
+    library = _library()
+    if library is None:
+        return None
+
+    def activation_codes_uint8(
+        activations: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, codes: torch.Tensor
+    ) -> torch.Tensor:
+        steps = torch.empty(activations.shape[0])
+        _quantize(library.activation_codes_uint8, activations, norm_weight, eps, codes.data_ptr(), codes.stride(0),
+                  steps.data_ptr())  # fmt: skip
+        return steps
+
+    return activation_codes_uint8
+
+
+@functools.cache
+def native_ternary_gemm() -> TernaryGemm | None:
+    """``csrc/ternary_gemm.c`` (see its layouts) where this processor has AVX2, else ``None``."""
+    library = _library()
+    if library is None or not library.ternary_gemm_available():
+        return None
+
+    def ternary_gemm(
+        codes: torch.Tensor,
+        rows: int,
+        packed: torch.Tensor,
+        column_sums: torch.Tensor,
+        out_features: int,
+        steps: torch.Tensor,
+        scale: float,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> None:
+        library.ternary_gemm(
+            codes.data_ptr(),
+            rows,
+            codes.stride(0),
+            packed.shape[1] * 4,
+            packed.data_ptr(),
+            column_sums.data_ptr(),
+            out_features,
+            steps.data_ptr(),
+            scale,
+            bias.data_ptr() if bias is not None else None,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+
+    return ternary_gemm

@@ -18,12 +18,13 @@ from st_bitembed.quantization.ternary import bitlinear_reference, int8_activatio
 
 def available(backend: str) -> bool:
     try:
-        return {"fbgemm": kernels._fbgemm_works, "onednn": kernels._onednn_works}[backend]()
+        works = {"native": kernels._native_works, "fbgemm": kernels._fbgemm_works, "onednn": kernels._onednn_works}
+        return works[backend]()
     except (RuntimeError, NotImplementedError, AttributeError):
         return False
 
 
-CPU_BACKENDS = [backend for backend in ("fbgemm", "onednn") if available(backend)] + ["float"]
+CPU_BACKENDS = [backend for backend in ("native", "fbgemm", "onednn") if available(backend)] + ["float"]
 
 
 def layer(in_features: int = 96, out_features: int = 40, seed: int = 0, bias: bool = True) -> BitLinear:
@@ -37,7 +38,7 @@ def layer(in_features: int = 96, out_features: int = 40, seed: int = 0, bias: bo
 
 def test_the_cpu_backend_is_an_integer_gemm_where_one_works():
     if len(CPU_BACKENDS) == 1:
-        pytest.skip("this torch build has neither FBGEMM nor oneDNN int8 GEMMs")
+        pytest.skip("no integer GEMM here: no AVX2 and C compiler, and neither FBGEMM nor oneDNN in this torch build")
     expected = "onednn" if torch.cpu._is_amx_tile_supported() and "onednn" in CPU_BACKENDS else CPU_BACKENDS[0]
     assert gemm_backend("cpu") == expected
 
@@ -70,14 +71,33 @@ def test_codes_without_a_norm_and_of_a_zero_token():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 300])
-def test_integer_product_is_exact(backend, rows):
+@pytest.mark.parametrize("shape", [(96, 40), (601, 50)])  # (in, out): 601 inputs are 3 blocks of 16-bit sums
+def test_integer_product_is_exact(backend, rows, shape):
     torch.manual_seed(rows)
-    codes = torch.randint(-127, 128, (rows, 96)).float()
-    weight_codes, weight_scale = ternary_weight_codes(torch.randn(40, 96))
+    in_features, out_features = shape
+    codes = torch.randint(-127, 128, (rows, in_features)).float()
+    weight_codes, weight_scale = ternary_weight_codes(torch.randn(out_features, in_features))
     weight = prepare_ternary_weight(weight_codes, weight_scale, backend)
     offset = UINT8_ZERO_POINT if backend == "onednn" else 0
     product = integer_product(codes + offset, weight)
     assert torch.equal(product.double(), codes.double() @ weight_codes.double().T)  # the int32 accumulator, exactly
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("code", [127.0, -127.0])
+def test_integer_product_is_exact_at_the_largest_sums(backend, code):
+    """Every code at its extreme and weights of one sign: the largest sums the accumulators meet (the native kernel's
+    16-bit sums reach 64 * 510 per block)."""
+    in_features = 1030
+    weight_codes = torch.ones(30, in_features, dtype=torch.int8)
+    weight_codes[10:20] = -1
+    weight_codes[20:, ::3] = 0
+    weight = prepare_ternary_weight(weight_codes, torch.tensor(1.0), backend)
+    codes = torch.full((9, in_features), code)
+    offset = UINT8_ZERO_POINT if backend == "onednn" else 0
+    product = integer_product(codes + offset, weight)
+    assert torch.equal(product.double(), codes.double() @ weight_codes.double().T)
+    assert product.abs().max() == 127 * in_features
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -105,6 +125,18 @@ def test_inference_path_agrees_with_the_reference_and_training_uses_the_referenc
     assert bitlinear.weight.grad is not None and bitlinear.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bfloat16_activations_give_the_float32_output_in_bfloat16(backend, monkeypatch):
+    monkeypatch.setattr("st_bitembed.quantization.bitlinear.gemm_backend", lambda device_type: backend)
+    bitlinear = layer().eval()
+    inputs = torch.randn(3, 7, 96).bfloat16()
+    with torch.no_grad():
+        output = bitlinear(inputs)
+        expected = bitlinear(inputs.float())
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, expected.bfloat16(), atol=0, rtol=0)
+
+
 def test_chunks_of_tokens_give_the_same_output_and_empty_input_is_empty(monkeypatch):
     bitlinear = layer().eval()
     inputs = torch.randn(5, 7, 96)
@@ -127,8 +159,8 @@ def test_cached_weight_codes_follow_weight_updates():
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_each_cpu_backend_falls_back_to_the_next(monkeypatch, amx):
-    if len(CPU_BACKENDS) < 3:
-        pytest.skip("this torch build lacks FBGEMM or oneDNN int8 GEMMs")
+    if len(CPU_BACKENDS) < 4:
+        pytest.skip("the native kernel, FBGEMM or oneDNN int8 GEMMs are missing here")
     bitlinear = layer().eval()
     inputs = torch.randn(20, 96)
     with torch.no_grad():
@@ -138,14 +170,12 @@ def test_each_cpu_backend_falls_back_to_the_next(monkeypatch, amx):
         raise RuntimeError("not in this build")
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    first, second = ("_onednn_works", "_fbgemm_works") if amx else ("_fbgemm_works", "_onednn_works")
+    order = ["onednn", "native", "fbgemm"] if amx else ["native", "fbgemm", "onednn"]
     try:
-        monkeypatch.setattr(kernels, first, broken)
-        kernels.gemm_backend.cache_clear()
-        assert gemm_backend("cpu") == second.split("_")[1]
-        monkeypatch.setattr(kernels, second, broken)
-        kernels.gemm_backend.cache_clear()
-        assert gemm_backend("cpu") == "float"
+        for failing, expected in zip(order, [*order[1:], "float"]):
+            monkeypatch.setattr(kernels, f"_{failing}_works", broken)
+            kernels.gemm_backend.cache_clear()
+            assert gemm_backend("cpu") == expected
         with torch.no_grad():
             torch.testing.assert_close(bitlinear(inputs), default, atol=1e-5, rtol=1e-5)
         assert bitlinear._ternary.backend == "float"

@@ -3,12 +3,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from st_bitembed.quantization import native
 from st_bitembed.quantization.kernels import (
     UINT8_ZERO_POINT,
     activation_codes,
     torch_activation_codes,
 )
-from st_bitembed.quantization.native import native_activation_codes
+from st_bitembed.quantization.native import native_activation_codes, native_ternary_gemm, native_uint8_activation_codes
 
 
 @pytest.mark.parametrize("with_norm", [True, False])
@@ -36,20 +37,46 @@ def test_compiled_quantizer_matches_the_torch_operators(with_norm, offset):
         assert not quantizer(activations, norm_weight, 1e-6, offset)[1][3:5].isfinite().any()
 
 
-def test_compiled_quantizer_is_cached_and_optional(tmp_path, monkeypatch):
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_uint8_codes_are_the_float_codes_plus_the_zero_point(with_norm):
+    compiled, uint8_codes = native_activation_codes(), native_uint8_activation_codes()
+    if compiled is None:
+        pytest.skip("no C compiler here")
+    torch.manual_seed(1)
+    norm_weight = torch.rand(97) * 2 if with_norm else None
+    activations = torch.randn(30, 97) * torch.logspace(-3, 2, 30)[:, None]
+    activations[4, 9] = float("nan")
+    buffer = torch.full((32, 100), 7, dtype=torch.uint8)  # rows and columns beyond the activations stay untouched
+    steps = uint8_codes(activations, norm_weight, 1e-6, buffer)
+    codes, expected_steps = compiled(activations, norm_weight, 1e-6, UINT8_ZERO_POINT)
+    finite = torch.arange(30) != 4
+    assert torch.equal(buffer[:30, :97][finite].float(), codes[finite])
+    torch.testing.assert_close(steps[finite], expected_steps[finite, 0], rtol=0, atol=0)
+    assert steps[4].isnan() and (buffer[4, :97] == UINT8_ZERO_POINT).all()  # damage in the step; codes defined
+    assert (buffer[30:] == 7).all() and (buffer[:, 97:] == 7).all()
+
+
+def _clear() -> None:
+    for function in (native._library, native_activation_codes, native_uint8_activation_codes, native_ternary_gemm):
+        function.cache_clear()
+
+
+def test_compiled_kernels_are_cached_and_optional(tmp_path, monkeypatch):
     monkeypatch.setenv("ST_BITEMBED_CACHE", str(tmp_path))
-    native_activation_codes.cache_clear()
+    _clear()
     try:
         if native_activation_codes() is None:
             pytest.skip("no C compiler here")
-        assert len(list((tmp_path / "kernels").glob("activation_codes-*.so"))) == 1
+        assert native_uint8_activation_codes() is not None
+        assert len(list((tmp_path / "kernels").glob("bitlinear-*.so"))) == 1
         monkeypatch.setenv("ST_BITEMBED_NATIVE", "0")
-        native_activation_codes.cache_clear()
-        assert native_activation_codes() is None
+        _clear()
+        assert native_activation_codes() is None and native_ternary_gemm() is None
         monkeypatch.setenv("ST_BITEMBED_NATIVE", "1")
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
         monkeypatch.setenv("ST_BITEMBED_CACHE", str(tmp_path / "other"))
-        native_activation_codes.cache_clear()
+        _clear()
         assert native_activation_codes() is None  # logged, not raised: the PyTorch path runs
+        assert native_ternary_gemm() is None  # and the next GEMM backend
     finally:
-        native_activation_codes.cache_clear()
+        _clear()

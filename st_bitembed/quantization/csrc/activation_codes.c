@@ -1,15 +1,48 @@
 /* One pass per token for BitLinear inference: the per-token int8 codes of RMSNorm(x) * g (the norm folded into the
- * step, see kernels.py) or of x, written as floats (the GEMM backends take float codes).
+ * step, see kernels.py) or of x, written as floats (activation_codes: the PyTorch GEMM backends take float codes) or
+ * as uint8 codes + 128 (activation_codes_uint8: the input of ternary_gemm.c).
  *
  * Same arithmetic, element by element, as st_bitembed.quantization.kernels.activation_codes in PyTorch:
  *   step = max(absmax(x * g) * rsqrt(mean(x^2) + eps), min_scale) / 127,  code = round((x * g) * (rsqrt(...) / step))
  *   without a norm: step = max(absmax(x), min_scale) / 127,               code = round(x / step)
  * rounding half to even (nearbyintf in the default rounding mode, as torch.round). Only the order of the
  * sum of squares differs, so a code can differ by one at a rounding tie. A token with a NaN or an infinity gets a
- * NaN step, as in PyTorch, so that the damage reaches the output instead of vanishing in the codes.
+ * NaN step, as in PyTorch, so that the damage reaches the output instead of vanishing in the codes (its uint8 codes
+ * are the zero code: a NaN has no integer value).
  * Maxima are written as comparisons: fmaxf is not vectorized (a call per element). */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+/* The token's step; with a norm also the factor that turns x * g into codes (without one, the codes are x / step). */
+static inline float token_step(const float *in, int64_t cols, const float *norm_weight, float eps, float min_scale,
+                               float *multiplier) {
+    float absmax = 0.0f, sum_of_squares = 0.0f;
+    if (norm_weight) {
+#pragma omp simd reduction(max : absmax) reduction(+ : sum_of_squares)
+        for (int64_t col = 0; col < cols; ++col) {
+            const float weighted = fabsf(in[col] * norm_weight[col]);
+            absmax = weighted > absmax ? weighted : absmax;
+            sum_of_squares += in[col] * in[col];
+        }
+        const float inverse_rms = 1.0f / sqrtf(sum_of_squares / (float)cols + eps);
+        const float normalised_absmax = absmax * inverse_rms;
+        const float step = isfinite(sum_of_squares)
+                               ? (normalised_absmax > min_scale ? normalised_absmax : min_scale) / 127.0f
+                               : NAN;
+        *multiplier = inverse_rms / step;
+        return step;
+    }
+    float non_finite = 0.0f; /* x * 0 is NaN exactly for a NaN or an infinity */
+#pragma omp simd reduction(max : absmax) reduction(+ : non_finite)
+    for (int64_t col = 0; col < cols; ++col) {
+        const float magnitude = fabsf(in[col]);
+        absmax = magnitude > absmax ? magnitude : absmax;
+        non_finite += in[col] * 0.0f;
+    }
+    const float step = non_finite == 0.0f ? (absmax > min_scale ? absmax : min_scale) / 127.0f : NAN;
+    return step;
+}
 
 void activation_codes(const float *x, int64_t rows, int64_t cols, int64_t row_stride, const float *norm_weight,
                       float eps, float min_scale, float offset, float *codes, float *steps, int threads) {
@@ -17,36 +50,40 @@ void activation_codes(const float *x, int64_t rows, int64_t cols, int64_t row_st
     for (int64_t row = 0; row < rows; ++row) {
         const float *in = x + row * row_stride;
         float *out = codes + row * cols;
-        float absmax = 0.0f, sum_of_squares = 0.0f;
+        float multiplier;
+        const float step = token_step(in, cols, norm_weight, eps, min_scale, &multiplier);
         if (norm_weight) {
-#pragma omp simd reduction(max : absmax) reduction(+ : sum_of_squares)
-            for (int64_t col = 0; col < cols; ++col) {
-                const float weighted = fabsf(in[col] * norm_weight[col]);
-                absmax = weighted > absmax ? weighted : absmax;
-                sum_of_squares += in[col] * in[col];
-            }
-            const float inverse_rms = 1.0f / sqrtf(sum_of_squares / (float)cols + eps);
-            const float normalised_absmax = absmax * inverse_rms;
-            const float step = isfinite(sum_of_squares)
-                                   ? (normalised_absmax > min_scale ? normalised_absmax : min_scale) / 127.0f
-                                   : NAN;
-            const float multiplier = inverse_rms / step;
 #pragma omp simd
             for (int64_t col = 0; col < cols; ++col)
                 out[col] = nearbyintf(in[col] * norm_weight[col] * multiplier + offset);
-            steps[row] = step;
         } else {
-            float non_finite = 0.0f;  /* x * 0 is NaN exactly for a NaN or an infinity */
-#pragma omp simd reduction(max : absmax) reduction(+ : non_finite)
-            for (int64_t col = 0; col < cols; ++col) {
-                const float magnitude = fabsf(in[col]);
-                absmax = magnitude > absmax ? magnitude : absmax;
-                non_finite += in[col] * 0.0f;
-            }
-            const float step = non_finite == 0.0f ? (absmax > min_scale ? absmax : min_scale) / 127.0f : NAN;
 #pragma omp simd
             for (int64_t col = 0; col < cols; ++col) out[col] = nearbyintf(in[col] / step + offset);
-            steps[row] = step;
+        }
+        steps[row] = step;
+    }
+}
+
+void activation_codes_uint8(const float *x, int64_t rows, int64_t cols, int64_t row_stride, const float *norm_weight,
+                            float eps, float min_scale, uint8_t *codes, int64_t code_stride, float *steps,
+                            int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= 65536)
+    for (int64_t row = 0; row < rows; ++row) {
+        const float *in = x + row * row_stride;
+        uint8_t *out = codes + row * code_stride;
+        float multiplier;
+        const float step = token_step(in, cols, norm_weight, eps, min_scale, &multiplier);
+        steps[row] = step;
+        if (!isfinite(step)) {
+            memset(out, 128, (size_t)cols);
+        } else if (norm_weight) {
+#pragma omp simd
+            for (int64_t col = 0; col < cols; ++col)
+                out[col] = (uint8_t)(int32_t)(nearbyintf(in[col] * norm_weight[col] * multiplier) + 128.0f);
+        } else {
+#pragma omp simd
+            for (int64_t col = 0; col < cols; ++col)
+                out[col] = (uint8_t)(int32_t)(nearbyintf(in[col] / step) + 128.0f);
         }
     }
 }
