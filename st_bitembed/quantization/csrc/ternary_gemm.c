@@ -15,7 +15,8 @@
  *           output next to each other (what vpmaddubsw pairs up); outputs and inputs past the real ones are 0.
  *   column_sums  int32 [panels * 24]: each output's sum of weight codes, to take the zero point 128 back out.
  * out[m, n] = (sum_k codes[m, k] * w[n, k] - 128 * column_sums[n]) * (steps[m] * scale) + bias[n]: the integer
- * product is exact, then one float multiply and one add, as kernels.ternary_linear computes it in PyTorch. */
+ * product is exact, then one float multiply and one add, as kernels.ternary_linear computes it in PyTorch; out is
+ * float32, or bfloat16 (out_bfloat16: rounded as PyTorch converts float32) for bf16 models. */
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -77,23 +78,50 @@ ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_st
     WIDEN(2, 0) WIDEN(2, 1) WIDEN(2, 2) WIDEN(3, 0) WIDEN(3, 1) WIDEN(3, 2)
 }
 
-/* out[0:24] = (sums - 128 * column_sums) * scale (+ bias): the integer correction is exact, then one multiply. */
+/* float32 -> bfloat16 rounding half to even, as PyTorch's conversion (a NaN stays a NaN). */
+static inline uint16_t to_bfloat16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    if (value != value) return 0xffff;
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+static inline __m256i to_bfloat16_lanes(__m256 value) {
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i biased = _mm256_add_epi32(_mm256_add_epi32(bits, lsb), _mm256_set1_epi32(0x7fff));
+    const __m256i rounded = _mm256_srli_epi32(biased, 16);
+    const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_ORD_Q));
+    return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), rounded, ordered);
+}
+
+/* out[0:24] = (sums - 128 * column_sums) * scale (+ bias): the integer correction is exact, then one multiply; written
+ * as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its output is ever made. */
 static inline void finish_row(const int32_t *sums, const int32_t *column_sums, float scale, const float *bias,
-                              float *out) {
+                              void *out, int out_bfloat16) {
     const __m256 factor = _mm256_set1_ps(scale);
-    for (int j = 0; j < PANEL; j += 8) {
-        const __m256i zero_point = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(column_sums + j)), 7);
-        const __m256i exact = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(sums + j)), zero_point);
-        __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), factor);
-        if (bias) value = _mm256_add_ps(value, _mm256_loadu_ps(bias + j));
-        _mm256_storeu_ps(out + j, value);
+    __m256 values[PANEL / 8];
+    for (int j = 0; j < PANEL / 8; ++j) {
+        const __m256i zero_point = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(column_sums + 8 * j)), 7);
+        const __m256i exact = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(sums + 8 * j)), zero_point);
+        values[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), factor);
+        if (bias) values[j] = _mm256_add_ps(values[j], _mm256_loadu_ps(bias + 8 * j));
+        if (!out_bfloat16) _mm256_storeu_ps((float *)out + 8 * j, values[j]);
+    }
+    if (out_bfloat16) {
+        /* packus interleaves 128-bit lanes; the permute puts the 16 values back in order */
+        const __m256i first = _mm256_packus_epi32(to_bfloat16_lanes(values[0]), to_bfloat16_lanes(values[1]));
+        _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(first, 0xd8));
+        const __m256i last = to_bfloat16_lanes(values[2]);
+        const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(last), _mm256_extracti128_si256(last, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + 16), packed);
     }
 }
 #endif
 
 void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, const int8_t *packed,
                   const int32_t *column_sums, int64_t out_features, const float *steps, float scale,
-                  const float *bias, float *out, int threads) {
+                  const float *bias, void *out, int out_bfloat16, int threads) {
 #ifdef __AVX2__
     const int64_t panels = (out_features + PANEL - 1) / PANEL;
     const int64_t row_blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
@@ -117,14 +145,20 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
             const int64_t outs = out_features - first_out < PANEL ? out_features - first_out : PANEL;
             for (int64_t r = 0; r < block_rows; ++r) {
                 const float row_scale = steps[first_row + r] * scale;
-                float *row_out = out + (first_row + r) * out_features + first_out;
+                const int64_t offset = (first_row + r) * out_features + first_out;
                 const int32_t *row_sums = sums + r * PANEL;
                 if (outs == PANEL) {
-                    finish_row(row_sums, column_sums + first_out, row_scale, bias ? bias + first_out : NULL, row_out);
+                    const float *row_bias = bias ? bias + first_out : NULL;
+                    void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
+                    finish_row(row_sums, column_sums + first_out, row_scale, row_bias, row_out, out_bfloat16);
                 } else {
                     for (int64_t j = 0; j < outs; ++j) {
                         const float value = (float)(row_sums[j] - 128 * column_sums[first_out + j]) * row_scale;
-                        row_out[j] = bias ? value + bias[first_out + j] : value;
+                        const float biased = bias ? value + bias[first_out + j] : value;
+                        if (out_bfloat16)
+                            ((uint16_t *)out)[offset + j] = to_bfloat16(biased);
+                        else
+                            ((float *)out)[offset + j] = biased;
                     }
                 }
             }
