@@ -202,10 +202,10 @@ class BitEmbed(SentenceTransformer):
         return list(codes)
 
     def set_bitlinear_kernel(self, kernel: Kernel) -> None:
-        """``"int8"`` (default): inference runs int8 x ternary integer GEMMs (FBGEMM on x86 CPUs, oneDNN on CPUs with
-        AMX, cuBLASLt on CUDA, the exact float32 product of the codes elsewhere; see
-        :mod:`st_bitembed.quantization.kernels`); ``"reference"``: always transformers' float forward (the arithmetic
-        every kernel is tested against). Training always uses the latter."""
+        """``"int8"`` (default): inference runs int8 x ternary integer GEMMs (the native ternary kernel on CPUs with
+        AVX2, else FBGEMM; oneDNN on CPUs with AMX; cuBLASLt on CUDA; the exact float32 product of the codes
+        elsewhere; see :mod:`st_bitembed.quantization.kernels`); ``"reference"``: always transformers' float forward
+        (the arithmetic every kernel is tested against). Training always uses the latter."""
         install_bitlinear(self[0].auto_model, kernel)
 
     def release_latent_weights(self) -> None:
