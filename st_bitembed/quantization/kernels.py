@@ -8,11 +8,12 @@ materialised.
 
 The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
 
-- ``"native"`` (CPUs with AVX2 and without AMX, where a C compiler is found): ``csrc/ternary_gemm.c``, made for
-  ternary weights: 16-bit accumulators, so each 32 products cost one multiply-add and one add where int8 GEMM
-  libraries take three instructions; 1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU
-  (``benchmarks/kernel_speed.py``). The quantizer writes its uint8 input directly and the kernel applies the
-  rescale and bias, so nothing else passes over the output.
+- ``"native"`` (CPUs with AVX512-VNNI or AVX2 and without AMX, where a C compiler is found):
+  ``csrc/ternary_gemm.c``. With AVX512-VNNI, ``vpdpbusd`` (64 products per instruction); with AVX2, 16-bit
+  accumulators made possible by ternary weights, so each 32 products cost one multiply-add and one add where int8
+  GEMM libraries take three instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer
+  writes its uint8 input directly and the kernel applies the rescale and bias, so nothing else passes over the
+  activations or the output (``benchmarks/kernel_speed.py``).
 - ``"fbgemm"`` (x86 CPUs without AMX): ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, FBGEMM's
   uint8 x int8 GEMM on weights prepacked once (with their column sums, so the zero point costs nothing per call);
   it takes the float codes and makes them uint8 itself. On a 2-core AVX2 CPU it is 2-2.4x faster than oneDNN for
@@ -39,7 +40,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from st_bitembed.quantization.native import native_activation_codes, native_ternary_gemm, native_uint8_activation_codes
+from st_bitembed.quantization.native import (
+    native_activation_codes,
+    native_gemm_layout,
+    native_ternary_gemm,
+    native_uint8_activation_codes,
+)
 from st_bitembed.quantization.ternary import INT8_MAX, MIN_SCALE
 
 logger = logging.getLogger(__name__)
@@ -49,8 +55,8 @@ GemmBackend = Literal["native", "fbgemm", "onednn", "int_mm", "float"]
 UINT8_ZERO_POINT = 128
 # Activations quantized at a time by ternary_linear (8 MiB of float32): fastest of 2**17..2**21 on a 2-core AVX2 CPU.
 CHUNK_ELEMENTS = 2**21
-# The native kernel's layout (csrc/ternary_gemm.c): panels of 24 outputs, inputs in groups of 4, rows in tiles of 4.
-NATIVE_PANEL, NATIVE_INPUT_GROUP, NATIVE_TILE_ROWS = 24, 4, 4
+# The native kernel's inputs come in groups of 4 (csrc/ternary_gemm.c; its panel and tile sizes: native_gemm_layout).
+NATIVE_INPUT_GROUP = 4
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,8 @@ class TernaryWeight:
 
     Attributes:
         backend: The backend ``operand`` is laid out for.
-        operand: native: int8 codes in panels ``[ceil(N / 24), ceil(K / 4), 24, 4]``; fbgemm / onednn: the
+        operand: native: int8 codes in panels ``[ceil(N / P), ceil(K / 4), P, 4]`` (``P`` outputs per panel:
+            :func:`~st_bitembed.quantization.native.native_gemm_layout`); fbgemm / onednn: the
             prepacked int8 codes; int_mm: int8 codes ``[K, N]``; float: float32 codes ``[K, N]``.
         scale: 0-d float32 scale of the ternary codes.
         out_features: ``N``.
@@ -128,10 +135,9 @@ def prepare_ternary_weight(codes: torch.Tensor, scale: torch.Tensor, backend: Ge
     scale = scale.detach().float().reshape(())
     if backend == "native":
         out_features, in_features = codes.shape
-        padded = F.pad(
-            codes.cpu().to(torch.int8), (0, -in_features % NATIVE_INPUT_GROUP, 0, -out_features % NATIVE_PANEL)
-        )
-        panels = padded.view(-1, NATIVE_PANEL, padded.shape[1] // NATIVE_INPUT_GROUP, NATIVE_INPUT_GROUP)
+        panel, _ = native_gemm_layout()
+        padded = F.pad(codes.cpu().to(torch.int8), (0, -in_features % NATIVE_INPUT_GROUP, 0, -out_features % panel))
+        panels = padded.view(-1, panel, padded.shape[1] // NATIVE_INPUT_GROUP, NATIVE_INPUT_GROUP)
         column_sums = padded.sum(dim=1, dtype=torch.int32)
         return TernaryWeight(backend, panels.transpose(1, 2).contiguous(), scale, out_features, None, column_sums)
     if backend == "fbgemm":
@@ -208,8 +214,7 @@ def integer_product(codes: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
     :data:`UINT8_ZERO_POINT` for the onednn backend), on ``weight.backend``."""
     if weight.backend == "native":
         rows = codes.shape[0]
-        uint8_codes = torch.empty(rows + -rows % NATIVE_TILE_ROWS, weight.operand.shape[1] * NATIVE_INPUT_GROUP)
-        uint8_codes = uint8_codes.to(torch.uint8)
+        uint8_codes = _native_codes_buffer(rows, weight)
         uint8_codes[:rows, : codes.shape[1]] = (codes + UINT8_ZERO_POINT).to(torch.int16)
         product = torch.empty(rows, weight.out_features)
         native_ternary_gemm()(uint8_codes, rows, weight.operand, weight.column_sums, weight.out_features,
@@ -232,6 +237,12 @@ def integer_product(codes: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
         codes_int8 = F.pad(codes.to(torch.int8), (0, 0, 0, padded))
         return torch._int_mm(codes_int8, weight.operand)[:rows].float()
     return codes @ weight.operand
+
+
+def _native_codes_buffer(rows: int, weight: TernaryWeight) -> torch.Tensor:
+    """The native kernel's uint8 input for ``rows`` tokens: rows rounded up to its tiles, inputs to its groups."""
+    _, tile_rows = native_gemm_layout()
+    return torch.empty(rows + -rows % tile_rows, weight.operand.shape[1] * NATIVE_INPUT_GROUP, dtype=torch.uint8)
 
 
 def ternary_linear(
@@ -293,8 +304,7 @@ def _native_ternary_linear(
     norm_weight = norm_weight.float().contiguous() if norm_weight is not None else None
     bias = bias.float().contiguous() if bias is not None else None
     chunk_rows = max(1, min(chunk_rows, flat.shape[0]))
-    padded_rows = chunk_rows + -chunk_rows % NATIVE_TILE_ROWS
-    codes = torch.empty(padded_rows, weight.operand.shape[1] * NATIVE_INPUT_GROUP, dtype=torch.uint8)
+    codes = _native_codes_buffer(chunk_rows, weight)
     for start in range(0, flat.shape[0], chunk_rows):
         chunk = flat[start : start + chunk_rows]
         if chunk.dtype != torch.float32 or chunk.stride(-1) != 1:  # e.g. a bf16 model: one chunk-sized float32 copy

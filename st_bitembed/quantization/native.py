@@ -3,8 +3,8 @@
 - ``activation_codes.c``: the fused activation quantizer. PyTorch makes about ten operator calls and as many passes
   over a projection's input to quantize it per token (see :func:`st_bitembed.quantization.kernels.activation_codes`);
   this kernel makes one call and one pass.
-- ``ternary_gemm.c``: uint8 activation codes x ternary weights with 16-bit accumulators (AVX2), the GEMM of the
-  ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
+- ``ternary_gemm.c``: uint8 activation codes x ternary weights (AVX512-VNNI, else AVX2 with 16-bit accumulators),
+  the GEMM of the ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
 
 They are built the way Inductor builds its CPU kernels: with the system C compiler (``$CC``, else ``cc``) and
 ``-march=native``, once per processor, into one library cached in ``$ST_BITEMBED_CACHE`` (default
@@ -23,7 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,35 +56,29 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("ST_BITEMBED_CACHE", Path.home() / ".cache" / "st_bitembed")) / "kernels"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, extra_flags: Sequence[str] = ()) -> Path:
+    """The library built from ``SOURCES`` with :data:`FLAGS` and ``extra_flags``, from the cache if built before."""
+    flags = [*FLAGS, *extra_flags]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     sources = [source.read_text() for source in SOURCES]
-    key = hashlib.sha256("\0".join([*sources, *FLAGS, version, _processor_id()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([*sources, *flags, version, _processor_id()]).encode()).hexdigest()
     library = _cache_dir() / f"bitlinear-{key[:16]}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:  # built aside, moved in at once
             built = Path(build_dir) / library.name
-            subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, check=True)
+            subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True, check=True)
             os.replace(built, library)
     return library
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, or ``None`` where they cannot be built (the reason is logged at INFO level)."""
-    if os.environ.get("ST_BITEMBED_NATIVE", "1") == "0" or platform.system() == "Windows":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("No C compiler found: BitLinear runs its PyTorch quantizer and the next GEMM backend")
-        return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as error:
-        details = getattr(error, "stderr", b"") or b""
-        logger.info("BitLinear's C kernels unavailable (%s %s)", error, details.decode(errors="replace")[:500])
-        return None
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """The built library, with the argument types of its functions declared."""
+    library = ctypes.CDLL(str(path))
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.activation_codes.argtypes = [pointer, integer, integer, integer, pointer, real, real, real, pointer]
     library.activation_codes.argtypes += [pointer, ctypes.c_int]
@@ -94,7 +88,26 @@ def _library() -> ctypes.CDLL | None:
     library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int, ctypes.c_int]
     for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
         function.restype = None
+    for function in (library.ternary_gemm_panel, library.ternary_gemm_tile_rows):
+        function.argtypes, function.restype = [], ctypes.c_int
     return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or ``None`` where they cannot be built (the reason is logged at INFO level)."""
+    if os.environ.get("ST_BITEMBED_NATIVE", "1") == "0" or platform.system() == "Windows":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("No C compiler found: BitLinear runs its PyTorch quantizer and the next GEMM backend")
+        return None
+    try:
+        return _load(_build(compiler))
+    except (OSError, subprocess.CalledProcessError) as error:
+        details = getattr(error, "stderr", b"") or b""
+        logger.info("BitLinear's C kernels unavailable (%s %s)", error, details.decode(errors="replace")[:500])
+        return None
 
 
 def _quantize(
@@ -145,11 +158,21 @@ def native_uint8_activation_codes() -> Uint8ActivationCodes | None:
 
 
 @functools.cache
-def native_ternary_gemm() -> TernaryGemm | None:
-    """``csrc/ternary_gemm.c`` (see its layouts) where this processor has AVX2, else ``None``. ``out`` is float32 or
-    bfloat16."""
+def native_gemm_layout() -> tuple[int, int] | None:
+    """``(outputs per weight panel, rows per tile)`` of the compiled ``ternary_gemm.c``: ``(48, 8)`` with AVX512-VNNI,
+    ``(24, 4)`` with AVX2; ``None`` where it is not built or this processor has neither."""
     library = _library()
-    if library is None or not library.ternary_gemm_available():
+    if library is None or library.ternary_gemm_panel() == 0:
+        return None
+    return library.ternary_gemm_panel(), library.ternary_gemm_tile_rows()
+
+
+@functools.cache
+def native_ternary_gemm() -> TernaryGemm | None:
+    """``csrc/ternary_gemm.c`` (see its layouts; :func:`native_gemm_layout`) where this processor has AVX512-VNNI or
+    AVX2, else ``None``. ``out`` is float32 or bfloat16."""
+    library = _library()
+    if native_gemm_layout() is None:
         return None
 
     def ternary_gemm(

@@ -126,16 +126,17 @@ def test_inference_path_agrees_with_the_reference_and_training_uses_the_referenc
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_bfloat16_activations_give_the_float32_output_in_bfloat16(backend, monkeypatch):
+@pytest.mark.parametrize("out_features", [40, 100])  # the native kernel: a partial panel only; whole panels too
+def test_bfloat16_activations_give_the_float32_output_in_bfloat16(backend, out_features, monkeypatch):
     monkeypatch.setattr("st_bitembed.quantization.bitlinear.gemm_backend", lambda device_type: backend)
-    bitlinear = layer().eval()
+    bitlinear = layer(96, out_features).eval()
     inputs = torch.randn(3, 7, 96).bfloat16()
     inputs[1, 2, 5] = float("nan")
     with torch.no_grad():
         output = bitlinear(inputs)
         expected = bitlinear(inputs.float())
     assert output.dtype == torch.bfloat16
-    assert output[1, 2].isnan().all() and output.isnan().sum() == 40  # a damaged token stays damaged, alone
+    assert output[1, 2].isnan().all() and output.isnan().sum() == out_features  # a damaged token stays damaged
     torch.testing.assert_close(output, expected.bfloat16(), atol=0, rtol=0, equal_nan=True)
 
 

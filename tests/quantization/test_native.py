@@ -7,9 +7,17 @@ from st_bitembed.quantization import native
 from st_bitembed.quantization.kernels import (
     UINT8_ZERO_POINT,
     activation_codes,
+    integer_product,
+    prepare_ternary_weight,
+    ternary_linear,
     torch_activation_codes,
 )
-from st_bitembed.quantization.native import native_activation_codes, native_ternary_gemm, native_uint8_activation_codes
+from st_bitembed.quantization.native import (
+    native_activation_codes,
+    native_gemm_layout,
+    native_ternary_gemm,
+    native_uint8_activation_codes,
+)
 
 
 @pytest.mark.parametrize("with_norm", [True, False])
@@ -56,8 +64,9 @@ def test_uint8_codes_are_the_float_codes_plus_the_zero_point(with_norm):
     assert (buffer[30:] == 7).all() and (buffer[:, 97:] == 7).all()
 
 
-def _clear() -> None:
-    for function in (native._library, native_activation_codes, native_uint8_activation_codes, native_ternary_gemm):
+def _clear(library_too: bool = True) -> None:
+    functions = (native_activation_codes, native_uint8_activation_codes, native_gemm_layout, native_ternary_gemm)
+    for function in (native._library, *functions) if library_too else functions:
         function.cache_clear()
 
 
@@ -80,3 +89,33 @@ def test_compiled_kernels_are_cached_and_optional(tmp_path, monkeypatch):
         assert native_ternary_gemm() is None  # and the next GEMM backend
     finally:
         _clear()
+
+
+def test_the_avx2_kernel_is_exact_where_the_default_build_is_the_avx512_one(tmp_path, monkeypatch):
+    """On an AVX512-VNNI processor the AVX2 kernel (16-bit sums) is built too, without AVX512, and checked: exact
+    integer products (also at the largest 16-bit sums) and bf16 outputs rounded as PyTorch rounds."""
+    if native_gemm_layout() != (48, 8):
+        pytest.skip("the default build here is not the AVX512-VNNI kernel: the AVX2 one is tested in test_kernels")
+    monkeypatch.setenv("ST_BITEMBED_CACHE", str(tmp_path))
+    avx2 = native._load(native._build(native._compiler(), ["-mno-avx512f"]))
+    monkeypatch.setattr(native, "_library", lambda: avx2)
+    _clear(library_too=False)
+    try:
+        assert native_gemm_layout() == (24, 4)
+        torch.manual_seed(0)
+        for rows, in_features, out_features in ((1, 96, 40), (5, 601, 50), (300, 601, 50)):
+            codes = torch.randint(-127, 128, (rows, in_features)).float()
+            weight_codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
+            product = integer_product(codes, prepare_ternary_weight(weight_codes, torch.tensor(1.0), "native"))
+            assert torch.equal(product.double(), codes.double() @ weight_codes.double().T)
+        extremes = torch.full((9, 1030), 127.0)  # every 16-bit block sum at 64 * 510
+        weight = prepare_ternary_weight(torch.ones(30, 1030, dtype=torch.int8), torch.tensor(1.0), "native")
+        assert (integer_product(extremes, weight) == 127 * 1030).all()
+        activations, norm_weight, bias = torch.randn(21, 96).bfloat16(), torch.rand(96) * 2, torch.randn(100)
+        weight = prepare_ternary_weight(torch.randint(-1, 2, (100, 96), dtype=torch.int8), torch.tensor(0.3), "native")
+        in_bfloat16 = ternary_linear(activations, weight, bias, norm_weight)  # four whole panels of 24, one partial
+        expected = ternary_linear(activations.float(), weight, bias, norm_weight).bfloat16()
+        assert in_bfloat16.dtype == torch.bfloat16 and torch.equal(in_bfloat16, expected)
+    finally:
+        monkeypatch.undo()
+        _clear(library_too=False)

@@ -1,50 +1,131 @@
-/* uint8 activation codes x ternary weight codes with 16-bit accumulators, for CPUs with AVX2 (kernels.py, backend
- * "native").
+/* uint8 activation codes x ternary weight codes, for CPUs with AVX512-VNNI or AVX2 (kernels.py, backend "native").
  *
- * Why not an int8 GEMM library: FBGEMM and oneDNN multiply int8 weights of any value, so on AVX2 each 32 products
- * take vpmaddubsw (u8 x s8 -> pairs summed in int16), vpmaddwd (-> int32) and vpaddd. With ternary weights a pair
- * sum is at most 2 * 255 in magnitude, so 64 of them add up in int16 without overflow: the inner loop is vpmaddubsw
- * and vpaddw, and the widening to int32 happens once per 256 inputs. On a 2-core AMD EPYC (Zen 3) that is 1.1-1.6x
- * FBGEMM and 1.5-3.6x the fp32 product for 256 to 2,048 tokens (benchmarks/kernel_speed.py).
+ * Why not an int8 GEMM library: the quantizer writes this kernel's input directly and the kernel applies the rescale
+ * and bias (and writes a bf16 model's outputs in bf16), so nothing else passes over the activations or the output.
+ * - AVX512-VNNI: vpdpbusd multiplies 64 uint8 x int8 pairs and adds them, four at a time, into 16 int32 sums: one
+ *   instruction per 64 products, 8 tokens x 48 outputs in 24 accumulators (of 32 registers).
+ * - AVX2: int8 GEMM libraries multiply weights of any value, so each 32 products take vpmaddubsw (u8 x s8 -> pairs
+ *   summed in int16), vpmaddwd (-> int32) and vpaddd. With ternary weights a pair sum is at most 2 * 255 in
+ *   magnitude, so 64 of them add up in int16 without overflow: the inner loop is vpmaddubsw and vpaddw, 4 tokens x 24
+ *   outputs in 12 accumulators, widened to int32 once per 256 inputs. On a 2-core AMD EPYC (Zen 3) that is 1.1-1.6x
+ *   FBGEMM and 1.5-3.6x the fp32 product for 256 to 2,048 tokens (benchmarks/kernel_speed.py).
+ * ternary_gemm_panel() / ternary_gemm_tile_rows() tell the caller which layout this build uses (0: no kernel).
  *
  * Layouts:
- *   codes   uint8 [rows rounded up to a multiple of 4][code_stride]: signed activation codes + 128; the padding rows
- *           and the bytes past in_features may hold anything (padding rows are not written out; the weights of
- *           padding inputs are 0).
- *   packed  int8 [panels][k_padded / 4][24][4]: panel p holds outputs 24p..24p+23, four consecutive inputs of one
- *           output next to each other (what vpmaddubsw pairs up); outputs and inputs past the real ones are 0.
- *   column_sums  int32 [panels * 24]: each output's sum of weight codes, to take the zero point 128 back out.
+ *   codes   uint8 [rows rounded up to a multiple of TILE_ROWS][code_stride]: signed activation codes + 128; the
+ *           padding rows and the bytes past in_features may hold anything (padding rows are not written out; the
+ *           weights of padding inputs are 0).
+ *   packed  int8 [panels][k_padded / 4][PANEL][4]: panel p holds outputs PANEL*p..PANEL*p+PANEL-1, four consecutive
+ *           inputs of one output next to each other (what vpdpbusd / vpmaddubsw multiply together); outputs and
+ *           inputs past the real ones are 0.
+ *   column_sums  int32 [panels * PANEL]: each output's sum of weight codes, to take the zero point 128 back out.
  * out[m, n] = (sum_k codes[m, k] * w[n, k] - 128 * column_sums[n]) * (steps[m] * scale) + bias[n]: the integer
  * product is exact, then one float multiply and one add, as kernels.ternary_linear computes it in PyTorch; out is
  * float32, or bfloat16 (out_bfloat16: rounded as PyTorch converts float32) for bf16 models. */
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#define PANEL 24       /* outputs per panel: three 8-lane vectors */
-#define BLOCK_K 256    /* inputs per int16 accumulation: 64 pair sums of magnitude <= 510 stay below 32,768 */
-#define TILE_ROWS 4    /* 4 rows x 3 vectors: 12 accumulators, 16 vector registers in all */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define VNNI512 1
+#define PANEL 48      /* outputs per panel: three 16-lane vectors */
+#define TILE_ROWS 8   /* 8 rows x 3 vectors: 24 accumulators, 3 weight vectors and a broadcast of 32 registers */
+#elif defined(__AVX2__)
+#define PANEL 24      /* three 8-lane vectors */
+#define TILE_ROWS 4   /* 4 rows x 3 vectors: 12 accumulators, 16 vector registers in all */
+#endif
+#define BLOCK_K 256    /* inputs per pass of a tile: a panel's 256 x PANEL weights stay in L1 while the tiles pass;
+                        * on AVX2 also the int16 limit: 64 pair sums of magnitude <= 510 stay below 32,768 */
 #define BLOCK_ROWS 64  /* rows whose accumulators and codes stay in L1 while a panel's weights pass */
 
-int ternary_gemm_available(void) {
-#ifdef __AVX2__
-    return 1;
+#ifdef PANEL
+int ternary_gemm_panel(void) { return PANEL; }
+int ternary_gemm_tile_rows(void) { return TILE_ROWS; }
 #else
-    return 0;
+int ternary_gemm_panel(void) { return 0; }
+int ternary_gemm_tile_rows(void) { return 0; }
 #endif
-}
 
-#ifdef __AVX2__
-/* GCC's partial redundancy elimination makes it keep 8 of the 12 accumulators on the stack; without it, the loop
- * is 12 vpmaddubsw + 12 vpaddw + 4 broadcasts, all in registers. */
+#ifdef PANEL
+/* GCC's partial redundancy elimination makes it keep most of the accumulators on the stack; without it, the loop
+ * keeps them all in registers. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define ACCUMULATORS_IN_REGISTERS __attribute__((optimize("no-tree-pre")))
 #else
 #define ACCUMULATORS_IN_REGISTERS
 #endif
 
+/* float32 -> bfloat16 rounding half to even, as PyTorch's conversion (a NaN stays a NaN). */
+static inline uint16_t to_bfloat16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    if (value != value) return 0xffff;
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+#endif
+
+#ifdef VNNI512
+#define ROW(r)                                                                  \
+    {                                                                           \
+        int32_t four;                                                           \
+        memcpy(&four, codes + (r) * code_stride + 4 * step, 4);                 \
+        const __m512i x = _mm512_set1_epi32(four);                              \
+        s##r##0 = _mm512_dpbusd_epi32(s##r##0, x, w0);                          \
+        s##r##1 = _mm512_dpbusd_epi32(s##r##1, x, w1);                          \
+        s##r##2 = _mm512_dpbusd_epi32(s##r##2, x, w2);                          \
+    }
+#define ADD(r, j)                                                               \
+    {                                                                           \
+        int32_t *sum = sums + (r) * PANEL + 16 * (j);                           \
+        _mm512_storeu_si512(sum, _mm512_add_epi32(_mm512_loadu_si512(sum), s##r##j)); \
+    }
+#define ADD_ROW(r) ADD(r, 0) ADD(r, 1) ADD(r, 2)
+
+/* sums[8][48] += codes[8 rows][4 * steps inputs] . weights[4 * steps inputs][48]. */
+ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_stride, const int8_t *weights,
+                                           int64_t steps, int32_t *sums) {
+    __m512i s00 = _mm512_setzero_si512(), s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00;
+    __m512i s20 = s00, s21 = s00, s22 = s00, s30 = s00, s31 = s00, s32 = s00;
+    __m512i s40 = s00, s41 = s00, s42 = s00, s50 = s00, s51 = s00, s52 = s00;
+    __m512i s60 = s00, s61 = s00, s62 = s00, s70 = s00, s71 = s00, s72 = s00;
+    for (int64_t step = 0; step < steps; ++step) {
+        const int8_t *w = weights + step * 4 * PANEL;
+        const __m512i w0 = _mm512_loadu_si512(w);
+        const __m512i w1 = _mm512_loadu_si512(w + 64);
+        const __m512i w2 = _mm512_loadu_si512(w + 128);
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7)
+    }
+    ADD_ROW(0) ADD_ROW(1) ADD_ROW(2) ADD_ROW(3) ADD_ROW(4) ADD_ROW(5) ADD_ROW(6) ADD_ROW(7)
+}
+
+/* The bfloat16 bits of 16 floats (as to_bfloat16), narrowed to 16 bits each. */
+static inline __m256i to_bfloat16_lanes(__m512 value) {
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, lsb), _mm512_set1_epi32(0x7fff)), 16);
+    const __mmask16 ordered = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0xffff), rounded));
+}
+
+/* out[0:48] = (sums - 128 * column_sums) * scale (+ bias): the integer correction is exact, then one multiply; written
+ * as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its output is ever made. */
+static inline void finish_row(const int32_t *sums, const int32_t *column_sums, float scale, const float *bias,
+                              void *out, int out_bfloat16) {
+    const __m512 factor = _mm512_set1_ps(scale);
+    for (int j = 0; j < PANEL / 16; ++j) {
+        const __m512i zero_point = _mm512_slli_epi32(_mm512_loadu_si512(column_sums + 16 * j), 7);
+        const __m512i exact = _mm512_sub_epi32(_mm512_loadu_si512(sums + 16 * j), zero_point);
+        __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), factor);
+        if (bias) value = _mm512_add_ps(value, _mm512_loadu_ps(bias + 16 * j));
+        if (out_bfloat16)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + 16 * j), to_bfloat16_lanes(value));
+        else
+            _mm512_storeu_ps((float *)out + 16 * j, value);
+    }
+}
+#elif defined(__AVX2__)
 #define ROW(r)                                                                  \
     {                                                                           \
         int32_t four;                                                           \
@@ -76,14 +157,6 @@ ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_st
     const __m256i ones = _mm256_set1_epi16(1);
     WIDEN(0, 0) WIDEN(0, 1) WIDEN(0, 2) WIDEN(1, 0) WIDEN(1, 1) WIDEN(1, 2)
     WIDEN(2, 0) WIDEN(2, 1) WIDEN(2, 2) WIDEN(3, 0) WIDEN(3, 1) WIDEN(3, 2)
-}
-
-/* float32 -> bfloat16 rounding half to even, as PyTorch's conversion (a NaN stays a NaN). */
-static inline uint16_t to_bfloat16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    if (value != value) return 0xffff;
-    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
 static inline __m256i to_bfloat16_lanes(__m256 value) {
@@ -122,14 +195,14 @@ static inline void finish_row(const int32_t *sums, const int32_t *column_sums, f
 void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, const int8_t *packed,
                   const int32_t *column_sums, int64_t out_features, const float *steps, float scale,
                   const float *bias, void *out, int out_bfloat16, int threads) {
-#ifdef __AVX2__
+#ifdef PANEL
     const int64_t panels = (out_features + PANEL - 1) / PANEL;
     const int64_t row_blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
     if (rows * out_features * k_padded >= (1 << 18))
     for (int64_t block = 0; block < row_blocks; ++block) {
         for (int64_t panel = 0; panel < panels; ++panel) {
-            int32_t sums[BLOCK_ROWS * PANEL] __attribute__((aligned(32)));
+            int32_t sums[BLOCK_ROWS * PANEL] __attribute__((aligned(64)));
             const int64_t first_row = block * BLOCK_ROWS;
             const int64_t block_rows = rows - first_row < BLOCK_ROWS ? rows - first_row : BLOCK_ROWS;
             const int64_t tiles = (block_rows + TILE_ROWS - 1) / TILE_ROWS;
