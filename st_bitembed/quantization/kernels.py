@@ -307,7 +307,7 @@ def _native_ternary_linear(
     codes = _native_codes_buffer(chunk_rows, weight)
     for start in range(0, flat.shape[0], chunk_rows):
         chunk = flat[start : start + chunk_rows]
-        if chunk.dtype != torch.float32 or chunk.stride(-1) != 1:  # e.g. a bf16 model: one chunk-sized float32 copy
+        if chunk.dtype not in (torch.float32, torch.bfloat16) or chunk.stride(-1) != 1:  # the quantizer reads these
             chunk = chunk.float().contiguous()
         steps = quantize(chunk, norm_weight, eps, codes)
         gemm(codes, chunk.shape[0], weight.operand, weight.column_sums, weight.out_features, steps,

@@ -83,7 +83,7 @@ def _load(path: Path) -> ctypes.CDLL:
     library.activation_codes.argtypes = [pointer, integer, integer, integer, pointer, real, real, real, pointer]
     library.activation_codes.argtypes += [pointer, ctypes.c_int]
     library.activation_codes_uint8.argtypes = [pointer, integer, integer, integer, pointer, real, real, pointer]
-    library.activation_codes_uint8.argtypes += [integer, pointer, ctypes.c_int]
+    library.activation_codes_uint8.argtypes += [integer, pointer, ctypes.c_int, ctypes.c_int]
     library.ternary_gemm.argtypes = [pointer, integer, integer, integer, pointer, pointer, integer, pointer, real]
     library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int, ctypes.c_int]
     for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
@@ -141,7 +141,8 @@ def native_activation_codes() -> ActivationCodes | None:
 @functools.cache
 def native_uint8_activation_codes() -> Uint8ActivationCodes | None:
     """The compiled quantizer writing uint8 codes (signed codes + 128) into the first rows and columns of a given
-    ``uint8`` buffer of unit column stride (the ``"native"`` GEMM's input); returns the float32 ``[rows]`` steps."""
+    ``uint8`` buffer of unit column stride (the ``"native"`` GEMM's input); returns the float32 ``[rows]`` steps.
+    Takes float32 or bfloat16 activations (rows of unit stride): a bf16 model's are read as they are."""
     library = _library()
     if library is None:
         return None
@@ -150,8 +151,9 @@ def native_uint8_activation_codes() -> Uint8ActivationCodes | None:
         activations: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, codes: torch.Tensor
     ) -> torch.Tensor:
         steps = torch.empty(activations.shape[0])
+        in_bfloat16 = activations.dtype == torch.bfloat16
         _quantize(library.activation_codes_uint8, activations, norm_weight, eps, codes.data_ptr(), codes.stride(0),
-                  steps.data_ptr())  # fmt: skip
+                  steps.data_ptr(), in_bfloat16)  # fmt: skip
         return steps
 
     return activation_codes_uint8

@@ -46,22 +46,23 @@ def test_compiled_quantizer_matches_the_torch_operators(with_norm, offset):
 
 
 @pytest.mark.parametrize("with_norm", [True, False])
-def test_uint8_codes_are_the_float_codes_plus_the_zero_point(with_norm):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # a bf16 model's activations are read as they are
+def test_uint8_codes_are_the_float_codes_plus_the_zero_point(with_norm, dtype):
     compiled, uint8_codes = native_activation_codes(), native_uint8_activation_codes()
     if compiled is None:
         pytest.skip("no C compiler here")
     torch.manual_seed(1)
     norm_weight = torch.rand(97) * 2 if with_norm else None
-    activations = torch.randn(30, 97) * torch.logspace(-3, 2, 30)[:, None]
+    activations = (torch.randn(300, 97) * torch.logspace(-3, 2, 300)[:, None]).to(dtype)  # 300 rows: two threads
     activations[4, 9] = float("nan")
-    buffer = torch.full((32, 100), 7, dtype=torch.uint8)  # rows and columns beyond the activations stay untouched
+    buffer = torch.full((302, 100), 7, dtype=torch.uint8)  # rows and columns beyond the activations stay untouched
     steps = uint8_codes(activations, norm_weight, 1e-6, buffer)
-    codes, expected_steps = compiled(activations, norm_weight, 1e-6, UINT8_ZERO_POINT)
-    finite = torch.arange(30) != 4
-    assert torch.equal(buffer[:30, :97][finite].float(), codes[finite])
+    codes, expected_steps = compiled(activations.float(), norm_weight, 1e-6, 0)
+    finite = torch.arange(300) != 4
+    assert torch.equal(buffer[:300, :97][finite].float(), codes[finite] + UINT8_ZERO_POINT)
     torch.testing.assert_close(steps[finite], expected_steps[finite, 0], rtol=0, atol=0)
     assert steps[4].isnan() and (buffer[4, :97] == UINT8_ZERO_POINT).all()  # damage in the step; codes defined
-    assert (buffer[30:] == 7).all() and (buffer[:, 97:] == 7).all()
+    assert (buffer[300:] == 7).all() and (buffer[:, 97:] == 7).all()
 
 
 def _clear(library_too: bool = True) -> None:

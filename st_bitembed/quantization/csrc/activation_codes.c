@@ -12,6 +12,7 @@
  * Maxima are written as comparisons: fmaxf is not vectorized (a call per element). */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* The token's step; with a norm also the factor that turns x * g into codes (without one, the codes are x / step). */
@@ -64,26 +65,46 @@ void activation_codes(const float *x, int64_t rows, int64_t cols, int64_t row_st
     }
 }
 
-void activation_codes_uint8(const float *x, int64_t rows, int64_t cols, int64_t row_stride, const float *norm_weight,
+/* bfloat16 -> float32 is exact: the 16 bits are the float's top half. */
+static inline const float *widen_bfloat16(const uint16_t *in, int64_t cols, float *out) {
+#pragma omp simd
+    for (int64_t col = 0; col < cols; ++col) {
+        const uint32_t bits = (uint32_t)in[col] << 16;
+        float value;
+        memcpy(&value, &bits, 4);
+        out[col] = value;
+    }
+    return out;
+}
+
+/* x is float32, or bfloat16 (in_bfloat16: a bf16 model's activations), each row widened to float32 in a buffer of
+ * the thread's own that stays in L1, so that no float32 copy of the whole input is ever made. */
+void activation_codes_uint8(const void *x, int64_t rows, int64_t cols, int64_t row_stride, const float *norm_weight,
                             float eps, float min_scale, uint8_t *codes, int64_t code_stride, float *steps,
-                            int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= 65536)
-    for (int64_t row = 0; row < rows; ++row) {
-        const float *in = x + row * row_stride;
-        uint8_t *out = codes + row * code_stride;
-        float multiplier;
-        const float step = token_step(in, cols, norm_weight, eps, min_scale, &multiplier);
-        steps[row] = step;
-        if (!isfinite(step)) {
-            memset(out, 128, (size_t)cols);
-        } else if (norm_weight) {
+                            int in_bfloat16, int threads) {
+#pragma omp parallel num_threads(threads) if (rows * cols >= 65536)
+    {
+        float *widened = in_bfloat16 ? malloc(sizeof(float) * (size_t)cols) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; ++row) {
+            const float *in = in_bfloat16 ? widen_bfloat16((const uint16_t *)x + row * row_stride, cols, widened)
+                                          : (const float *)x + row * row_stride;
+            uint8_t *out = codes + row * code_stride;
+            float multiplier;
+            const float step = token_step(in, cols, norm_weight, eps, min_scale, &multiplier);
+            steps[row] = step;
+            if (!isfinite(step)) {
+                memset(out, 128, (size_t)cols);
+            } else if (norm_weight) {
 #pragma omp simd
-            for (int64_t col = 0; col < cols; ++col)
-                out[col] = (uint8_t)(int32_t)(nearbyintf(in[col] * norm_weight[col] * multiplier) + 128.0f);
-        } else {
+                for (int64_t col = 0; col < cols; ++col)
+                    out[col] = (uint8_t)(int32_t)(nearbyintf(in[col] * norm_weight[col] * multiplier) + 128.0f);
+            } else {
 #pragma omp simd
-            for (int64_t col = 0; col < cols; ++col)
-                out[col] = (uint8_t)(int32_t)(nearbyintf(in[col] / step) + 128.0f);
+                for (int64_t col = 0; col < cols; ++col)
+                    out[col] = (uint8_t)(int32_t)(nearbyintf(in[col] / step) + 128.0f);
+            }
         }
+        free(widened);
     }
 }
