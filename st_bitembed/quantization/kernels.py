@@ -9,7 +9,8 @@ materialised.
 The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
 
 - ``"native"`` (CPUs with AVX512-VNNI or AVX2 and without AMX, where a C compiler is found):
-  ``csrc/ternary_gemm.c``. With AVX512-VNNI, ``vpdpbusd`` (64 products per instruction); with AVX2, 16-bit
+  ``csrc/ternary_gemm.c``. With AVX512-VNNI, ``vpdpbusd`` (64 products per instruction) on weights kept at 2 bits
+  (a quarter of int8's bytes: a short query's GEMMs are bound by reading the weights); with AVX2, 16-bit
   accumulators made possible by ternary weights, so each 32 products cost one multiply-add and one add where int8
   GEMM libraries take three instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer
   writes its uint8 input directly and the kernel applies the rescale and bias, so nothing else passes over the
@@ -55,8 +56,6 @@ GemmBackend = Literal["native", "fbgemm", "onednn", "int_mm", "float"]
 UINT8_ZERO_POINT = 128
 # Activations quantized at a time by ternary_linear (8 MiB of float32): fastest of 2**17..2**21 on a 2-core AVX2 CPU.
 CHUNK_ELEMENTS = 2**21
-# The native kernel's inputs come in groups of 4 (csrc/ternary_gemm.c; its panel and tile sizes: native_gemm_layout).
-NATIVE_INPUT_GROUP = 4
 
 
 @dataclass(frozen=True)
@@ -65,9 +64,9 @@ class TernaryWeight:
 
     Attributes:
         backend: The backend ``operand`` is laid out for.
-        operand: native: int8 codes in panels ``[ceil(N / P), ceil(K / 4), P, 4]`` (``P`` outputs per panel:
-            :func:`~st_bitembed.quantization.native.native_gemm_layout`); fbgemm / onednn: the
-            prepacked int8 codes; int_mm: int8 codes ``[K, N]``; float: float32 codes ``[K, N]``.
+        operand: native: the codes in panels of ``P`` outputs (``native.native_gemm_layout``): int8
+            ``[ceil(N / P), ceil(K / 4), P, 4]``, or codes + 1 at 2 bits ``[ceil(N / P), ceil(K / 16), P / 16, 64]``;
+            fbgemm / onednn: the prepacked int8 codes; int_mm: int8 codes ``[K, N]``; float: float32 codes ``[K, N]``.
         scale: 0-d float32 scale of the ternary codes.
         out_features: ``N``.
         onednn_qparams: For onednn, the per-output weight scales (ones: the GEMM returns the integer product) and
@@ -135,11 +134,19 @@ def prepare_ternary_weight(codes: torch.Tensor, scale: torch.Tensor, backend: Ge
     scale = scale.detach().float().reshape(())
     if backend == "native":
         out_features, in_features = codes.shape
-        panel, _ = native_gemm_layout()
-        padded = F.pad(codes.cpu().to(torch.int8), (0, -in_features % NATIVE_INPUT_GROUP, 0, -out_features % panel))
-        panels = padded.view(-1, panel, padded.shape[1] // NATIVE_INPUT_GROUP, NATIVE_INPUT_GROUP)
+        layout = native_gemm_layout()
+        padding = (0, -in_features % layout.input_group, 0, -out_features % layout.panel)
+        padded = F.pad(codes.cpu().to(torch.int8), padding)
         column_sums = padded.sum(dim=1, dtype=torch.int32)
-        return TernaryWeight(backend, panels.transpose(1, 2).contiguous(), scale, out_features, None, column_sums)
+        groups = padded.shape[1] // layout.input_group
+        if layout.weight_bits == 8:  # [panel, output, input / 4, 4] -> [panel, input / 4, output, 4]
+            operand = padded.view(-1, layout.panel, groups, 4).transpose(1, 2).contiguous()
+        else:  # 2 bits: [panel, vector, lane, group, step, input] -> [panel, group, vector, lane, input, step]
+            shifted = (padded + 1).to(torch.uint8).view(-1, layout.panel // 16, 16, groups, 4, 4)
+            shifted = shifted.permute(0, 3, 1, 2, 5, 4)
+            operand = shifted[..., 0] | shifted[..., 1] << 2 | shifted[..., 2] << 4 | shifted[..., 3] << 6
+            operand = operand.reshape(-1, groups, layout.panel // 16, 64).contiguous()
+        return TernaryWeight(backend, operand, scale, out_features, None, column_sums)
     if backend == "fbgemm":
         with warnings.catch_warnings():  # creating the quantized weight tensor warns of that API's deprecation
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*", category=UserWarning)
@@ -241,8 +248,9 @@ def integer_product(codes: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
 
 def _native_codes_buffer(rows: int, weight: TernaryWeight) -> torch.Tensor:
     """The native kernel's uint8 input for ``rows`` tokens: rows rounded up to its tiles, inputs to its groups."""
-    _, tile_rows = native_gemm_layout()
-    return torch.empty(rows + -rows % tile_rows, weight.operand.shape[1] * NATIVE_INPUT_GROUP, dtype=torch.uint8)
+    layout = native_gemm_layout()
+    padded_rows = rows + -rows % layout.tile_rows
+    return torch.empty(padded_rows, weight.operand.shape[1] * layout.input_group, dtype=torch.uint8)
 
 
 def ternary_linear(

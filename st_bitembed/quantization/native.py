@@ -3,8 +3,8 @@
 - ``activation_codes.c``: the fused activation quantizer. PyTorch makes about ten operator calls and as many passes
   over a projection's input to quantize it per token (see :func:`st_bitembed.quantization.kernels.activation_codes`);
   this kernel makes one call and one pass.
-- ``ternary_gemm.c``: uint8 activation codes x ternary weights (AVX512-VNNI, else AVX2 with 16-bit accumulators),
-  the GEMM of the ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
+- ``ternary_gemm.c``: uint8 activation codes x ternary weights (AVX512-VNNI on 2-bit weights, else AVX2 on int8
+  weights with 16-bit accumulators), the GEMM of the ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
 
 They are built the way Inductor builds its CPU kernels: with the system C compiler (``$CC``, else ``cc``) and
 ``-march=native``, once per processor, into one library cached in ``$ST_BITEMBED_CACHE`` (default
@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -88,7 +88,8 @@ def _load(path: Path) -> ctypes.CDLL:
     library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int, ctypes.c_int]
     for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
         function.restype = None
-    for function in (library.ternary_gemm_panel, library.ternary_gemm_tile_rows):
+    layout_functions = (library.ternary_gemm_panel, library.ternary_gemm_tile_rows, library.ternary_gemm_weight_bits)
+    for function in layout_functions:
         function.argtypes, function.restype = [], ctypes.c_int
     return library
 
@@ -159,14 +160,32 @@ def native_uint8_activation_codes() -> Uint8ActivationCodes | None:
     return activation_codes_uint8
 
 
+class NativeLayout(NamedTuple):
+    """How the compiled ``ternary_gemm.c`` wants its operands (see its layouts)."""
+
+    panel: int  # outputs per weight panel
+    tile_rows: int  # the activation codes' rows are padded to a multiple of this
+    weight_bits: int  # 2: codes + 1, four steps per byte (AVX512-VNNI); 8: int8 codes (AVX2)
+
+    @property
+    def input_group(self) -> int:
+        """Inputs per index of the packed weight's second dimension; in_features are padded to a multiple of it."""
+        return 16 if self.weight_bits == 2 else 4
+
+
 @functools.cache
-def native_gemm_layout() -> tuple[int, int] | None:
-    """``(outputs per weight panel, rows per tile)`` of the compiled ``ternary_gemm.c``: ``(48, 8)`` with AVX512-VNNI,
-    ``(24, 4)`` with AVX2; ``None`` where it is not built or this processor has neither."""
+def native_gemm_layout() -> NativeLayout | None:
+    """The layout of the compiled ``ternary_gemm.c``: panels of 48 outputs, tiles of 8 rows and 2-bit weights with
+    AVX512-VNNI, 24 / 4 / int8 with AVX2; ``None`` where it is not built or this processor has neither."""
     library = _library()
     if library is None or library.ternary_gemm_panel() == 0:
         return None
-    return library.ternary_gemm_panel(), library.ternary_gemm_tile_rows()
+    panel, tile_rows, weight_bits = (
+        library.ternary_gemm_panel(),
+        library.ternary_gemm_tile_rows(),
+        library.ternary_gemm_weight_bits(),
+    )
+    return NativeLayout(panel, tile_rows, weight_bits)
 
 
 @functools.cache
@@ -192,7 +211,7 @@ def native_ternary_gemm() -> TernaryGemm | None:
             codes.data_ptr(),
             rows,
             codes.stride(0),
-            packed.shape[1] * 4,
+            packed.shape[1] * native_gemm_layout().input_group,
             packed.data_ptr(),
             column_sums.data_ptr(),
             out_features,

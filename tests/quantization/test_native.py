@@ -92,17 +92,38 @@ def test_compiled_kernels_are_cached_and_optional(tmp_path, monkeypatch):
         _clear()
 
 
+@pytest.mark.parametrize("padding_code", [0, 255])
+def test_the_native_gemm_ignores_what_the_padding_of_its_input_holds(padding_code):
+    """Padding rows and inputs of the kernel's uint8 input may hold anything (2-bit weights store codes + 1, so a
+    padding input's weight is 1 there: the row sum of the same bytes takes it back out exactly)."""
+    if native_ternary_gemm() is None:
+        pytest.skip("no native kernel here")
+    torch.manual_seed(2)
+    rows, in_features, out_features = 11, 601, 100  # 601 inputs: padded to a multiple of 4 or 16
+    weight_codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
+    weight = prepare_ternary_weight(weight_codes, torch.tensor(0.5), "native")
+    codes = torch.randint(-127, 128, (rows, in_features))
+    buffer = torch.full(
+        (16, weight.operand.shape[1] * native_gemm_layout().input_group), padding_code, dtype=torch.uint8
+    )
+    buffer[:rows, :in_features] = (codes + UINT8_ZERO_POINT).to(torch.uint8)
+    steps, out = torch.rand(rows) + 0.5, torch.empty(rows, out_features)
+    native_ternary_gemm()(buffer, rows, weight.operand, weight.column_sums, out_features, steps, 0.5, None, out)
+    expected = (codes.double() @ weight_codes.double().T) * (steps.double()[:, None] * 0.5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)
+
+
 def test_the_avx2_kernel_is_exact_where_the_default_build_is_the_avx512_one(tmp_path, monkeypatch):
     """On an AVX512-VNNI processor the AVX2 kernel (16-bit sums) is built too, without AVX512, and checked: exact
     integer products (also at the largest 16-bit sums) and bf16 outputs rounded as PyTorch rounds."""
-    if native_gemm_layout() != (48, 8):
+    if native_gemm_layout() != (48, 8, 2):
         pytest.skip("the default build here is not the AVX512-VNNI kernel: the AVX2 one is tested in test_kernels")
     monkeypatch.setenv("ST_BITEMBED_CACHE", str(tmp_path))
     avx2 = native._load(native._build(native._compiler(), ["-mno-avx512f"]))
     monkeypatch.setattr(native, "_library", lambda: avx2)
     _clear(library_too=False)
     try:
-        assert native_gemm_layout() == (24, 4)
+        assert native_gemm_layout() == (24, 4, 8)
         torch.manual_seed(0)
         for rows, in_features, out_features in ((1, 96, 40), (5, 601, 50), (300, 601, 50)):
             codes = torch.randint(-127, 128, (rows, in_features)).float()

@@ -2,27 +2,34 @@
  *
  * Why not an int8 GEMM library: the quantizer writes this kernel's input directly and the kernel applies the rescale
  * and bias (and writes a bf16 model's outputs in bf16), so nothing else passes over the activations or the output.
- * - AVX512-VNNI: vpdpbusd multiplies 64 uint8 x int8 pairs and adds them, four at a time, into 16 int32 sums: one
- *   instruction per 64 products, 8 tokens x 48 outputs in 24 accumulators (of 32 registers).
- * - AVX2: int8 GEMM libraries multiply weights of any value, so each 32 products take vpmaddubsw (u8 x s8 -> pairs
- *   summed in int16), vpmaddwd (-> int32) and vpaddd. With ternary weights a pair sum is at most 2 * 255 in
+ * - AVX512-VNNI: the weights stay at 2 bits (w + 1 in {0, 1, 2}, four per byte): a quarter of int8's bytes, which is
+ *   what a short query's GEMMs wait for (they stream every weight from memory for a few tokens). Each 64 weights are
+ *   unpacked by one shift and one and, then vpdpbusd multiplies 64 uint8 x int8 pairs and adds them, four at a time,
+ *   into 16 int32 sums; 8 tokens x 48 outputs in 24 accumulators (of 32 registers). Sum(x * (w + 1)) - sum(x) is the
+ *   product: each row's sum of codes is taken once, over the same bytes, padding included.
+ * - AVX2: int8 weights. GEMM libraries multiply weights of any value, so each 32 products take vpmaddubsw (u8 x s8 ->
+ *   pairs summed in int16), vpmaddwd (-> int32) and vpaddd. With ternary weights a pair sum is at most 2 * 255 in
  *   magnitude, so 64 of them add up in int16 without overflow: the inner loop is vpmaddubsw and vpaddw, 4 tokens x 24
  *   outputs in 12 accumulators, widened to int32 once per 256 inputs. On a 2-core AMD EPYC (Zen 3) that is 1.1-1.6x
  *   FBGEMM and 1.5-3.6x the fp32 product for 256 to 2,048 tokens (benchmarks/kernel_speed.py).
- * ternary_gemm_panel() / ternary_gemm_tile_rows() tell the caller which layout this build uses (0: no kernel).
+ * ternary_gemm_panel() / ternary_gemm_tile_rows() / ternary_gemm_weight_bits() tell the caller which layout this build
+ * uses (panel 0: no kernel).
  *
  * Layouts:
  *   codes   uint8 [rows rounded up to a multiple of TILE_ROWS][code_stride]: signed activation codes + 128; the
- *           padding rows and the bytes past in_features may hold anything (padding rows are not written out; the
- *           weights of padding inputs are 0).
- *   packed  int8 [panels][k_padded / 4][PANEL][4]: panel p holds outputs PANEL*p..PANEL*p+PANEL-1, four consecutive
- *           inputs of one output next to each other (what vpdpbusd / vpmaddubsw multiply together); outputs and
- *           inputs past the real ones are 0.
+ *           padding rows and the bytes past in_features (up to k_padded) may hold anything (padding rows are not
+ *           written out; the weights of padding inputs are 0).
+ *   packed  8-bit weights: int8 [panels][k_padded / 4][PANEL][4]: panel p holds outputs PANEL*p..PANEL*p+PANEL-1,
+ *           four consecutive inputs of one output next to each other (what vpmaddubsw multiplies together).
+ *           2-bit weights: uint8 [panels][k_padded / 16][PANEL / 16][64]: the same panels, each byte holding the
+ *           codes + 1 of 4 consecutive steps (bits 2s, 2s + 1: step s) of one byte of the 8-bit layout.
+ *           Outputs and inputs past the real ones are 0 (k_padded: a multiple of 4, or of 16 for 2-bit weights).
  *   column_sums  int32 [panels * PANEL]: each output's sum of weight codes, to take the zero point 128 back out.
  * out[m, n] = (sum_k codes[m, k] * w[n, k] - 128 * column_sums[n]) * (steps[m] * scale) + bias[n]: the integer
  * product is exact, then one float multiply and one add, as kernels.ternary_linear computes it in PyTorch; out is
  * float32, or bfloat16 (out_bfloat16: rounded as PyTorch converts float32) for bf16 models. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -30,11 +37,15 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define VNNI512 1
-#define PANEL 48      /* outputs per panel: three 16-lane vectors */
-#define TILE_ROWS 8   /* 8 rows x 3 vectors: 24 accumulators, 3 weight vectors and a broadcast of 32 registers */
+#define PANEL 48        /* outputs per panel: three 16-lane vectors */
+#define TILE_ROWS 8     /* 8 rows x 3 vectors: 24 accumulators, 3 weight vectors, a mask and a broadcast: 29 of 32 */
+#define WEIGHT_BITS 2
+#define PACKED_BYTES(inputs) ((inputs) * PANEL / 4) /* a panel's bytes for that many inputs */
 #elif defined(__AVX2__)
-#define PANEL 24      /* three 8-lane vectors */
-#define TILE_ROWS 4   /* 4 rows x 3 vectors: 12 accumulators, 16 vector registers in all */
+#define PANEL 24        /* three 8-lane vectors */
+#define TILE_ROWS 4     /* 4 rows x 3 vectors: 12 accumulators, 16 vector registers in all */
+#define WEIGHT_BITS 8
+#define PACKED_BYTES(inputs) ((inputs) * PANEL)
 #endif
 #define BLOCK_K 256    /* inputs per pass of a tile: a panel's 256 x PANEL weights stay in L1 while the tiles pass;
                         * on AVX2 also the int16 limit: 64 pair sums of magnitude <= 510 stay below 32,768 */
@@ -43,9 +54,11 @@
 #ifdef PANEL
 int ternary_gemm_panel(void) { return PANEL; }
 int ternary_gemm_tile_rows(void) { return TILE_ROWS; }
+int ternary_gemm_weight_bits(void) { return WEIGHT_BITS; }
 #else
 int ternary_gemm_panel(void) { return 0; }
 int ternary_gemm_tile_rows(void) { return 0; }
+int ternary_gemm_weight_bits(void) { return 0; }
 #endif
 
 #ifdef PANEL
@@ -82,22 +95,45 @@ static inline uint16_t to_bfloat16(float value) {
         _mm512_storeu_si512(sum, _mm512_add_epi32(_mm512_loadu_si512(sum), s##r##j)); \
     }
 #define ADD_ROW(r) ADD(r, 0) ADD(r, 1) ADD(r, 2)
+/* the codes + 1 of step `shift / 2` of a group, for one of the panel's three vectors (reloaded: L1 is cheaper than
+ * the registers it would take to keep them) */
+#define UNPACK(j, shift) _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(group + 64 * (j)), (shift)), three)
+#define STEP(s)                                                                 \
+    {                                                                           \
+        const int64_t step = first + (s);                                       \
+        const __m512i w0 = UNPACK(0, 2 * (s)), w1 = UNPACK(1, 2 * (s)), w2 = UNPACK(2, 2 * (s)); \
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7)                 \
+    }
 
-/* sums[8][48] += codes[8 rows][4 * steps inputs] . weights[4 * steps inputs][48]. */
-ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_stride, const int8_t *weights,
+/* sums[8][48] += codes[8 rows][4 * steps inputs] . (weights + 1)[4 * steps inputs][48], steps a multiple of 4. */
+ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_stride, const void *packed,
                                            int64_t steps, int32_t *sums) {
+    const uint8_t *weights = packed;
     __m512i s00 = _mm512_setzero_si512(), s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00;
     __m512i s20 = s00, s21 = s00, s22 = s00, s30 = s00, s31 = s00, s32 = s00;
     __m512i s40 = s00, s41 = s00, s42 = s00, s50 = s00, s51 = s00, s52 = s00;
     __m512i s60 = s00, s61 = s00, s62 = s00, s70 = s00, s71 = s00, s72 = s00;
-    for (int64_t step = 0; step < steps; ++step) {
-        const int8_t *w = weights + step * 4 * PANEL;
-        const __m512i w0 = _mm512_loadu_si512(w);
-        const __m512i w1 = _mm512_loadu_si512(w + 64);
-        const __m512i w2 = _mm512_loadu_si512(w + 128);
-        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7)
+    const __m512i three = _mm512_set1_epi8(3);
+    for (int64_t first = 0; first < steps; first += 4) {
+        const uint8_t *group = weights + (first / 4) * PACKED_BYTES(16);
+        STEP(0) STEP(1) STEP(2) STEP(3)
     }
     ADD_ROW(0) ADD_ROW(1) ADD_ROW(2) ADD_ROW(3) ADD_ROW(4) ADD_ROW(5) ADD_ROW(6) ADD_ROW(7)
+}
+
+/* Each row's sum of its k_padded codes (padding bytes included: their weights + 1 are 1, so they cancel exactly). */
+static void row_sums(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, int32_t *sums,
+                     int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * k_padded >= (1 << 18))
+    for (int64_t row = 0; row < rows; ++row) {
+        const uint8_t *in = codes + row * code_stride;
+        __m512i total = _mm512_setzero_si512();
+        for (int64_t k = 0; k < k_padded; k += 64) {
+            const __mmask64 valid = k_padded - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k_padded - k)) - 1);
+            total = _mm512_add_epi64(total, _mm512_sad_epu8(_mm512_maskz_loadu_epi8(valid, in + k), _mm512_setzero_si512()));
+        }
+        sums[row] = (int32_t)_mm512_reduce_add_epi64(total);
+    }
 }
 
 /* The bfloat16 bits of 16 floats (as to_bfloat16), narrowed to 16 bits each. */
@@ -109,14 +145,15 @@ static inline __m256i to_bfloat16_lanes(__m512 value) {
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0xffff), rounded));
 }
 
-/* out[0:48] = (sums - 128 * column_sums) * scale (+ bias): the integer correction is exact, then one multiply; written
+/* out[0:48] = (sums - row_sum - 128 * column_sums) * scale (+ bias): the integer correction is exact, then one multiply; written
  * as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its output is ever made. */
-static inline void finish_row(const int32_t *sums, const int32_t *column_sums, float scale, const float *bias,
-                              void *out, int out_bfloat16) {
+static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
+                              const float *bias, void *out, int out_bfloat16) {
     const __m512 factor = _mm512_set1_ps(scale);
     for (int j = 0; j < PANEL / 16; ++j) {
         const __m512i zero_point = _mm512_slli_epi32(_mm512_loadu_si512(column_sums + 16 * j), 7);
-        const __m512i exact = _mm512_sub_epi32(_mm512_loadu_si512(sums + 16 * j), zero_point);
+        const __m512i corrected = _mm512_sub_epi32(_mm512_loadu_si512(sums + 16 * j), _mm512_set1_epi32(row_sum));
+        const __m512i exact = _mm512_sub_epi32(corrected, zero_point);
         __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), factor);
         if (bias) value = _mm512_add_ps(value, _mm512_loadu_ps(bias + 16 * j));
         if (out_bfloat16)
@@ -143,8 +180,9 @@ static inline void finish_row(const int32_t *sums, const int32_t *column_sums, f
     }
 
 /* sums[4][24] += codes[4 rows][4 * steps inputs] . weights[4 * steps inputs][24], steps <= BLOCK_K / 4. */
-ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_stride, const int8_t *weights,
+ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_stride, const void *packed,
                                            int64_t steps, int32_t *sums) {
+    const int8_t *weights = packed;
     __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00;
     __m256i s20 = s00, s21 = s00, s22 = s00, s30 = s00, s31 = s00, s32 = s00;
     for (int64_t step = 0; step < steps; ++step) {
@@ -168,10 +206,10 @@ static inline __m256i to_bfloat16_lanes(__m256 value) {
     return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), rounded, ordered);
 }
 
-/* out[0:24] = (sums - 128 * column_sums) * scale (+ bias): the integer correction is exact, then one multiply; written
- * as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its output is ever made. */
-static inline void finish_row(const int32_t *sums, const int32_t *column_sums, float scale, const float *bias,
-                              void *out, int out_bfloat16) {
+/* out[0:24] = (sums - 128 * column_sums) * scale (+ bias), as the AVX512 one (row_sum is 0 for 8-bit weights). */
+static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
+                              const float *bias, void *out, int out_bfloat16) {
+    (void)row_sum;
     const __m256 factor = _mm256_set1_ps(scale);
     __m256 values[PANEL / 8];
     for (int j = 0; j < PANEL / 8; ++j) {
@@ -192,12 +230,16 @@ static inline void finish_row(const int32_t *sums, const int32_t *column_sums, f
 }
 #endif
 
-void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, const int8_t *packed,
+void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, const void *packed,
                   const int32_t *column_sums, int64_t out_features, const float *steps, float scale,
                   const float *bias, void *out, int out_bfloat16, int threads) {
 #ifdef PANEL
     const int64_t panels = (out_features + PANEL - 1) / PANEL;
     const int64_t row_blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    int32_t *code_sums = calloc((size_t)rows + 1, sizeof(int32_t)); /* stays 0 for 8-bit weights */
+#if WEIGHT_BITS == 2
+    row_sums(codes, rows, code_stride, k_padded, code_sums, threads);
+#endif
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
     if (rows * out_features * k_padded >= (1 << 18))
     for (int64_t block = 0; block < row_blocks; ++block) {
@@ -207,26 +249,28 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
             const int64_t block_rows = rows - first_row < BLOCK_ROWS ? rows - first_row : BLOCK_ROWS;
             const int64_t tiles = (block_rows + TILE_ROWS - 1) / TILE_ROWS;
             memset(sums, 0, sizeof(int32_t) * tiles * TILE_ROWS * PANEL);
-            const int8_t *weights = packed + panel * k_padded * PANEL;
+            const uint8_t *weights = (const uint8_t *)packed + panel * PACKED_BYTES(k_padded);
             for (int64_t k = 0; k < k_padded; k += BLOCK_K) {
                 const int64_t steps_here = (k_padded - k < BLOCK_K ? k_padded - k : BLOCK_K) / 4;
                 for (int64_t t = 0; t < tiles; ++t)
-                    tile(codes + (first_row + t * TILE_ROWS) * code_stride + k, code_stride, weights + k * PANEL,
-                         steps_here, sums + t * TILE_ROWS * PANEL);
+                    tile(codes + (first_row + t * TILE_ROWS) * code_stride + k, code_stride,
+                         (const void *)(weights + PACKED_BYTES(k)), steps_here, sums + t * TILE_ROWS * PANEL);
             }
             const int64_t first_out = panel * PANEL;
             const int64_t outs = out_features - first_out < PANEL ? out_features - first_out : PANEL;
             for (int64_t r = 0; r < block_rows; ++r) {
                 const float row_scale = steps[first_row + r] * scale;
+                const int32_t row_sum = code_sums[first_row + r];
                 const int64_t offset = (first_row + r) * out_features + first_out;
                 const int32_t *row_sums = sums + r * PANEL;
                 if (outs == PANEL) {
                     const float *row_bias = bias ? bias + first_out : NULL;
                     void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
-                    finish_row(row_sums, column_sums + first_out, row_scale, row_bias, row_out, out_bfloat16);
+                    finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, row_out, out_bfloat16);
                 } else {
                     for (int64_t j = 0; j < outs; ++j) {
-                        const float value = (float)(row_sums[j] - 128 * column_sums[first_out + j]) * row_scale;
+                        const int32_t exact = row_sums[j] - row_sum - 128 * column_sums[first_out + j];
+                        const float value = (float)exact * row_scale;
                         const float biased = bias ? value + bias[first_out + j] : value;
                         if (out_bfloat16)
                             ((uint16_t *)out)[offset + j] = to_bfloat16(biased);
@@ -237,5 +281,6 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
             }
         }
     }
+    free(code_sums);
 #endif
 }
