@@ -25,7 +25,8 @@ variant in the same stretches of time, which one long process per variant does n
 
 Usage:
     python benchmarks/encode_speed.py [--suites real,shapes] [--student PATH] [--repeats 3] [--rounds 1]
-        [--threads 2] [--device cpu]   (ST_BITEMBED_SHARED=DIR: the data/model kit, default ../shared)
+        [--threads 2] [--device cpu] [--keep-freed-memory]   (ST_BITEMBED_SHARED=DIR: the data/model kit, default
+        ../shared)
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", Path(__file__).resolve().pare
 REAL_VARIANTS = ("teacher-fp32", "teacher-bf16", "bitembed", "bitembed-packed")
 SHAPE_VARIANTS = ("fp32", "bf16", "bitembed", "bitembed-packed")
 SHAPE_CONFIGS = ((1, 16), (1, 64), (32, 128))
+# glibc's malloc gives large freed blocks back to the system and faults them in again at the next batch; these keep
+# them (what a caching allocator such as jemalloc or tcmalloc does), for every variant alike.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**31)}
 
 
 def peak_rss_mib() -> float:
@@ -226,7 +230,8 @@ def default_student(folder: str) -> str:
 def run_child(args: argparse.Namespace, child: str, extra: list[str]) -> dict:
     command = [sys.executable, __file__, "--child", child, "--repeats", str(args.repeats), "--threads",
                str(args.threads), "--device", args.device, *extra]  # fmt: skip
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, **(KEEP_FREED_MEMORY if args.keep_freed_memory else {})}
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -317,6 +322,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="processes per variant, the variants taking turns")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="run every variant with glibc keeping freed memory"
+    )
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -334,7 +342,8 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, device {args.device}, "
           f"{args.threads} threads, median of {args.repeats} passes after a warm-up, "
-          f"in {args.rounds} round(s) of one process per variant")  # fmt: skip
+          f"in {args.rounds} round(s) of one process per variant"
+          f"{', glibc keeping freed memory' if args.keep_freed_memory else ''}")  # fmt: skip
     suites = args.suites.split(",")
     if "real" in suites:
         report_real(args)

@@ -1,6 +1,6 @@
 """The BitLinear inference pieces alone: the activation quantizer (compiled vs PyTorch operators) and the integer GEMM
 backends (the native ternary kernel, FBGEMM, oneDNN; each from float codes, as ``integer_product`` takes them) against
-the fp32 product, for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections.
+the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections.
 
 Usage:
     python benchmarks/kernel_speed.py [--threads 2]
@@ -15,8 +15,10 @@ import torch
 
 from st_bitembed.quantization.kernels import (
     UINT8_ZERO_POINT,
+    gemm_backend,
     integer_product,
     prepare_ternary_weight,
+    ternary_linear,
     torch_activation_codes,
 )
 from st_bitembed.quantization.native import native_activation_codes
@@ -24,6 +26,9 @@ from st_bitembed.quantization.native import native_activation_codes
 # (in_features, out_features) of real projections: MiniLM attention / MLP, Gemma3-270M MLP, Qwen3-0.6B MLP.
 SHAPES = ((384, 384), (384, 1536), (640, 2048), (1024, 3072), (3072, 1024))
 TOKENS = (16, 256, 2048)
+# A short query through many layers: more weights than the last-level cache, so each GEMM reads its weights from
+# memory, as a model's forward does.
+QUERY_TOKENS, QUERY_LAYERS, QUERY_SHAPE = 16, 60, (1024, 3072)
 
 
 def milliseconds(function, budget: float = 0.5) -> float:
@@ -57,13 +62,17 @@ def main() -> None:
                 continue
             fused = milliseconds(lambda: compiled(activations, norm_weight, 1e-6, 0))
             print(f"| {tokens} x {in_features} | {eager:.3f} | {fused:.3f} | {eager / fused:.1f}x |")
-    print("\n| tokens x in x out | fp32 matmul | native | FBGEMM | oneDNN |\n|---|---|---|---|---|")
+    print("\n| tokens x in x out | fp32 matmul | bf16 matmul | native | FBGEMM | oneDNN |\n|---|---|---|---|---|---|")
     for tokens in TOKENS:
         for in_features, out_features in SHAPES:
             codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
             dense = codes.float()
             activations = torch.randint(-127, 128, (tokens, in_features)).float()
-            cells = [milliseconds(lambda: activations @ dense.T)]
+            dense_bf16, activations_bf16 = dense.bfloat16(), activations.bfloat16()
+            cells = [
+                milliseconds(lambda: activations @ dense.T),
+                milliseconds(lambda: activations_bf16 @ dense_bf16.T),
+            ]
             for backend, offset in (("native", 0), ("fbgemm", 0), ("onednn", UINT8_ZERO_POINT)):
                 try:
                     weight = prepare_ternary_weight(codes, torch.tensor(1.0), backend)
@@ -74,6 +83,24 @@ def main() -> None:
                 cells.append(milliseconds(lambda: integer_product(shifted, weight)))
             row = " | ".join(f"{cell:.3f}" for cell in cells)
             print(f"| {tokens} x {in_features} x {out_features} | {row} |")
+    query_through_layers()
+
+
+def query_through_layers() -> None:
+    """16 tokens through 60 Qwen3-0.6B-sized projections (180 M weights): a BitLinear projection (quantizer and GEMM,
+    on the default backend) vs the bf16 matmul."""
+    in_features, out_features = QUERY_SHAPE
+    backend = gemm_backend("cpu")
+    layers = [torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8) for _ in range(QUERY_LAYERS)]
+    ternary = [prepare_ternary_weight(codes, torch.tensor(1.0), backend) for codes in layers]
+    bf16 = [codes.bfloat16() for codes in layers]
+    del layers
+    activations, norm_weight = torch.randn(QUERY_TOKENS, in_features).bfloat16(), torch.rand(in_features)
+    bitlinear = milliseconds(lambda: [ternary_linear(activations, weight, None, norm_weight) for weight in ternary])
+    matmul = milliseconds(lambda: [activations @ weight.T for weight in bf16])
+    print(f"\n{QUERY_TOKENS} tokens through {QUERY_LAYERS} projections {in_features} -> {out_features} (bf16 "
+          f"activations): BitLinear ({backend}) {bitlinear:.1f} ms, bf16 matmul {matmul:.1f} ms, "
+          f"{matmul / bitlinear:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
