@@ -29,7 +29,6 @@
  * product is exact, then one float multiply and one add, as kernels.ternary_linear computes it in PyTorch; out is
  * float32, or bfloat16 (out_bfloat16: rounded as PyTorch converts float32) for bf16 models. */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -122,9 +121,7 @@ ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_st
 }
 
 /* Each row's sum of its k_padded codes (padding bytes included: their weights + 1 are 1, so they cancel exactly). */
-static void row_sums(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, int32_t *sums,
-                     int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * k_padded >= (1 << 18))
+static void row_sums(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, int32_t *sums) {
     for (int64_t row = 0; row < rows; ++row) {
         const uint8_t *in = codes + row * code_stride;
         __m512i total = _mm512_setzero_si512();
@@ -236,10 +233,6 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
 #ifdef PANEL
     const int64_t panels = (out_features + PANEL - 1) / PANEL;
     const int64_t row_blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-    int32_t *code_sums = calloc((size_t)rows + 1, sizeof(int32_t)); /* stays 0 for 8-bit weights */
-#if WEIGHT_BITS == 2
-    row_sums(codes, rows, code_stride, k_padded, code_sums, threads);
-#endif
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
     if (rows * out_features * k_padded >= (1 << 18))
     for (int64_t block = 0; block < row_blocks; ++block) {
@@ -249,6 +242,10 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
             const int64_t block_rows = rows - first_row < BLOCK_ROWS ? rows - first_row : BLOCK_ROWS;
             const int64_t tiles = (block_rows + TILE_ROWS - 1) / TILE_ROWS;
             memset(sums, 0, sizeof(int32_t) * tiles * TILE_ROWS * PANEL);
+            int32_t code_sums[BLOCK_ROWS] = {0}; /* stay 0 for 8-bit weights */
+#if WEIGHT_BITS == 2 /* per block, beside its panel: 1/48 of the panel's multiply-adds, no allocation */
+            row_sums(codes + first_row * code_stride, block_rows, code_stride, k_padded, code_sums);
+#endif
             const uint8_t *weights = (const uint8_t *)packed + panel * PACKED_BYTES(k_padded);
             for (int64_t k = 0; k < k_padded; k += BLOCK_K) {
                 const int64_t steps_here = (k_padded - k < BLOCK_K ? k_padded - k : BLOCK_K) / 4;
@@ -260,7 +257,7 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
             const int64_t outs = out_features - first_out < PANEL ? out_features - first_out : PANEL;
             for (int64_t r = 0; r < block_rows; ++r) {
                 const float row_scale = steps[first_row + r] * scale;
-                const int32_t row_sum = code_sums[first_row + r];
+                const int32_t row_sum = code_sums[r];
                 const int64_t offset = (first_row + r) * out_features + first_out;
                 const int32_t *row_sums = sums + r * PANEL;
                 if (outs == PANEL) {
@@ -281,6 +278,5 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
             }
         }
     }
-    free(code_sums);
 #endif
 }
