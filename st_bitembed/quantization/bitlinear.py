@@ -51,6 +51,11 @@ class BitLinear(AutoBitLinear):
         # and their scale.
         self._released_codes: torch.Tensor | None = None
         self._released_scale: torch.Tensor | None = None
+        # The bias and norm weight as the GEMMs' rescale reads them (float32; the bias of an offline layer times its
+        # scale), made once per prepared weight and version of the parameters instead of at every call:
+        # (prepared weight, versions, (bias, norm weight)).
+        self._rescale_operands: tuple[TernaryWeight, tuple, tuple[torch.Tensor | None, torch.Tensor | None]] | None
+        self._rescale_operands = None
         self.register_state_dict_post_hook(_materialize_in_state_dict)
         self.register_load_state_dict_pre_hook(_materialize_before_loading)
 
@@ -127,7 +132,7 @@ class BitLinear(AutoBitLinear):
         # The GEMM's layout is a cache, rebuilt at first use: pickling it (e.g. to the processes of
         # sentence-transformers' multi-process encoding) would send temporaries of FBGEMM's packed weights.
         state = super().__getstate__()
-        return {**state, "_ternary": None, "_ternary_key": None}
+        return {**state, "_ternary": None, "_ternary_key": None, "_rescale_operands": None}
 
     def train(self, mode: bool = True) -> BitLinear:
         if mode:  # a layer that trains keeps its latent weight from now on, also through evaluations
@@ -142,13 +147,26 @@ class BitLinear(AutoBitLinear):
         if self.release_at_inference:
             self.release_latent_weight()
         weight = self._inference_weight()
-        bias = self.bias
-        if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
-            bias = bias * weight.scale
-        norm = self.rms_norm
-        if norm is None:
+        bias, norm_weight = self._rescale_operands_for(weight)
+        if norm_weight is None:
             return ternary_linear(input, weight, bias)
-        return ternary_linear(input, weight, bias, norm.weight, norm.variance_epsilon)
+        return ternary_linear(input, weight, bias, norm_weight, self.rms_norm.variance_epsilon)
+
+    def _rescale_operands_for(self, weight: TernaryWeight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        norm_weight = self.rms_norm.weight if self.rms_norm is not None else None
+        versions = (*_version_key(self.bias), *_version_key(norm_weight))
+        cached = self._rescale_operands
+        if cached is None or cached[0] is not weight or cached[1] != versions:
+            bias = self.bias
+            if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
+                bias = bias * weight.scale
+            operands = tuple(t.detach().float().contiguous() if t is not None else None for t in (bias, norm_weight))
+            self._rescale_operands = cached = weight, versions, operands
+        return cached[2]
+
+
+def _version_key(tensor: torch.Tensor | None) -> tuple:
+    return (None, None) if tensor is None else (tensor.data_ptr(), tensor._version)
 
 
 def _materialize_in_state_dict(module: BitLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:

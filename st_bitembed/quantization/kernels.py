@@ -14,7 +14,8 @@ The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
   accumulators made possible by ternary weights, so each 32 products cost one multiply-add and one add where int8
   GEMM libraries take three instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer
   writes its uint8 input directly and the kernel applies the rescale and bias, so nothing else passes over the
-  activations or the output (``benchmarks/kernel_speed.py``).
+  activations or the output (``benchmarks/kernel_speed.py``); both run in one foreign call per projection
+  (``csrc/ternary_linear.c``), which a short query's many small projections notice.
 - ``"fbgemm"`` (x86 CPUs without AMX): ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, FBGEMM's
   uint8 x int8 GEMM on weights prepacked once (with their column sums, so the zero point costs nothing per call);
   it takes the float codes and makes them uint8 itself. On a 2-core AVX2 CPU it is 2-2.4x faster than oneDNN for
@@ -45,7 +46,7 @@ from st_bitembed.quantization.native import (
     native_activation_codes,
     native_gemm_layout,
     native_ternary_gemm,
-    native_uint8_activation_codes,
+    native_ternary_linear,
 )
 from st_bitembed.quantization.ternary import INT8_MAX, MIN_SCALE
 
@@ -81,6 +82,11 @@ class TernaryWeight:
     out_features: int
     onednn_qparams: tuple[torch.Tensor, torch.Tensor] | None = None
     column_sums: torch.Tensor | None = None
+
+    @functools.cached_property
+    def scale_value(self) -> float:
+        """``scale`` as a Python float, read once (what the native kernel takes)."""
+        return float(self.scale)
 
 
 def _native_works() -> bool:
@@ -281,9 +287,21 @@ def ternary_linear(
     offset = UINT8_ZERO_POINT if weight.backend == "onednn" else 0
     rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
     if weight.backend == "native":  # writes bf16 models' outputs in bf16 itself: no float32 copy of them
-        dtype = torch.bfloat16 if activations.dtype == torch.bfloat16 else torch.float32
-        output = torch.empty(flat.shape[0], weight.out_features, dtype=dtype)
-        _native_ternary_linear(flat, weight, bias, norm_weight, eps, rows, output)
+        if flat.dtype not in (torch.float32, torch.bfloat16) or flat.stride(-1) != 1:  # what the quantizer reads
+            flat = flat.float().contiguous()
+        output = torch.empty(flat.shape[0], weight.out_features, dtype=flat.dtype)
+        native_ternary_linear()(
+            flat,
+            norm_weight.float().contiguous() if norm_weight is not None else None,
+            eps,
+            weight.operand,
+            weight.column_sums,
+            weight.out_features,
+            weight.scale_value,
+            bias.float().contiguous() if bias is not None else None,
+            output,
+            rows,
+        )
         return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)
     output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)
     for start in range(0, flat.shape[0], rows):
@@ -295,28 +313,3 @@ def ternary_linear(
         else:
             torch.addcmul(bias, product, step.mul_(weight.scale), out=output[start : start + rows])
     return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)
-
-
-def _native_ternary_linear(
-    flat: torch.Tensor,
-    weight: TernaryWeight,
-    bias: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    eps: float,
-    chunk_rows: int,
-    output: torch.Tensor,
-) -> None:
-    """:func:`ternary_linear` on the native kernel: the quantizer writes each chunk's uint8 codes into one buffer
-    (rows padded to the kernel's tiles) and the kernel writes rescaled, biased outputs."""
-    quantize, gemm = native_uint8_activation_codes(), native_ternary_gemm()
-    norm_weight = norm_weight.float().contiguous() if norm_weight is not None else None
-    bias = bias.float().contiguous() if bias is not None else None
-    chunk_rows = max(1, min(chunk_rows, flat.shape[0]))
-    codes = _native_codes_buffer(chunk_rows, weight)
-    for start in range(0, flat.shape[0], chunk_rows):
-        chunk = flat[start : start + chunk_rows]
-        if chunk.dtype not in (torch.float32, torch.bfloat16) or chunk.stride(-1) != 1:  # the quantizer reads these
-            chunk = chunk.float().contiguous()
-        steps = quantize(chunk, norm_weight, eps, codes)
-        gemm(codes, chunk.shape[0], weight.operand, weight.column_sums, weight.out_features, steps,
-             float(weight.scale), bias, output[start : start + chunk.shape[0]])  # fmt: skip

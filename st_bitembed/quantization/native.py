@@ -5,6 +5,8 @@
   this kernel makes one call and one pass.
 - ``ternary_gemm.c``: uint8 activation codes x ternary weights (AVX512-VNNI on 2-bit weights, else AVX2 on int8
   weights with 16-bit accumulators), the GEMM of the ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
+- ``ternary_linear.c``: the two in one call per projection (quantizer into a per-thread buffer, then the GEMM), what
+  BitLinear's inference runs on that backend.
 
 They are built the way Inductor builds its CPU kernels: with the system C compiler (``$CC``, else ``cc``) and
 ``-march=native``, once per processor, into one library cached in ``$ST_BITEMBED_CACHE`` (default
@@ -33,7 +35,9 @@ from st_bitembed.quantization.ternary import MIN_SCALE
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("activation_codes.c", "ternary_gemm.c"))
+SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("activation_codes.c", "ternary_gemm.c", "ternary_linear.c")
+)
 # No FMA contraction: the kernel must round exactly as the PyTorch path's separate multiply and add do.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
@@ -42,6 +46,8 @@ ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, int], tu
 Uint8ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, torch.Tensor], torch.Tensor]
 # (uint8 codes, rows, packed weight, column sums, out features, steps, scale, bias, out) -> None
 TernaryGemm = Callable[..., None]
+# (activations, norm weight, eps, packed weight, column sums, out features, scale, bias, out, chunk rows) -> None
+TernaryLinear = Callable[..., None]
 
 
 def _processor_id() -> str:
@@ -86,6 +92,10 @@ def _load(path: Path) -> ctypes.CDLL:
     library.activation_codes_uint8.argtypes += [integer, pointer, ctypes.c_int, ctypes.c_int]
     library.ternary_gemm.argtypes = [pointer, integer, integer, integer, pointer, pointer, integer, pointer, real]
     library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int, ctypes.c_int]
+    library.ternary_linear.argtypes = [pointer, integer, integer, integer, ctypes.c_int, pointer, real, real, pointer]
+    library.ternary_linear.argtypes += [pointer, integer, integer, real, pointer, pointer, ctypes.c_int, integer]
+    library.ternary_linear.argtypes += [ctypes.c_int]
+    library.ternary_linear.restype = ctypes.c_int
     for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
         function.restype = None
     layout_functions = (library.ternary_gemm_panel, library.ternary_gemm_tile_rows, library.ternary_gemm_weight_bits)
@@ -224,3 +234,51 @@ def native_ternary_gemm() -> TernaryGemm | None:
         )
 
     return ternary_gemm
+
+
+@functools.cache
+def native_ternary_linear() -> TernaryLinear | None:
+    """``csrc/ternary_linear.c``: a projection's quantizer and GEMM in one call, where :func:`native_ternary_gemm`
+    exists, else ``None``. Activations are 2-D float32 or bfloat16 rows of unit stride; the norm weight and bias are
+    float32 (or ``None``); ``out`` is float32 or bfloat16; tokens are quantized ``chunk_rows`` at a time."""
+    library, layout = _library(), native_gemm_layout()
+    if layout is None:
+        return None
+
+    def ternary_linear(
+        activations: torch.Tensor,
+        norm_weight: torch.Tensor | None,
+        eps: float,
+        packed: torch.Tensor,
+        column_sums: torch.Tensor,
+        out_features: int,
+        scale: float,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+        chunk_rows: int,
+    ) -> None:
+        rows, cols = activations.shape
+        failed = library.ternary_linear(
+            activations.data_ptr(),
+            rows,
+            cols,
+            activations.stride(0),
+            activations.dtype == torch.bfloat16,
+            norm_weight.data_ptr() if norm_weight is not None else None,
+            eps,
+            MIN_SCALE,
+            packed.data_ptr(),
+            column_sums.data_ptr(),
+            packed.shape[1] * layout.input_group,
+            out_features,
+            scale,
+            bias.data_ptr() if bias is not None else None,
+            out.data_ptr(),
+            out.dtype == torch.bfloat16,
+            chunk_rows,
+            torch.get_num_threads(),
+        )
+        if failed:
+            raise MemoryError(f"BitLinear's native kernel could not allocate codes for {chunk_rows} x {cols} inputs")
+
+    return ternary_linear

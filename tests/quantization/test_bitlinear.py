@@ -34,6 +34,28 @@ def test_released_layer_keeps_only_codes_and_computes_the_same():
         torch.testing.assert_close(bitlinear.eval()(inputs), before, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_follows_changes_to_the_norm_weight_and_bias(dtype):
+    """The float32 norm weight and bias the GEMMs read are made once, and again whenever they change in place."""
+    bitlinear = layer(96, 40).to(dtype).eval()
+    inputs = torch.randn(5, 96).to(dtype)
+
+    def reference() -> torch.Tensor:
+        bitlinear.kernel = "reference"
+        output = bitlinear(inputs)
+        bitlinear.kernel = "int8"
+        return output
+
+    with torch.no_grad():
+        first = bitlinear(inputs)
+        torch.testing.assert_close(first, reference(), atol=0.05, rtol=0.02)
+        bitlinear.rms_norm.weight.mul_(torch.linspace(0.1, 3, 96).to(dtype))
+        bitlinear.bias.add_(10)
+        changed = bitlinear(inputs)
+        assert (changed - first).abs().min() > 1  # the bias moved every output
+        torch.testing.assert_close(changed, reference(), atol=0.05, rtol=0.02)
+
+
 def test_loading_a_state_dict_into_a_released_layer():
     source, target = layer(seed=1), layer(seed=2).eval()
     target.release_latent_weight()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from st_bitembed.quantization.native import (
     native_activation_codes,
     native_gemm_layout,
     native_ternary_gemm,
+    native_ternary_linear,
     native_uint8_activation_codes,
 )
 
@@ -66,7 +69,13 @@ def test_uint8_codes_are_the_float_codes_plus_the_zero_point(with_norm, dtype):
 
 
 def _clear(library_too: bool = True) -> None:
-    functions = (native_activation_codes, native_uint8_activation_codes, native_gemm_layout, native_ternary_gemm)
+    functions = (
+        native_activation_codes,
+        native_uint8_activation_codes,
+        native_gemm_layout,
+        native_ternary_gemm,
+        native_ternary_linear,
+    )
     for function in (native._library, *functions) if library_too else functions:
         function.cache_clear()
 
@@ -81,7 +90,7 @@ def test_compiled_kernels_are_cached_and_optional(tmp_path, monkeypatch):
         assert len(list((tmp_path / "kernels").glob("bitlinear-*.so"))) == 1
         monkeypatch.setenv("ST_BITEMBED_NATIVE", "0")
         _clear()
-        assert native_activation_codes() is None and native_ternary_gemm() is None
+        assert native_activation_codes() is None and native_ternary_gemm() is None and native_ternary_linear() is None
         monkeypatch.setenv("ST_BITEMBED_NATIVE", "1")
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
         monkeypatch.setenv("ST_BITEMBED_CACHE", str(tmp_path / "other"))
@@ -141,3 +150,42 @@ def test_the_avx2_kernel_is_exact_where_the_default_build_is_the_avx512_one(tmp_
     finally:
         monkeypatch.undo()
         _clear(library_too=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_call_projection_is_the_quantizer_then_the_gemm(dtype):
+    """ternary_linear.c (what BitLinear runs) quantizes chunk by chunk into a per-thread buffer, then multiplies: the
+    same outputs as the two kernels called apart, for any chunking, also from threads encoding at once."""
+    if native_ternary_linear() is None:
+        pytest.skip("no native kernel here")
+    torch.manual_seed(3)
+    in_features, out_features = 601, 100
+    weight = prepare_ternary_weight(
+        torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8), torch.tensor(0.3), "native"
+    )
+    norm_weight, bias = torch.rand(in_features) * 2, torch.randn(out_features)
+
+    def apart(activations: torch.Tensor) -> torch.Tensor:
+        buffer = torch.empty(activations.shape[0] + 8, weight.operand.shape[1] * native_gemm_layout().input_group,
+                             dtype=torch.uint8)  # fmt: skip
+        steps = native_uint8_activation_codes()(activations, norm_weight, 1e-6, buffer)
+        out = torch.empty(activations.shape[0], out_features, dtype=activations.dtype)
+        native_ternary_gemm()(buffer, activations.shape[0], weight.operand, weight.column_sums, out_features, steps,
+                              0.3, bias, out)  # fmt: skip
+        return out
+
+    def in_one_call(activations: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        out = torch.empty(activations.shape[0], out_features, dtype=activations.dtype)
+        native_ternary_linear()(activations, norm_weight, 1e-6, weight.operand, weight.column_sums, out_features,
+                                0.3, bias, out, chunk_rows)  # fmt: skip
+        return out
+
+    inputs = {rows: (torch.randn(rows, in_features) * 3).to(dtype) for rows in (1, 37, 300)}
+    for rows, activations in inputs.items():
+        expected = apart(activations)
+        for chunk_rows in (1, 16, rows, 10_000):  # one token at a time, whole chunks and a partial one, all at once
+            assert torch.equal(in_one_call(activations, chunk_rows), expected), (rows, chunk_rows)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each thread grows its own buffer
+        results = list(pool.map(lambda rows: in_one_call(inputs[rows], 16), [300, 37, 1, 300, 37, 1] * 5))
+    for rows, result in zip([300, 37, 1] * 10, results):
+        assert torch.equal(result, apart(inputs[rows]))
