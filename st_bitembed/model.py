@@ -21,6 +21,7 @@ from st_bitembed.modules.quantize import Quantize
 from st_bitembed.precisions import Precision, PrecisionName, get_precision
 from st_bitembed.quantization.bitlinear import (
     Kernel,
+    cast_around_codes,
     finish_latent_weight_release,
     install_bitlinear,
     release_latent_weights,
@@ -33,6 +34,8 @@ QUANTIZE_FOLDER = "quantize"
 QUANTIZE_STATE_PREFIX = "quantize_head."
 # What the model card tells about training (the recipe's stages), kept beside the model.
 BITEMBED_INFO_FILE = "bitembed.json"
+# Dtypes whose rounding of float32 latent weights would move some of their ternary codes (see BitEmbed.__init__).
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class BitEmbed(SentenceTransformer):
@@ -66,7 +69,12 @@ class BitEmbed(SentenceTransformer):
                 and training it afterwards starts from latent weights rebuilt from the codes (see
                 :class:`~st_bitembed.quantization.bitlinear.BitLinear`). A model put in training mode before it
                 encodes keeps its latent weights.
-            kwargs: As for ``SentenceTransformer``.
+            kwargs: As for ``SentenceTransformer``. ``model_kwargs={"dtype": torch.bfloat16}`` (or float16) runs the
+                model in that dtype, as it does for any sentence-transformers model: embeddings, norms, attention and
+                activations. The ternary codes of a saved training-form model (float32 latent weights) are still
+                those of its float32 weights: it loads in float32, keeps only the codes at once, then casts the rest
+                (loading the latent weights in bf16 would round some of them across a ternary threshold). With
+                ``keep_latent_weights=True`` the dtype applies to the latent weights as given.
         """
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
         self._releasing_latent_weights = False
@@ -75,9 +83,15 @@ class BitEmbed(SentenceTransformer):
             raise TypeError(
                 f"model_card_data must be a BitEmbedModelCardData (st_bitembed.card), got {type(card_data).__name__}."
             )
+        hub_kwargs = {key: kwargs.get(key) for key in ("token", "cache_folder", "revision")}
+        inference_dtype = None
+        if model_name_or_path is not None and not keep_latent_weights:
+            inference_dtype = _codes_first_dtype(model_name_or_path, kwargs, hub_kwargs)
+            if inference_dtype is not None:  # loaded in float32; the codes are kept, then the rest is cast
+                model_kwargs = {k: v for k, v in kwargs["model_kwargs"].items() if k not in ("dtype", "torch_dtype")}
+                kwargs["model_kwargs"] = {**model_kwargs, "dtype": torch.float32}
         with _without_cpu_unpacking_warning():
             super().__init__(model_name_or_path, model_card_data=card_data, **kwargs)
-        hub_kwargs = {key: kwargs.get(key) for key in ("token", "cache_folder", "revision")}
         info_file = model_name_or_path and load_file_path(
             model_name_or_path,
             BITEMBED_INFO_FILE,
@@ -109,7 +123,10 @@ class BitEmbed(SentenceTransformer):
                     "but its backbone loaded with no BitNet layers: its config.json lacks the 'quantization_config' "
                     "entry that makes transformers build them. Restore config.json from the original model."
                 )
-            if model_name_or_path is not None and not keep_latent_weights:
+            if inference_dtype is not None:
+                release_latent_weights(self[0].auto_model)  # the codes of the float32 latent weights
+                cast_around_codes(self[0].auto_model, inference_dtype)
+            elif model_name_or_path is not None and not keep_latent_weights:
                 # Freed at the first inference, then the memory they held is given back (finish_latent_weight_release).
                 released = release_latent_weights(self[0].auto_model, at_first_inference=True)
                 self._releasing_latent_weights = released > 0
@@ -303,6 +320,25 @@ class BitEmbed(SentenceTransformer):
         if class_ref.startswith(PLUGIN_NAMESPACE):
             return import_from_string(class_ref)
         return super()._load_module_class_from_ref(class_ref, *args, **kwargs)
+
+
+def _codes_first_dtype(model_name_or_path: str, kwargs: dict[str, Any], hub_kwargs: dict[str, Any]) -> Any:
+    """The reduced dtype (bf16 / fp16) asked for in ``model_kwargs`` when the model is a training-form BitNet
+    checkpoint (float latent weights, ``quantization_mode: online``), whose codes must come from float32; else None."""
+    model_kwargs = kwargs.get("model_kwargs") or {}
+    dtype = model_kwargs.get("dtype", model_kwargs.get("torch_dtype"))
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype not in REDUCED_DTYPES:
+        return None
+    config_file = load_file_path(
+        model_name_or_path, "config.json", local_files_only=kwargs.get("local_files_only", False), **hub_kwargs
+    )
+    if not config_file:
+        return None
+    with open(config_file, encoding="utf8") as file:
+        quantization = json.load(file).get("quantization_config") or {}
+    online = quantization.get("quant_method") == "bitnet" and quantization.get("quantization_mode") == "online"
+    return dtype if online else None
 
 
 @contextmanager

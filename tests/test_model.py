@@ -120,6 +120,40 @@ def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_d
     assert not any(layer.latent_weight_released for layer in layers["released"])
 
 
+def test_a_training_form_model_loaded_in_bf16_keeps_the_codes_of_its_float32_weights(qwen3_dir, tmp_path):
+    """model_kwargs={"dtype": torch.bfloat16} runs the model in bf16, but its ternary codes are those of the saved
+    float32 latent weights: rounding them to bf16 first would move some codes across a threshold."""
+    from safetensors.torch import load_file
+
+    from st_bitembed.quantization.ternary import ternary_weight_codes
+
+    source = BitEmbed.from_backbone(str(qwen3_dir))
+    train_one_step(source)  # latent weights that bf16 no longer holds exactly
+    source.save(str(tmp_path / "model"))
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    latent = [weight for name, weight in saved.items() if name.endswith("proj.weight")]
+    moved = sum(int((ternary_weight_codes(w)[0] != ternary_weight_codes(w.bfloat16())[0]).sum()) for w in latent)
+    assert moved > 0  # what loading the latent weights in bf16 would change
+    full = BitEmbed(str(tmp_path / "model"))
+    half = BitEmbed(str(tmp_path / "model"), model_kwargs={"dtype": torch.bfloat16})
+    backbone = half[0].auto_model
+    assert backbone.get_input_embeddings().weight.dtype == torch.bfloat16
+    full_layers, half_layers = ([m for m in model.modules() if isinstance(m, BitLinear)] for model in (full, half))
+    assert all(layer.latent_weight_released and layer.weight.dtype == torch.bfloat16 for layer in half_layers)
+    assert all(layer.weight.untyped_storage().nbytes() == 2 for layer in half_layers)  # not materialised
+    for full_layer, half_layer in zip(full_layers, half_layers):
+        assert torch.equal(half_layer.ternary_codes()[0], full_layer.ternary_codes()[0])
+        assert half_layer.ternary_codes()[1] == full_layer.ternary_codes()[1]
+    cosine = torch.nn.functional.cosine_similarity(
+        torch.as_tensor(half.encode(TEXTS)), torch.as_tensor(full.encode(TEXTS))
+    )
+    assert cosine.min() > 0.95  # bf16 activations: close, not equal
+    # keep_latent_weights=True: the latent weights load in the dtype as given
+    kept = BitEmbed(str(tmp_path / "model"), keep_latent_weights=True, model_kwargs={"dtype": torch.bfloat16})
+    assert all(m.weight.dtype == torch.bfloat16 and not m.latent_weight_released for m in kept.modules()
+               if isinstance(m, BitLinear))  # fmt: skip
+
+
 def test_a_loaded_packed_export_reads_its_embedding_table_from_the_file(qwen3_dir, tmp_path):
     """A 2-bit export's checkpoint holds no latent weights (transformers unpacks its codes into process memory), so
     after the latent weights are freed the model keeps reading its embedding table from the file's memory map (only

@@ -160,7 +160,10 @@ class BitLinear(AutoBitLinear):
             bias = self.bias
             if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
                 bias = bias * weight.scale
-            operands = tuple(t.detach().float().contiguous() if t is not None else None for t in (bias, norm_weight))
+            # Copies, never views: a view would keep the checkpoint's memory map open (finish_latent_weight_release).
+            operands = tuple(
+                t.detach().to(torch.float32, copy=True) if t is not None else None for t in (bias, norm_weight)
+            )
             self._rescale_operands = cached = weight, versions, operands
         return cached[2]
 
@@ -207,6 +210,30 @@ def release_latent_weights(model: torch.nn.Module, at_first_inference: bool = Fa
         else:
             layer.release_latent_weight()
     return len(layers)
+
+
+@torch.no_grad()
+def cast_around_codes(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters to ``dtype`` as ``from_pretrained(..., dtype=dtype)`` would, for a model
+    whose :class:`BitLinear` layers have released their latent weights: their codes (taken from the float32 latent
+    weights) stay as they are, and their one-float placeholder takes the dtype without being materialised. Modules
+    transformers keeps in float32 (``_keep_in_fp32_modules``, ``_keep_in_fp32_modules_strict``) stay in float32.
+    The float32 tensors replaced (views of the checkpoint's memory map, for a freshly loaded model) are freed and the
+    memory given back."""
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for module_name, module in model.named_modules():
+        if any(part in keep for part in module_name.split(".")):
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            if not parameter.is_floating_point():
+                continue
+            if isinstance(module, BitLinear) and name == "weight" and module.latent_weight_released:
+                parameter.data = torch.zeros(1, dtype=dtype, device=parameter.device).expand(parameter.shape)
+            else:
+                parameter.data = parameter.data.to(dtype)
+    _return_freed_memory()
 
 
 @torch.inference_mode(False)  # called while encoding, in inference mode: copies made there could never train
