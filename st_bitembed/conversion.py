@@ -30,6 +30,7 @@ from st_bitembed.quantization.convert import (
     convert_to_bitlinear,
     default_rms_norm_eps,
 )
+from st_bitembed.quantization.norm_folding import fold_model_norms
 from st_bitembed.tokenization import append_eos_token, pooling_eos_token
 
 if TYPE_CHECKING:
@@ -160,6 +161,7 @@ def convert_backbone(
     rms_norm_eps = default_rms_norm_eps(backbone)
     convert_to_bitlinear(backbone, norm=norm, subln_targets=subln_targets, rms_norm_eps=rms_norm_eps)
     install_bitlinear(backbone)
+    fold_model_norms(backbone)
     backbone.config.quantization_config = bitnet_quantization_config(
         backbone, use_rms_norm=norm == "all", rms_norm_eps=rms_norm_eps
     )

@@ -4,7 +4,7 @@ path that quantizes the weights once, folds the RMSNorm into the activation code
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers.integrations.bitnet import AutoBitLinear
@@ -12,6 +12,9 @@ from transformers.integrations.bitnet import AutoBitLinear
 from st_bitembed.quantization.kernels import TernaryWeight, gemm_backend, prepare_ternary_weight, ternary_linear
 from st_bitembed.quantization.packing import pack_codes, unpack_codes
 from st_bitembed.quantization.ternary import ternary_weight_codes
+
+if TYPE_CHECKING:
+    from st_bitembed.quantization.norm_folding import FoldedRMSNorm
 
 Kernel = Literal["int8", "reference"]
 KERNELS: tuple[str, ...] = ("int8", "reference")
@@ -42,6 +45,8 @@ class BitLinear(AutoBitLinear):
     kernel: Kernel = "int8"
     # Release the latent weight at the first inference forward (BitEmbed(path)); cleared for good by train().
     release_at_inference: bool = False
+    # The model norm in front, folded into this layer's quantizer at inference (norm_folding.py); None: none.
+    folded_norm: FoldedRMSNorm | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -56,6 +61,8 @@ class BitLinear(AutoBitLinear):
         # (prepared weight, versions, (bias, norm weight)).
         self._rescale_operands: tuple[TernaryWeight, tuple, tuple[torch.Tensor | None, torch.Tensor | None]] | None
         self._rescale_operands = None
+        # The norm weight times a folded model norm's scale: (norm weight, scale, product).
+        self._folded_norm_weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.register_state_dict_post_hook(_materialize_in_state_dict)
         self.register_load_state_dict_pre_hook(_materialize_before_loading)
 
@@ -132,7 +139,13 @@ class BitLinear(AutoBitLinear):
         # The GEMM's layout is a cache, rebuilt at first use: pickling it (e.g. to the processes of
         # sentence-transformers' multi-process encoding) would send temporaries of FBGEMM's packed weights.
         state = super().__getstate__()
-        return {**state, "_ternary": None, "_ternary_key": None, "_rescale_operands": None}
+        return {
+            **state,
+            "_ternary": None,
+            "_ternary_key": None,
+            "_rescale_operands": None,
+            "_folded_norm_weight": None,
+        }
 
     def train(self, mode: bool = True) -> BitLinear:
         if mode:  # a layer that trains keeps its latent weight from now on, also through evaluations
@@ -150,7 +163,15 @@ class BitLinear(AutoBitLinear):
         bias, norm_weight = self._rescale_operands_for(weight)
         if norm_weight is None:
             return ternary_linear(input, weight, bias)
-        return ternary_linear(input, weight, bias, norm_weight, self.rms_norm.variance_epsilon)
+        eps = self.rms_norm.variance_epsilon
+        folded = self.folded_norm
+        if folded is not None and folded.folds(input):  # input is the raw residual stream: its norm is folded in
+            scale = folded.channel_scale()
+            cached = self._folded_norm_weight
+            if cached is None or cached[0] is not norm_weight or cached[1] is not scale:
+                self._folded_norm_weight = cached = norm_weight, scale, norm_weight * scale
+            return ternary_linear(input, weight, bias, cached[2], eps, rms_weight=scale, outer_eps=folded.eps)
+        return ternary_linear(input, weight, bias, norm_weight, eps)
 
     def _rescale_operands_for(self, weight: TernaryWeight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         norm_weight = self.rms_norm.weight if self.rms_norm is not None else None

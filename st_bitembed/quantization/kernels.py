@@ -265,6 +265,8 @@ def ternary_linear(
     bias: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    rms_weight: torch.Tensor | None = None,
+    outer_eps: float = 0.0,
 ) -> torch.Tensor:
     """``Linear(quant(RMSNorm(x) * norm_weight))`` with ternary weights: what transformers' ``AutoBitLinear``
     computes (with its RMSNorm when ``norm_weight`` is given), on integer codes.
@@ -279,6 +281,10 @@ def ternary_linear(
         bias: Optional ``[N]`` bias, added after the rescale.
         norm_weight: The weight of the RMSNorm in front of the projection, folded into the quantization.
         eps: That RMSNorm's epsilon.
+        rms_weight: The native backend only: the per-channel scale of a model RMSNorm before that one, whose
+            output only such projections read (:mod:`~st_bitembed.quantization.norm_folding`); ``activations``
+            are then its input, and ``norm_weight`` is ``rms_weight`` times the RMSNorm's own weight.
+        outer_eps: That model norm's epsilon.
 
     Returns:
         ``[..., N]`` in the activations' dtype.
@@ -286,6 +292,8 @@ def ternary_linear(
     flat = activations.reshape(-1, activations.shape[-1])
     offset = UINT8_ZERO_POINT if weight.backend == "onednn" else 0
     rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
+    if rms_weight is not None and weight.backend != "native":
+        raise ValueError(f"A folded model norm (rms_weight) needs the native GEMM backend, not {weight.backend!r}.")
     if weight.backend == "native":  # writes bf16 models' outputs in bf16 itself: no float32 copy of them
         if flat.dtype not in (torch.float32, torch.bfloat16) or flat.stride(-1) != 1:  # what the quantizer reads
             flat = flat.float().contiguous()
@@ -301,6 +309,8 @@ def ternary_linear(
             bias.float().contiguous() if bias is not None else None,
             output,
             rows,
+            rms_weight,
+            outer_eps,
         )
         return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)
     output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)

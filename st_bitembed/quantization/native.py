@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -46,7 +46,8 @@ ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, int], tu
 Uint8ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, torch.Tensor], torch.Tensor]
 # (uint8 codes, rows, packed weight, column sums, out features, steps, scale, bias, out) -> None
 TernaryGemm = Callable[..., None]
-# (activations, norm weight, eps, packed weight, column sums, out features, scale, bias, out, chunk rows) -> None
+# (activations, norm weight, eps, packed weight, column sums, out features, scale, bias, out, chunk rows,
+#  rms weight=None, outer eps=0) -> None
 TernaryLinear = Callable[..., None]
 
 
@@ -88,13 +89,13 @@ def _load(path: Path) -> ctypes.CDLL:
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.activation_codes.argtypes = [pointer, integer, integer, integer, pointer, real, real, real, pointer]
     library.activation_codes.argtypes += [pointer, ctypes.c_int]
-    library.activation_codes_uint8.argtypes = [pointer, integer, integer, integer, pointer, real, real, pointer]
-    library.activation_codes_uint8.argtypes += [integer, pointer, ctypes.c_int, ctypes.c_int]
+    library.activation_codes_uint8.argtypes = [pointer, integer, integer, integer, pointer, pointer, real, real, real]
+    library.activation_codes_uint8.argtypes += [pointer, integer, pointer, ctypes.c_int, ctypes.c_int]
     library.ternary_gemm.argtypes = [pointer, integer, integer, integer, pointer, pointer, integer, pointer, real]
     library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int, ctypes.c_int]
-    library.ternary_linear.argtypes = [pointer, integer, integer, integer, ctypes.c_int, pointer, real, real, pointer]
-    library.ternary_linear.argtypes += [pointer, integer, integer, real, pointer, pointer, ctypes.c_int, integer]
-    library.ternary_linear.argtypes += [ctypes.c_int]
+    library.ternary_linear.argtypes = [pointer, integer, integer, integer, ctypes.c_int, pointer, pointer, real, real]
+    library.ternary_linear.argtypes += [real, pointer, pointer, integer, integer, real, pointer, pointer, ctypes.c_int]
+    library.ternary_linear.argtypes += [integer, ctypes.c_int]
     library.ternary_linear.restype = ctypes.c_int
     for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
         function.restype = None
@@ -121,14 +122,8 @@ def _library() -> ctypes.CDLL | None:
         return None
 
 
-def _quantize(
-    function: ctypes._CFuncPtr, activations: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, *outputs: Any
-) -> None:
-    """Call one of the quantizers of ``activation_codes.c``: their arguments differ only in the outputs."""
-    rows, cols = activations.shape
-    weight_pointer = norm_weight.data_ptr() if norm_weight is not None else None
-    function(activations.data_ptr(), rows, cols, activations.stride(0), weight_pointer, eps, MIN_SCALE, *outputs,
-             torch.get_num_threads())  # fmt: skip
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return tensor.data_ptr() if tensor is not None else None
 
 
 @functools.cache
@@ -143,7 +138,10 @@ def native_activation_codes() -> ActivationCodes | None:
         activations: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, offset: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         codes, steps = torch.empty(activations.shape), torch.empty(activations.shape[0], 1)
-        _quantize(library.activation_codes, activations, norm_weight, eps, offset, codes.data_ptr(), steps.data_ptr())
+        rows, cols = activations.shape
+        stride, threads = activations.stride(0), torch.get_num_threads()
+        library.activation_codes(activations.data_ptr(), rows, cols, stride, _pointer(norm_weight), eps, MIN_SCALE,
+                                 offset, codes.data_ptr(), steps.data_ptr(), threads)  # fmt: skip
         return codes, steps
 
     return activation_codes
@@ -153,18 +151,28 @@ def native_activation_codes() -> ActivationCodes | None:
 def native_uint8_activation_codes() -> Uint8ActivationCodes | None:
     """The compiled quantizer writing uint8 codes (signed codes + 128) into the first rows and columns of a given
     ``uint8`` buffer of unit column stride (the ``"native"`` GEMM's input); returns the float32 ``[rows]`` steps.
-    Takes float32 or bfloat16 activations (rows of unit stride): a bf16 model's are read as they are."""
+    Takes float32 or bfloat16 activations (rows of unit stride): a bf16 model's are read as they are. ``rms_weight``
+    and ``outer_eps`` fold a model norm in front (``norm_folding.py``; ``norm_weight`` is then its weight times the
+    BitLinear norm's)."""
     library = _library()
     if library is None:
         return None
 
     def activation_codes_uint8(
-        activations: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, codes: torch.Tensor
+        activations: torch.Tensor,
+        norm_weight: torch.Tensor | None,
+        eps: float,
+        codes: torch.Tensor,
+        rms_weight: torch.Tensor | None = None,
+        outer_eps: float = 0.0,
     ) -> torch.Tensor:
         steps = torch.empty(activations.shape[0])
-        in_bfloat16 = activations.dtype == torch.bfloat16
-        _quantize(library.activation_codes_uint8, activations, norm_weight, eps, codes.data_ptr(), codes.stride(0),
-                  steps.data_ptr(), in_bfloat16)  # fmt: skip
+        rows, cols = activations.shape
+        stride, in_bfloat16 = activations.stride(0), activations.dtype == torch.bfloat16
+        threads = torch.get_num_threads()
+        library.activation_codes_uint8(activations.data_ptr(), rows, cols, stride, _pointer(norm_weight),
+                                       _pointer(rms_weight), eps, outer_eps, MIN_SCALE, codes.data_ptr(),
+                                       codes.stride(0), steps.data_ptr(), in_bfloat16, threads)  # fmt: skip
         return steps
 
     return activation_codes_uint8
@@ -227,7 +235,7 @@ def native_ternary_gemm() -> TernaryGemm | None:
             out_features,
             steps.data_ptr(),
             scale,
-            bias.data_ptr() if bias is not None else None,
+            _pointer(bias),
             out.data_ptr(),
             out.dtype == torch.bfloat16,
             torch.get_num_threads(),
@@ -240,7 +248,8 @@ def native_ternary_gemm() -> TernaryGemm | None:
 def native_ternary_linear() -> TernaryLinear | None:
     """``csrc/ternary_linear.c``: a projection's quantizer and GEMM in one call, where :func:`native_ternary_gemm`
     exists, else ``None``. Activations are 2-D float32 or bfloat16 rows of unit stride; the norm weight and bias are
-    float32 (or ``None``); ``out`` is float32 or bfloat16; tokens are quantized ``chunk_rows`` at a time."""
+    float32 (or ``None``); ``out`` is float32 or bfloat16; tokens are quantized ``chunk_rows`` at a time;
+    ``rms_weight`` and ``outer_eps`` fold a model norm in front (as for :func:`native_uint8_activation_codes`)."""
     library, layout = _library(), native_gemm_layout()
     if layout is None:
         return None
@@ -256,6 +265,8 @@ def native_ternary_linear() -> TernaryLinear | None:
         bias: torch.Tensor | None,
         out: torch.Tensor,
         chunk_rows: int,
+        rms_weight: torch.Tensor | None = None,
+        outer_eps: float = 0.0,
     ) -> None:
         rows, cols = activations.shape
         failed = library.ternary_linear(
@@ -264,15 +275,17 @@ def native_ternary_linear() -> TernaryLinear | None:
             cols,
             activations.stride(0),
             activations.dtype == torch.bfloat16,
-            norm_weight.data_ptr() if norm_weight is not None else None,
+            _pointer(norm_weight),
+            _pointer(rms_weight),
             eps,
+            outer_eps,
             MIN_SCALE,
             packed.data_ptr(),
             column_sums.data_ptr(),
             packed.shape[1] * layout.input_group,
             out_features,
             scale,
-            bias.data_ptr() if bias is not None else None,
+            _pointer(bias),
             out.data_ptr(),
             out.dtype == torch.bfloat16,
             chunk_rows,

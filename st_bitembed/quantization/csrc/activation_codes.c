@@ -2,6 +2,11 @@
  * step, see kernels.py) or of x, written as floats (activation_codes: the PyTorch GEMM backends take float codes) or
  * as uint8 codes + 128 (activation_codes_uint8: the input of ternary_gemm.c).
  *
+ * activation_codes_uint8 also folds the model's own RMSNorm in front (norm_folding.py): for x the raw residual
+ * stream, w the model norm's effective weight (rms_weight) and e its epsilon (outer_eps), RMSNorm_g(RMSNorm_w(x)) =
+ * u * g / sqrt(mean(u^2) + eps * (mean(x^2) + e)) with u = x * w, exactly: norm_weight then holds w * g, and the
+ * sum of squares is taken of x * w, beside that of x.
+ *
  * Same arithmetic, element by element, as st_bitembed.quantization.kernels.activation_codes in PyTorch:
  *   step = max(absmax(x * g) * rsqrt(mean(x^2) + eps), min_scale) / 127,  code = round((x * g) * (rsqrt(...) / step))
  *   without a norm: step = max(absmax(x), min_scale) / 127,               code = round(x / step)
@@ -15,18 +20,36 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The token's step; with a norm also the factor that turns x * g into codes (without one, the codes are x / step). */
-static inline float token_step(const float *in, int64_t cols, const float *norm_weight, float eps, float min_scale,
-                               float *multiplier) {
+/* The token's step; with a norm also the factor that turns x * g into codes (without one, the codes are x / step).
+ * With rms_weight (a folded model norm, see above), the mean square is that of x * rms_weight, plus eps times the
+ * model norm's own mean square of x (its epsilon outer_eps included). */
+static inline float token_step(const float *in, int64_t cols, const float *norm_weight, const float *rms_weight,
+                               float eps, float outer_eps, float min_scale, float *multiplier) {
     float absmax = 0.0f, sum_of_squares = 0.0f;
     if (norm_weight) {
+        float mean_square;
+        if (rms_weight) {
+            float raw_squares = 0.0f;
+#pragma omp simd reduction(max : absmax) reduction(+ : sum_of_squares, raw_squares)
+            for (int64_t col = 0; col < cols; ++col) {
+                const float weighted = fabsf(in[col] * norm_weight[col]);
+                const float scaled = in[col] * rms_weight[col];
+                absmax = weighted > absmax ? weighted : absmax;
+                sum_of_squares += scaled * scaled;
+                raw_squares += in[col] * in[col];
+            }
+            mean_square = sum_of_squares / (float)cols + eps * (raw_squares / (float)cols + outer_eps);
+            sum_of_squares += raw_squares; /* only its finiteness is read below */
+        } else {
 #pragma omp simd reduction(max : absmax) reduction(+ : sum_of_squares)
-        for (int64_t col = 0; col < cols; ++col) {
-            const float weighted = fabsf(in[col] * norm_weight[col]);
-            absmax = weighted > absmax ? weighted : absmax;
-            sum_of_squares += in[col] * in[col];
+            for (int64_t col = 0; col < cols; ++col) {
+                const float weighted = fabsf(in[col] * norm_weight[col]);
+                absmax = weighted > absmax ? weighted : absmax;
+                sum_of_squares += in[col] * in[col];
+            }
+            mean_square = sum_of_squares / (float)cols + eps;
         }
-        const float inverse_rms = 1.0f / sqrtf(sum_of_squares / (float)cols + eps);
+        const float inverse_rms = 1.0f / sqrtf(mean_square);
         const float normalised_absmax = absmax * inverse_rms;
         const float step = isfinite(sum_of_squares)
                                ? (normalised_absmax > min_scale ? normalised_absmax : min_scale) / 127.0f
@@ -52,7 +75,7 @@ void activation_codes(const float *x, int64_t rows, int64_t cols, int64_t row_st
         const float *in = x + row * row_stride;
         float *out = codes + row * cols;
         float multiplier;
-        const float step = token_step(in, cols, norm_weight, eps, min_scale, &multiplier);
+        const float step = token_step(in, cols, norm_weight, NULL, eps, 0.0f, min_scale, &multiplier);
         if (norm_weight) {
 #pragma omp simd
             for (int64_t col = 0; col < cols; ++col)
@@ -78,10 +101,11 @@ static inline const float *widen_bfloat16(const uint16_t *in, int64_t cols, floa
 }
 
 /* x is float32, or bfloat16 (in_bfloat16: a bf16 model's activations), each row widened to float32 in a buffer of
- * the thread's own that stays in L1, so that no float32 copy of the whole input is ever made. */
+ * the thread's own that stays in L1, so that no float32 copy of the whole input is ever made. rms_weight (with
+ * outer_eps) folds the model's norm in front, as above; NULL for none. */
 void activation_codes_uint8(const void *x, int64_t rows, int64_t cols, int64_t row_stride, const float *norm_weight,
-                            float eps, float min_scale, uint8_t *codes, int64_t code_stride, float *steps,
-                            int in_bfloat16, int threads) {
+                            const float *rms_weight, float eps, float outer_eps, float min_scale, uint8_t *codes,
+                            int64_t code_stride, float *steps, int in_bfloat16, int threads) {
 #pragma omp parallel num_threads(threads) if (rows * cols >= 65536)
     {
         float *widened = in_bfloat16 ? malloc(sizeof(float) * (size_t)cols) : NULL;
@@ -91,7 +115,7 @@ void activation_codes_uint8(const void *x, int64_t rows, int64_t cols, int64_t r
                                           : (const float *)x + row * row_stride;
             uint8_t *out = codes + row * code_stride;
             float multiplier;
-            const float step = token_step(in, cols, norm_weight, eps, min_scale, &multiplier);
+            const float step = token_step(in, cols, norm_weight, rms_weight, eps, outer_eps, min_scale, &multiplier);
             steps[row] = step;
             if (!isfinite(step)) {
                 memset(out, 128, (size_t)cols);

@@ -9,8 +9,8 @@
 #include <stdlib.h>
 
 void activation_codes_uint8(const void *x, int64_t rows, int64_t cols, int64_t row_stride, const float *norm_weight,
-                            float eps, float min_scale, uint8_t *codes, int64_t code_stride, float *steps,
-                            int in_bfloat16, int threads);
+                            const float *rms_weight, float eps, float outer_eps, float min_scale, uint8_t *codes,
+                            int64_t code_stride, float *steps, int in_bfloat16, int threads);
 void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, const void *packed,
                   const int32_t *column_sums, int64_t out_features, const float *steps, float scale,
                   const float *bias, void *out, int out_bfloat16, int threads);
@@ -19,9 +19,11 @@ int ternary_gemm_tile_rows(void);
 static _Thread_local uint8_t *scratch;
 static _Thread_local size_t scratch_bytes;
 
-/* Returns 0, or -1 when the buffer could not be allocated (nothing written). */
+/* rms_weight / outer_eps: a folded model norm in front (activation_codes.c), or NULL. Returns 0, or -1 when the
+ * buffer could not be allocated (nothing written). */
 int ternary_linear(const void *x, int64_t rows, int64_t cols, int64_t row_stride, int in_bfloat16,
-                   const float *norm_weight, float eps, float min_scale, const void *packed,
+                   const float *norm_weight, const float *rms_weight, float eps, float outer_eps, float min_scale,
+                   const void *packed,
                    const int32_t *column_sums, int64_t k_padded, int64_t out_features, float scale, const float *bias,
                    void *out, int out_bfloat16, int64_t chunk_rows, int threads) {
     const int64_t tile_rows = ternary_gemm_tile_rows();
@@ -42,7 +44,8 @@ int ternary_linear(const void *x, int64_t rows, int64_t cols, int64_t row_stride
     for (int64_t start = 0; start < rows; start += chunk_rows) {
         const int64_t here = rows - start < chunk_rows ? rows - start : chunk_rows;
         activation_codes_uint8((const char *)x + (size_t)(start * row_stride) * in_size, here, cols, row_stride,
-                               norm_weight, eps, min_scale, scratch, k_padded, steps, in_bfloat16, threads);
+                               norm_weight, rms_weight, eps, outer_eps, min_scale, scratch, k_padded, steps,
+                               in_bfloat16, threads);
         ternary_gemm(scratch, here, k_padded, k_padded, packed, column_sums, out_features, steps, scale, bias,
                      (char *)out + (size_t)(start * out_features) * out_size, out_bfloat16, threads);
     }

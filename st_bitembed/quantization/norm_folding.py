@@ -1,0 +1,143 @@
+"""The model's own RMSNorm in front of BitLinears, folded into their quantizer at inference.
+
+In a Llama-style decoder layer the norm in front of attention feeds only q/k/v, and the one in front of the MLP only
+gate/up. Each of those BitLinears normalises its input again (its inserted RMSNorm) and quantizes it per token, which
+ignores a token's scale. So the model norm's ``1 / rms(x)`` cancels and only its per-channel weight ``w`` remains:
+``RMSNorm_g(RMSNorm_w(x)) = u * g / sqrt(mean(u^2) + eps * (mean(x^2) + e))`` with ``u = x * w`` (``eps``, ``e``: the
+two norms' epsilons), exactly. At inference such a norm returns its input as it is, and each BitLinear behind it
+quantizes the raw residual stream with ``w`` folded in (``csrc/activation_codes.c``): the norm's own passes over the
+activations (a float32 copy, squares, products, a copy back, each a fresh tensor) are never made.
+
+Only layers known to use the norm's output for those projections alone are folded (:data:`FOLDABLE_NORMS`), and a
+norm is folded only if it computes what the formula assumes (checked on a probe). Training, gradients, the reference
+kernel and GEMM backends other than ``"native"`` run the norm as before. Checkpoints do not change: the stand-in
+holds the norm's own parameters under their own names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from st_bitembed.quantization.bitlinear import BitLinear
+from st_bitembed.quantization.kernels import gemm_backend
+
+_ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
+# Decoder layer class -> (norm attribute, the projections that alone read its output), read from transformers'
+# modeling code of each architecture. Gemma3's post_attention_layernorm normalises the attention's output: not here.
+FOLDABLE_NORMS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    **dict.fromkeys(
+        ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"),
+        (("input_layernorm", _ATTENTION_INPUTS), ("post_attention_layernorm", _MLP_INPUTS)),
+    ),
+    "Gemma3DecoderLayer": (("input_layernorm", _ATTENTION_INPUTS), ("pre_feedforward_layernorm", _MLP_INPUTS)),
+}
+# Norm class -> what its weight is added to before it scales (Gemma's norms scale by 1 + weight).
+NORM_WEIGHT_OFFSETS = {"LlamaRMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "Qwen3RMSNorm": 0.0}
+NORM_WEIGHT_OFFSETS["Gemma3RMSNorm"] = 1.0
+
+
+class FoldedRMSNorm(torch.nn.Module):
+    """Stands in for a model RMSNorm whose output only BitLinears read (see the module docstring).
+
+    It holds the norm's parameters under their own names (the state dict does not change) and runs the norm itself
+    whenever :meth:`folds` is false: in training, with gradients, or when a projection behind it cannot fold it.
+
+    Attributes:
+        norm: The model's norm (not a child module: its parameters are this module's).
+        weight_offset: Added to the norm's weight to give the per-channel scale it applies.
+        eps: The norm's epsilon.
+        consumers: The BitLinears that read its output.
+    """
+
+    def __init__(self, norm: torch.nn.Module, weight_offset: float, consumers: tuple[BitLinear, ...]) -> None:
+        super().__init__()
+        object.__setattr__(self, "norm", norm)
+        for name, parameter in norm.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        self.weight_offset = weight_offset
+        self.eps = float(norm_epsilon(norm))
+        object.__setattr__(self, "consumers", consumers)
+        self._scale_cache: tuple[tuple, torch.Tensor] | None = None
+        self.train(norm.training)
+
+    def folds(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the projections behind fold this norm for these activations (then it returns them as they are).
+        It and each of them decide alike, from the same state, within one forward."""
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and hidden_states.device.type == "cpu"
+            and hidden_states.dtype in (torch.float32, torch.bfloat16)
+            and gemm_backend("cpu") == "native"
+            and all(layer.kernel == "int8" and not layer.training for layer in self.consumers)
+        )
+
+    def channel_scale(self) -> torch.Tensor:
+        """The per-channel scale the norm applies (``weight + weight_offset``) in float32, made once per version."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._scale_cache is None or self._scale_cache[0] != key:
+            self._scale_cache = key, self.weight.detach().float() + self.weight_offset
+        return self._scale_cache[1]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states if self.folds(hidden_states) else self.norm(hidden_states)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_scale_cache": None}
+
+    def extra_repr(self) -> str:
+        return f"folds {type(self.norm).__name__} into {len(self.consumers)} BitLinears"
+
+
+def norm_epsilon(norm: torch.nn.Module) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
+def computes_rms_norm(norm: torch.nn.Module, weight_offset: float) -> bool:
+    """Whether ``norm`` computes ``x / sqrt(mean(x^2) + eps) * (weight + weight_offset)`` (on a float32 probe)."""
+    weight = norm.weight.detach().float()
+    if weight.device.type == "meta":
+        return False
+    probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        output = norm(probe.to(norm.weight.dtype)).float()
+    expected = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + norm_epsilon(norm)) * (weight + weight_offset)
+    tolerance = 1e-5 if norm.weight.dtype == torch.float32 else 2e-2
+    return output.shape == expected.shape and torch.allclose(output, expected, rtol=tolerance, atol=tolerance)
+
+
+def fold_model_norms(model: torch.nn.Module) -> int:
+    """Put a :class:`FoldedRMSNorm` in place of each model norm of ``model`` that :data:`FOLDABLE_NORMS` names and
+    that only BitLinears with an inserted RMSNorm read. Returns the number of norms folded (already folded ones
+    included)."""
+    folded = 0
+    for layer in list(model.modules()):
+        for norm_name, consumer_names in FOLDABLE_NORMS.get(type(layer).__name__, ()):
+            norm = getattr(layer, norm_name, None)
+            if isinstance(norm, FoldedRMSNorm):
+                folded += 1
+                continue
+            consumers = tuple(_submodule(layer, name) for name in consumer_names)
+            offset = NORM_WEIGHT_OFFSETS.get(type(norm).__name__)
+            foldable = offset is not None and all(
+                isinstance(c, BitLinear) and c.rms_norm is not None and c.in_features == norm.weight.shape[0]
+                for c in consumers
+            )
+            if not foldable or not computes_rms_norm(norm, offset):
+                continue
+            stand_in = FoldedRMSNorm(norm, offset, consumers)
+            setattr(layer, norm_name, stand_in)
+            for consumer in consumers:
+                object.__setattr__(consumer, "folded_norm", stand_in)  # not a child: it belongs to the layer
+            folded += 1
+    return folded
+
+
+def _submodule(module: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
