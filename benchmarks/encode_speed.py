@@ -20,7 +20,8 @@ Two suites, every variant in a fresh process (so that its memory is its own), al
 
 Peak RSS is reported twice: while loading (and the warm-up), and while encoding (the kernel's high-water mark is
 reset between them).
-Texts/s, tokens/s and latencies are medians of ``--repeats`` timed passes after a short warm-up. With ``--rounds N``
+Texts/s, tokens/s and latencies are medians of ``--repeats`` timed passes after a warm-up (two encodes of 64
+sentences; one forward of each batch shape before it is timed). With ``--rounds N``
 every variant's process runs N times, the variants taking turns (fp32, bf16, BitEmbed, fp32, ...), and each figure is
 the median over the rounds: on a shared machine whose speed drifts by tens of percent over minutes, turns put every
 variant in the same stretches of time, which one long process per variant does not.
@@ -109,7 +110,8 @@ def measure_real(variant: str, path: str, repeats: int, student: str | None = No
     else:
         model = BitEmbed(path, device="cpu")
     result = {"load_peak_mib": peak_rss_mib(), "texts_per_s": {}}
-    model.encode(workloads()["2,000 STS-B sentences, batch 32"][0][:64])  # warm-up (BitEmbed frees latent weights)
+    for _ in range(2):  # warm-up: BitEmbed frees its latent weights (returning memory) in the first, then runs as ever
+        model.encode(workloads()["2,000 STS-B sentences, batch 32"][0][:64])
     reset_peak_rss()
     for name, (texts, batch_size) in workloads().items():
         seconds = timed(lambda: model.encode(texts, batch_size=batch_size), repeats)
@@ -209,6 +211,7 @@ def measure_shape(variant: str, path: str, repeats: int, device: str) -> dict:
                 if device == "cuda":
                     torch.cuda.synchronize()
 
+            forward()  # a warm-up of each shape: what a steady stream of such batches sees
             result["seconds"][f"{batch}x{length}"] = timed(forward, repeats)
     result["encode_peak_mib"] = peak_rss_mib()
     return result
