@@ -165,7 +165,7 @@ class BitLinear(AutoBitLinear):
             return ternary_linear(input, weight, bias)
         eps = self.rms_norm.variance_epsilon
         folded = self.folded_norm
-        if folded is not None and folded.folds(input):  # input is the raw residual stream: its norm is folded in
+        if folded is not None and folded.let_through(input):  # the raw residual stream: its norm is folded in
             scale = folded.channel_scale()
             cached = self._folded_norm_weight
             if cached is None or cached[0] is not norm_weight or cached[1] is not scale:

@@ -16,6 +16,7 @@ holds the norm's own parameters under their own names.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -44,6 +45,8 @@ class FoldedRMSNorm(torch.nn.Module):
 
     It holds the norm's parameters under their own names (the state dict does not change) and runs the norm itself
     whenever :meth:`folds` is false: in training, with gradients, or when a projection behind it cannot fold it.
+    The projections fold it only for the very tensor it let through (:meth:`let_through`), per thread: a projection
+    called on its own, on activations that did not come through this norm, computes as it always did.
 
     Attributes:
         norm: The model's norm (not a child module: its parameters are this module's).
@@ -61,6 +64,7 @@ class FoldedRMSNorm(torch.nn.Module):
         self.eps = float(norm_epsilon(norm))
         object.__setattr__(self, "consumers", consumers)
         self._scale_cache: tuple[tuple, torch.Tensor] | None = None
+        self._let_through: dict[int, tuple] = {}  # thread -> what identifies the tensor last let through
         self.train(norm.training)
 
     def folds(self, hidden_states: torch.Tensor) -> bool:
@@ -82,14 +86,28 @@ class FoldedRMSNorm(torch.nn.Module):
             self._scale_cache = key, self.weight.detach().float() + self.weight_offset
         return self._scale_cache[1]
 
+    def let_through(self, hidden_states: torch.Tensor) -> bool:
+        """Whether ``hidden_states`` is the tensor this norm last returned unnormalised in this thread."""
+        return self._let_through.get(threading.get_ident()) == _identity(hidden_states)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states if self.folds(hidden_states) else self.norm(hidden_states)
+        thread = threading.get_ident()
+        if self.folds(hidden_states):
+            self._let_through[thread] = _identity(hidden_states)
+            return hidden_states
+        self._let_through.pop(thread, None)
+        return self.norm(hidden_states)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_scale_cache": None}
+        return {**super().__getstate__(), "_scale_cache": None, "_let_through": {}}
 
     def extra_repr(self) -> str:
         return f"folds {type(self.norm).__name__} into {len(self.consumers)} BitLinears"
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    # The tensor is alive from the norm to its projections, so its id and storage cannot be another's meanwhile.
+    return id(tensor), tensor.data_ptr(), tensor.shape, tensor.stride()
 
 
 def norm_epsilon(norm: torch.nn.Module) -> float:
