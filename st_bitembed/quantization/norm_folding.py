@@ -17,6 +17,7 @@ holds the norm's own parameters under their own names.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -64,12 +65,12 @@ class FoldedRMSNorm(torch.nn.Module):
         self.eps = float(norm_epsilon(norm))
         object.__setattr__(self, "consumers", consumers)
         self._scale_cache: tuple[tuple, torch.Tensor] | None = None
-        self._let_through: dict[int, tuple] = {}  # thread -> what identifies the tensor last let through
+        self._let_through: dict[int, weakref.ref] = {}  # thread -> the tensor it last let through (while it lives)
         self.train(norm.training)
 
     def folds(self, hidden_states: torch.Tensor) -> bool:
-        """Whether the projections behind fold this norm for these activations (then it returns them as they are).
-        It and each of them decide alike, from the same state, within one forward."""
+        """Whether the projections behind can fold this norm for these activations (it then returns them as they
+        are, and they fold it for that tensor: :meth:`let_through`)."""
         return (
             not self.training
             and not torch.is_grad_enabled()
@@ -88,12 +89,13 @@ class FoldedRMSNorm(torch.nn.Module):
 
     def let_through(self, hidden_states: torch.Tensor) -> bool:
         """Whether ``hidden_states`` is the tensor this norm last returned unnormalised in this thread."""
-        return self._let_through.get(threading.get_ident()) == _identity(hidden_states)
+        reference = self._let_through.get(threading.get_ident())
+        return reference is not None and reference() is hidden_states
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         thread = threading.get_ident()
         if self.folds(hidden_states):
-            self._let_through[thread] = _identity(hidden_states)
+            self._let_through[thread] = weakref.ref(hidden_states)
             return hidden_states
         self._let_through.pop(thread, None)
         return self.norm(hidden_states)
@@ -103,11 +105,6 @@ class FoldedRMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"folds {type(self.norm).__name__} into {len(self.consumers)} BitLinears"
-
-
-def _identity(tensor: torch.Tensor) -> tuple:
-    # The tensor is alive from the norm to its projections, so its id and storage cannot be another's meanwhile.
-    return id(tensor), tensor.data_ptr(), tensor.shape, tensor.stride()
 
 
 def norm_epsilon(norm: torch.nn.Module) -> float:
