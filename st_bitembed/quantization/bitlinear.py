@@ -94,7 +94,7 @@ class BitLinear(AutoBitLinear):
 
     def _weight_key(self, backend: str) -> tuple:
         # What the prepared weight depends on: the latent weight's storage and version, its device, the backend.
-        return self.weight.data_ptr(), self.weight._version, self.weight.device, backend
+        return *version_key(self.weight), self.weight.device, backend
 
     def _prepare(self, codes: torch.Tensor, scale: torch.Tensor, backend: str) -> TernaryWeight:
         self._ternary = prepare_ternary_weight(codes.to(self.weight.device), scale, backend)
@@ -175,7 +175,7 @@ class BitLinear(AutoBitLinear):
 
     def _rescale_operands_for(self, weight: TernaryWeight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         norm_weight = self.rms_norm.weight if self.rms_norm is not None else None
-        versions = (*_version_key(self.bias), *_version_key(norm_weight))
+        versions = (*version_key(self.bias), *version_key(norm_weight))
         cached = self._rescale_operands
         if cached is None or cached[0] is not weight or cached[1] != versions:
             bias = self.bias
@@ -189,7 +189,8 @@ class BitLinear(AutoBitLinear):
         return cached[2]
 
 
-def _version_key(tensor: torch.Tensor | None) -> tuple:
+def version_key(tensor: torch.Tensor | None) -> tuple:
+    """What identifies a tensor's current contents for a cache made from it: its storage and in-place version."""
     return (None, None) if tensor is None else (tensor.data_ptr(), tensor._version)
 
 

@@ -42,8 +42,8 @@ SOURCES = tuple(
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, int], tuple[torch.Tensor, torch.Tensor]]
-# (activations, norm weight, eps, uint8 codes to fill) -> per-token steps.
-Uint8ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, torch.Tensor], torch.Tensor]
+# (activations, norm weight, eps, uint8 codes to fill, rms weight=None, outer eps=0) -> per-token steps.
+Uint8ActivationCodes = Callable[..., torch.Tensor]
 # (uint8 codes, rows, packed weight, column sums, out features, steps, scale, bias, out) -> None
 TernaryGemm = Callable[..., None]
 # (activations, norm weight, eps, packed weight, column sums, out features, scale, bias, out, chunk rows,

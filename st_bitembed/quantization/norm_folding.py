@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from st_bitembed.quantization.bitlinear import BitLinear
+from st_bitembed.quantization.bitlinear import BitLinear, version_key
 from st_bitembed.quantization.kernels import gemm_backend
 
 _ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -82,7 +82,7 @@ class FoldedRMSNorm(torch.nn.Module):
 
     def channel_scale(self) -> torch.Tensor:
         """The per-channel scale the norm applies (``weight + weight_offset``) in float32, made once per version."""
-        key = (self.weight.data_ptr(), self.weight._version)
+        key = version_key(self.weight)
         if self._scale_cache is None or self._scale_cache[0] != key:
             self._scale_cache = key, self.weight.detach().float() + self.weight_offset
         return self._scale_cache[1]

@@ -23,9 +23,8 @@ static _Thread_local size_t scratch_bytes;
  * buffer could not be allocated (nothing written). */
 int ternary_linear(const void *x, int64_t rows, int64_t cols, int64_t row_stride, int in_bfloat16,
                    const float *norm_weight, const float *rms_weight, float eps, float outer_eps, float min_scale,
-                   const void *packed,
-                   const int32_t *column_sums, int64_t k_padded, int64_t out_features, float scale, const float *bias,
-                   void *out, int out_bfloat16, int64_t chunk_rows, int threads) {
+                   const void *packed, const int32_t *column_sums, int64_t k_padded, int64_t out_features,
+                   float scale, const float *bias, void *out, int out_bfloat16, int64_t chunk_rows, int threads) {
     const int64_t tile_rows = ternary_gemm_tile_rows();
     if (tile_rows <= 0) return -1;
     if (chunk_rows > rows) chunk_rows = rows;
