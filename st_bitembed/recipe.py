@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from st_bitembed.losses.bitembed import RENAMED_WEIGHTS, BitEmbedLoss, renamed
-from st_bitembed.precisions import DEFAULT_PRECISIONS
+from st_bitembed.precisions import DEFAULT_PRECISIONS, get_precision
 
 RECIPE_PACKAGE = "st_bitembed.recipes"
 # The training stages a recipe may have, in the order they run.
@@ -69,6 +69,7 @@ class LossSpec:
     hidden_state_layers: list[int] | None = None
     precisions: list[str] = field(default_factory=lambda: list(DEFAULT_PRECISIONS))
     precision_weights: list[float] | None = None
+    kl_precisions: list[str] = field(default_factory=lambda: ["float32"])
 
 
 @dataclass
@@ -233,12 +234,25 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
                 )
         if not BitEmbedLoss.active_terms(weights):
             raise RecipeError(f"{source}.{stage_name}.loss: every weight is 0; turn at least one loss term on.")
+        for key in ("precisions", "kl_precisions"):
+            _check_precisions(getattr(stage.loss, key), f"{source}.{stage_name}.loss.{key}")
         teacher_terms = BitEmbedLoss.terms_that_need(weights, "teacher")
         if teacher_terms and recipe.teacher is None:
             raise RecipeError(f"{source}.{stage_name}.loss: {', '.join(teacher_terms)} > 0 needs a top-level teacher.")
     if recipe.evaluation is not None and not recipe.evaluation.tasks and recipe.evaluation.benchmark is None:
         raise RecipeError(f"{source}.evaluation: give tasks or a benchmark.")
+    if recipe.evaluation is not None:
+        _check_precisions(recipe.evaluation.precisions, f"{source}.evaluation.precisions")
     return recipe
+
+
+def _check_precisions(names: list[str], where: str) -> None:
+    """Unknown precision names fail here, before any work, not in the middle of a run."""
+    for name in names:
+        try:
+            get_precision(name)
+        except ValueError as error:
+            raise RecipeError(f"{where}: {error}") from None
 
 
 def _rename_loss_weights(stage: Any, where: str) -> None:

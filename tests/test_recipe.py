@@ -86,6 +86,14 @@ def test_builtin_recipes_are_valid():
             lambda r: r["pretrain"]["loss"].update(infonce=0.0, similarity_kl=0.0, embedding_distill=0.0),
             r"tiny\.pretrain\.loss: every weight is 0",
         ),
+        (
+            lambda r: r["finetune"]["loss"].update(kl_precisions=["float32", "int3"]),
+            r"tiny\.finetune\.loss\.kl_precisions: Unknown precision 'int3'",
+        ),
+        (
+            lambda r: r["evaluation"].update(precisions=["bnary"]),
+            r"tiny\.evaluation\.precisions: Unknown precision 'bnary'",
+        ),
     ],
 )
 def test_bad_recipes_are_refused_with_the_key_path(change, message, tmp_path):

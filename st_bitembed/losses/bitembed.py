@@ -63,6 +63,10 @@ class BitEmbedLoss(nn.Module):
             ``teacher`` with the student's tokenizer and hidden size); ``hidden_state_layers`` its student blocks
             (all by default).
         precisions: Storage precisions InfoNCE is applied at; ``precision_weights`` their weights.
+        kl_precisions: Storage precisions the similarity KL is applied at (the Quantize head's straight-through
+            outputs, as InfoNCE's): by default the float output alone; with coarse precisions (``int2``,
+            ``binary``) the student learns to keep the teacher's ranking once its embeddings are stored that way,
+            and the head's ranges are trained, without any contrastive labels.
         temperature: InfoNCE temperature; ``symmetric`` adds its document-to-query term;
             ``gather_across_devices`` shares in-batch negatives across DDP processes.
         student_temperature, teacher_temperature: Temperatures of the KL term.
@@ -121,6 +125,7 @@ class BitEmbedLoss(nn.Module):
         hidden_states: float = 0.0,
         precisions: Sequence[PrecisionName] = DEFAULT_PRECISIONS,
         precision_weights: Sequence[float] | None = None,
+        kl_precisions: Sequence[PrecisionName] = ("float32",),
         temperature: float = 0.05,
         symmetric: bool = False,
         gather_across_devices: bool = False,
@@ -161,6 +166,12 @@ class BitEmbedLoss(nn.Module):
         self.similarity_kl = (
             SimilarityKLLoss(model, teacher, student_temperature, teacher_temperature)
             if weights["similarity_kl"] > 0 or weights["embedding_distill"] > 0
+            else None
+        )
+        # At the float output alone the KL is its plain term; at several precisions, one term per precision.
+        self.kl_at_precisions = (
+            MultiPrecisionLoss(model, self.similarity_kl, kl_precisions)
+            if weights["similarity_kl"] > 0 and list(kl_precisions) != ["float32"]
             else None
         )
         self.embedding_distill = (
@@ -228,9 +239,13 @@ class BitEmbedLoss(nn.Module):
             if self.similarity_kl is not None:
                 if teacher_embeddings is None:
                     teacher_embeddings = self.similarity_kl.teacher_embeddings(sentence_features, labels)
-                if self.weights["similarity_kl"] > 0:
+                weight = self.weights["similarity_kl"]
+                if self.kl_at_precisions is not None:
+                    kl_terms = self.kl_at_precisions.compute_terms(embeddings, teacher_embeddings)
+                    terms.update({f"similarity_kl/{p}": weight * t for p, t in kl_terms.items()})
+                elif weight > 0:
                     kl = self.similarity_kl.compute_loss_from_embeddings(embeddings, teacher_embeddings)
-                    terms["similarity_kl"] = self.weights["similarity_kl"] * kl
+                    terms["similarity_kl"] = weight * kl
                 if self.embedding_distill is not None:
                     distill = self.embedding_distill.compute_loss_from_embeddings(embeddings, teacher_embeddings)
                     terms["embedding_distill"] = self.weights["embedding_distill"] * distill
@@ -254,7 +269,7 @@ class BitEmbedLoss(nn.Module):
     def get_config_dict(self) -> dict[str, Any]:
         terms = {
             "infonce": self.contrastive,
-            "similarity_kl": self.similarity_kl,
+            "similarity_kl": self.kl_at_precisions or self.similarity_kl,
             "attention_relation": self.attention_relation,
             "hidden_states": self.hidden_state_distill,
         }

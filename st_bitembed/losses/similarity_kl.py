@@ -76,7 +76,9 @@ class SimilarityKLLoss(nn.Module):
 
     @staticmethod
     def describe(options: Mapping[str, Any], teacher: str | None) -> str:
-        return f"similarity-distribution KL from {teacher}"
+        precisions = options.get("kl_precisions", ("float32",))
+        at = "" if list(precisions) == ["float32"] else f" at {'/'.join(precisions)}"
+        return f"similarity-distribution KL from {teacher}{at}"
 
     def __init__(
         self,

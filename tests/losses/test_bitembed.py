@@ -82,3 +82,36 @@ def test_recipe_loss_section_is_bitembed_loss_keywords_with_its_defaults():
         expected = signature[spec_field.name].default
         assert default == (list(expected) if isinstance(expected, tuple) else expected), spec_field.name
     assert set(BitEmbedLoss.TERMS) <= {f.name for f in dataclasses.fields(LossSpec)}
+
+
+def test_similarity_kl_at_several_precisions_trains_the_head_without_contrastive_labels(
+    converted_qwen3, qwen3_teacher
+):
+    model, columns = converted_qwen3, [features(converted_qwen3, QUERIES), features(converted_qwen3, DOCUMENTS)]
+    kl_only = {"teacher": qwen3_teacher, "infonce": 0.0, "similarity_kl": 1.0}
+    plain = BitEmbedLoss(model, **kl_only)(columns, None)
+    loss = BitEmbedLoss(model, **kl_only, kl_precisions=["float32", "int4", "binary"])
+    terms = loss(columns, None)
+    assert set(plain) == {"similarity_kl"}
+    assert set(terms) == {"similarity_kl/float32", "similarity_kl/int4", "similarity_kl/binary"}
+    torch.testing.assert_close(terms["similarity_kl/float32"], plain["similarity_kl"])
+    # Each term is the KL of the values that precision stores, against the teacher's float embeddings.
+    with torch.no_grad():
+        student = [model(dict(f))["sentence_embedding"] for f in columns]
+        teacher = [qwen3_teacher(dict(f))["sentence_embedding"] for f in columns]
+        kl = SimilarityKLLoss(model)
+        for precision in ("int4", "binary"):
+            stored = [model.quantizer.fake_quantize(e, precision) for e in student]
+            expected = kl.compute_loss_from_embeddings(stored, teacher)
+            torch.testing.assert_close(terms[f"similarity_kl/{precision}"], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.isclose(terms["similarity_kl/binary"], terms["similarity_kl/float32"])
+    model.zero_grad(set_to_none=True)
+    model.quantizer.zero_grad(set_to_none=True)
+    torch.stack(list(terms.values())).sum().backward()
+    assert model.quantizer.log_half_ranges["int4"].grad.abs().sum() > 0
+    assert (
+        "at float32/int4/binary"
+        in BitEmbedLoss.describe({"similarity_kl": 1.0, "kl_precisions": ["float32", "int4", "binary"]}, "t")[0]
+    )
+    model.zero_grad(set_to_none=True)
+    model.quantizer.zero_grad(set_to_none=True)
