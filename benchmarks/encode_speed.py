@@ -10,7 +10,8 @@ Two suites, every variant in a fresh process (so that its memory is its own), al
   at batch 32, and 200 sentences one at a time. The student is ``--student PATH`` (e.g. the ``minilm-cpu`` recipe's
   output); by default the teacher converted and calibrated here (speed does not depend on training). The student's
   process also checks the fast path against the reference kernel: cosine of the embeddings and share of identical
-  int8 / int4 / binary codes of the output head.
+  int8 / int4 / binary codes of the output head, beside the same figures for the reference kernel against itself at
+  batch size 1 instead of 32 (how far float rounding alone moves a ternary model's embeddings).
 - ``shapes``: random-weight Qwen3-0.6B- and Gemma3-270M-shaped backbones (configs and tokenizers from
   ../shared/models), saved first as users get them, then loaded in each variant's process: the bf16 checkpoint with
   ``SentenceTransformer(path)`` in fp32 and in bf16, its BitEmbed conversion with ``BitEmbed(path)`` in float32 and
@@ -128,16 +129,27 @@ def measure_real(variant: str, path: str, repeats: int, student: str | None = No
 
 
 def fidelity(model, texts: list[str]) -> dict:
-    """The fast path against the reference kernel on ``texts``: embedding cosine and identical head codes."""
-    import torch
-
+    """The fast path against the reference kernel on ``texts`` (embedding cosine and identical head codes), and, as
+    the yardstick, the reference kernel against itself when only the batch size changes (32 -> 1: other float
+    rounding in its matrix products, the same arithmetic otherwise)."""
     fast = model.encode(texts, convert_to_tensor=True)
     model.set_bitlinear_kernel("reference")
     reference = model.encode(texts, convert_to_tensor=True)
+    reference_one_by_one = model.encode(texts, batch_size=1, convert_to_tensor=True)
     model.set_bitlinear_kernel("int8")
-    cosine = torch.nn.functional.cosine_similarity(fast, reference)
+    return {
+        "fast": agreement(model, fast, reference),
+        "reference_batch_1": agreement(model, reference_one_by_one, reference),
+    }
+
+
+def agreement(model, embeddings, reference) -> dict:
+    """Cosine of each embedding to its reference (min, mean) and the share of identical head codes per precision."""
+    import torch
+
+    cosine = torch.nn.functional.cosine_similarity(embeddings, reference)
     same = {
-        precision: (model.quantizer.quantize(fast, precision) == model.quantizer.quantize(reference, precision))
+        precision: (model.quantizer.quantize(embeddings, precision) == model.quantizer.quantize(reference, precision))
         .float()
         .mean()
         .item()
@@ -291,10 +303,12 @@ def report_real(args: argparse.Namespace) -> None:
         print(f"| {name} | {fp32:,.1f} | {bf16:,.1f} | {bit:,.1f} | {bit_bf16:,.1f} | {packed:,.1f} | "
               f"{bit / faster:.2f} | {bit_bf16 / faster:.2f} | {packed / faster:.2f} |")  # fmt: skip
     print(f"\npeak RSS MiB (loading / encoding): {memory_line(results)}")
-    check = results["bitembed"]["fidelity"]
-    codes = ", ".join(f"{p} {share:.4%}" for p, share in check["same_codes"].items())
-    print(f"fast path vs reference kernel: cosine min {check['min_cosine']:.5f} mean {check['mean_cosine']:.6f}; "
-          f"identical head codes: {codes}")  # fmt: skip
+    checks = results["bitembed"]["fidelity"]
+    for label, key in (("fast path vs reference kernel", "fast"), ("reference at batch 1 vs 32", "reference_batch_1")):
+        check = checks[key]
+        codes = ", ".join(f"{p} {share:.4%}" for p, share in check["same_codes"].items())
+        print(f"{label}: cosine min {check['min_cosine']:.5f} mean {check['mean_cosine']:.6f}; "
+              f"identical head codes: {codes}")  # fmt: skip
     for variant in ("bitembed-bf16", "bitembed-packed"):
         print(f"{variant} vs the float32 student: cosine min {results[variant]['min_cosine_to_float32']:.5f}")
 

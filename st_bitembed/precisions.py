@@ -87,6 +87,8 @@ PRECISIONS: dict[str, Precision] = {
 }
 # Trained (by the multi-precision loss) and evaluated when nobody says otherwise.
 DEFAULT_PRECISIONS: tuple[PrecisionName, ...] = ("float32", "int8", "int4", "int2", "binary")
+# Where the similarity KL is applied when nobody says otherwise: the float output alone (BitEmbedLoss.kl_precisions).
+KL_DEFAULT_PRECISIONS: tuple[PrecisionName, ...] = ("float32",)
 # The signed integer precisions: the Quantize head holds a trained range per dimension for each.
 INTEGER_PRECISIONS: tuple[str, ...] = tuple(p.name for p in PRECISIONS.values() if p.is_integer and not p.unsigned)
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from st_bitembed.losses.bitembed import RENAMED_WEIGHTS, BitEmbedLoss, renamed
-from st_bitembed.precisions import DEFAULT_PRECISIONS, get_precision
+from st_bitembed.precisions import DEFAULT_PRECISIONS, KL_DEFAULT_PRECISIONS, get_precision
 
 RECIPE_PACKAGE = "st_bitembed.recipes"
 # The training stages a recipe may have, in the order they run.
@@ -69,7 +69,7 @@ class LossSpec:
     hidden_state_layers: list[int] | None = None
     precisions: list[str] = field(default_factory=lambda: list(DEFAULT_PRECISIONS))
     precision_weights: list[float] | None = None
-    kl_precisions: list[str] = field(default_factory=lambda: ["float32"])
+    kl_precisions: list[str] = field(default_factory=lambda: list(KL_DEFAULT_PRECISIONS))
 
 
 @dataclass
@@ -236,6 +236,9 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
             raise RecipeError(f"{source}.{stage_name}.loss: every weight is 0; turn at least one loss term on.")
         for key in ("precisions", "kl_precisions"):
             _check_precisions(getattr(stage.loss, key), f"{source}.{stage_name}.loss.{key}")
+        unused = BitEmbedLoss.unused_kl_precisions(weights, stage.loss.kl_precisions)
+        if unused:
+            raise RecipeError(f"{source}.{stage_name}.loss.kl_precisions: {unused}")
         teacher_terms = BitEmbedLoss.terms_that_need(weights, "teacher")
         if teacher_terms and recipe.teacher is None:
             raise RecipeError(f"{source}.{stage_name}.loss: {', '.join(teacher_terms)} > 0 needs a top-level teacher.")

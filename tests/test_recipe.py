@@ -91,6 +91,10 @@ def test_builtin_recipes_are_valid():
             r"tiny\.finetune\.loss\.kl_precisions: Unknown precision 'int3'",
         ),
         (
+            lambda r: r["finetune"]["loss"].update(kl_precisions=["float32", "int4"], similarity_kl=0.0),
+            r"tiny\.finetune\.loss\.kl_precisions: kl_precisions given while similarity_kl is 0",
+        ),
+        (
             lambda r: r["evaluation"].update(precisions=["bnary"]),
             r"tiny\.evaluation\.precisions: Unknown precision 'bnary'",
         ),

@@ -22,7 +22,7 @@ from st_bitembed.losses.info_nce import BITEMBED_CITATION, InfoNCELoss
 from st_bitembed.losses.multi_precision import MultiPrecisionLoss
 from st_bitembed.losses.similarity_kl import SimilarityKLLoss
 from st_bitembed.losses.term import LossTerm, TermNeeds
-from st_bitembed.precisions import DEFAULT_PRECISIONS, PrecisionName
+from st_bitembed.precisions import DEFAULT_PRECISIONS, KL_DEFAULT_PRECISIONS, PrecisionName
 
 # Merged columns are padded to the longest column: with short queries beside long passages, most merged tokens would
 # be padding, which costs real compute on CPU (and memory anywhere).
@@ -125,7 +125,7 @@ class BitEmbedLoss(nn.Module):
         hidden_states: float = 0.0,
         precisions: Sequence[PrecisionName] = DEFAULT_PRECISIONS,
         precision_weights: Sequence[float] | None = None,
-        kl_precisions: Sequence[PrecisionName] = ("float32",),
+        kl_precisions: Sequence[PrecisionName] = KL_DEFAULT_PRECISIONS,
         temperature: float = 0.05,
         symmetric: bool = False,
         gather_across_devices: bool = False,
@@ -148,6 +148,9 @@ class BitEmbedLoss(nn.Module):
         weights.update(renamed(renamed_weights, "BitEmbedLoss"))
         if min(weights.values()) < 0 or max(weights.values()) == 0:
             raise ValueError(f"Loss weights must be >= 0 and at least one > 0, got {weights}.")
+        unused = self.unused_kl_precisions(weights, kl_precisions)
+        if unused:
+            raise ValueError(unused)
         in_loss = self.terms_that_need(weights, "teacher_in_loss")
         if in_loss and teacher is None:
             raise ValueError(
@@ -171,7 +174,7 @@ class BitEmbedLoss(nn.Module):
         # At the float output alone the KL is its plain term; at several precisions, one term per precision.
         self.kl_at_precisions = (
             MultiPrecisionLoss(model, self.similarity_kl, kl_precisions)
-            if weights["similarity_kl"] > 0 and list(kl_precisions) != ["float32"]
+            if weights["similarity_kl"] > 0 and tuple(kl_precisions) != KL_DEFAULT_PRECISIONS
             else None
         )
         self.embedding_distill = (
@@ -185,6 +188,16 @@ class BitEmbedLoss(nn.Module):
         self.hidden_state_distill = (
             HiddenStateDistillLoss(model, teacher, hidden_state_layers) if weights["hidden_states"] > 0 else None
         )
+
+    @staticmethod
+    def unused_kl_precisions(weights: Mapping[str, float], kl_precisions: Sequence[str]) -> str | None:
+        """Why ``kl_precisions`` would do nothing with these weights (the KL is off), or ``None``."""
+        if tuple(kl_precisions) != KL_DEFAULT_PRECISIONS and weights.get("similarity_kl", 0) == 0:
+            return (
+                "kl_precisions given while similarity_kl is 0: the KL they apply to is off, so they would do nothing; "
+                "give similarity_kl a weight above 0, or leave kl_precisions out."
+            )
+        return None
 
     @classmethod
     def active_terms(cls, weights: Mapping[str, float]) -> list[str]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from st_bitembed.losses.info_nce import BITEMBED_CITATION
 from st_bitembed.losses.teacher import freeze, same_tokenizer, teacher_inputs
 from st_bitembed.losses.term import TermNeeds
+from st_bitembed.precisions import KL_DEFAULT_PRECISIONS
 
 
 def similarity_log_distribution(embeddings: list[Tensor], temperature: float) -> Tensor:
@@ -76,8 +77,8 @@ class SimilarityKLLoss(nn.Module):
 
     @staticmethod
     def describe(options: Mapping[str, Any], teacher: str | None) -> str:
-        precisions = options.get("kl_precisions", ("float32",))
-        at = "" if list(precisions) == ["float32"] else f" at {'/'.join(precisions)}"
+        precisions = tuple(options.get("kl_precisions", KL_DEFAULT_PRECISIONS))
+        at = "" if precisions == KL_DEFAULT_PRECISIONS else f" at {'/'.join(precisions)}"
         return f"similarity-distribution KL from {teacher}{at}"
 
     def __init__(

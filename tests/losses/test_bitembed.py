@@ -115,3 +115,5 @@ def test_similarity_kl_at_several_precisions_trains_the_head_without_contrastive
     )
     model.zero_grad(set_to_none=True)
     model.quantizer.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="kl_precisions given while similarity_kl is 0"):  # would do nothing
+        BitEmbedLoss(model, teacher=qwen3_teacher, infonce=0.0, embedding_distill=1.0, kl_precisions=["binary"])
