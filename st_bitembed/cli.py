@@ -86,9 +86,11 @@ def _card(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import time
 
+    from st_bitembed.allocator import keep_freed_memory
     from st_bitembed.recipe import load_recipe
     from st_bitembed.training import STAGES, run_recipe, running_processes
 
+    keep_freed_memory()  # this process is the command's own: each training step reuses the last one's memory
     recipe = load_recipe(args.recipe, args.set)
     if args.output_dir:
         recipe.output_dir = args.output_dir

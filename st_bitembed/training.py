@@ -3,6 +3,7 @@ evaluation, every stage through SentenceTransformerTrainer."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -246,14 +247,14 @@ def train_stage(
                 reuse=resume or not processes.is_main_process,
             )
     in_loss_teacher = needs.teacher_in_loss or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings)
+    spec = stage.training
     # LossSpec's fields are BitEmbedLoss's keyword arguments, by design.
     loss = BitEmbedLoss(
         model,
-        teacher=teacher if in_loss_teacher else None,
+        teacher=teacher_for_training(teacher, spec.bf16) if in_loss_teacher else None,
         gather_across_devices=stage.training.gather_across_devices,
         **options,
     )
-    spec = stage.training
     if spec.freeze_embeddings:
         model[0].auto_model.get_input_embeddings().requires_grad_(False)
     args = SentenceTransformerTrainingArguments(
@@ -298,6 +299,17 @@ def train_stage(
         model.save(str(output_dir / "final"))
     processes.wait_for_everyone()
     return model
+
+
+def teacher_for_training(teacher: SentenceTransformer | None, bf16: bool) -> SentenceTransformer | None:
+    """The teacher as a stage's loss runs it: in bf16 when the stage trains in bf16, else as it is.
+
+    The trainer's mixed precision (accelerate's autocast) wraps the student's forward only, so a teacher run inside
+    the loss would compute in float32 beside a bf16 student (on the default CPU recipe, most of a step's matrix
+    products). The bf16 copy is the stage's alone: the evaluation still scores the float32 teacher."""
+    if teacher is None or not bf16:
+        return teacher
+    return copy.deepcopy(teacher).to(torch.bfloat16)
 
 
 def last_complete_checkpoint(output_dir: Path) -> str | None:

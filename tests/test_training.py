@@ -16,7 +16,7 @@ from test_recipe import tiny_recipe
 from st_bitembed import BitEmbed
 from st_bitembed.cli import main
 from st_bitembed.recipe import DatasetSpec, RecipeError, parse_recipe
-from st_bitembed.training import load_columns, preflight, run_recipe
+from st_bitembed.training import load_columns, preflight, run_recipe, teacher_for_training
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,18 @@ def test_a_stage_mixes_datasets_and_distills_hidden_states_with_the_in_loss_teac
     description = saved.model_card_data.training_recipe[-1]["description"]
     assert "hidden-state distillation (all blocks)" in description
     assert "sentence-transformers/all-nli (anchor, positive, negative) + passages.jsonl (title, text)" in description
+
+
+def test_a_bf16_stage_runs_its_own_bf16_copy_of_the_teacher(qwen3_teacher):
+    texts = ["A cat sits on the mat.", "Stock markets fell sharply on Monday."]
+    assert teacher_for_training(qwen3_teacher, bf16=False) is qwen3_teacher
+    reference = qwen3_teacher.encode(texts, convert_to_tensor=True)
+    training = teacher_for_training(qwen3_teacher, bf16=True)
+    assert training is not qwen3_teacher
+    assert {p.dtype for p in training.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in qwen3_teacher.parameters()} == {torch.float32}  # the evaluation's teacher is untouched
+    same = torch.nn.functional.cosine_similarity(training.encode(texts, convert_to_tensor=True).float(), reference)
+    assert same.min() > 0.99
 
 
 def test_missing_dataset_column_is_named_before_training(qwen3_dir, teacher_dir, tmp_path):

@@ -3,12 +3,12 @@ path that quantizes the weights once, folds the RMSNorm into the activation code
 
 from __future__ import annotations
 
-import ctypes
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers.integrations.bitnet import AutoBitLinear
 
+from st_bitembed.allocator import return_freed_memory
 from st_bitembed.quantization.kernels import TernaryWeight, gemm_backend, prepare_ternary_weight, ternary_linear
 from st_bitembed.quantization.packing import pack_codes, unpack_codes
 from st_bitembed.quantization.ternary import ternary_weight_codes
@@ -255,7 +255,7 @@ def cast_around_codes(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 parameter.data = torch.zeros(1, dtype=dtype, device=parameter.device).expand(parameter.shape)
             else:
                 parameter.data = parameter.data.to(dtype)
-    _return_freed_memory()
+    return_freed_memory()
 
 
 @torch.inference_mode(False)  # called while encoding, in inference mode: copies made there could never train
@@ -284,12 +284,5 @@ def finish_latent_weight_release(modules: list[torch.nn.Module]) -> bool:
                     parameter.data = parameter.data.clone()
             for name, buffer in module.named_buffers(recurse=False):
                 setattr(module, name, buffer.clone())
-    _return_freed_memory()
+    return_freed_memory()
     return True
-
-
-def _return_freed_memory() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to ask
-        pass
