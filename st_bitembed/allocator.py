@@ -29,8 +29,8 @@ def keep_freed_memory() -> bool:
     A training step allocates and frees the same few hundred MiB of activations and gradients; with glibc's
     defaults each large tensor is a fresh memory map whose pages fault in again, and keeping them made a step of
     the default CPU recipe ~20% faster (README: the default run, measured). A process-wide setting, so only
-    programs that own their process call it (``st-bitembed train``), never the library. Nothing changes where the
-    user configured malloc through its environment variables (:data:`MALLOC_SETTINGS`), or without glibc."""
+    programs that own their process call it (the ``st-bitembed`` commands), never the library. Nothing changes where
+    the user configured malloc through its environment variables (:data:`MALLOC_SETTINGS`), or without glibc."""
     libc = _glibc()
     if libc is None or any(name in os.environ for name in MALLOC_SETTINGS):
         return False

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from st_bitembed.allocator import keep_freed_memory
 from st_bitembed.precisions import DEFAULT_PRECISIONS
 
 # What datasets and huggingface_hub say at every load when offline mode makes them read their caches (twice per
@@ -86,11 +87,9 @@ def _card(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import time
 
-    from st_bitembed.allocator import keep_freed_memory
     from st_bitembed.recipe import load_recipe
     from st_bitembed.training import STAGES, run_recipe, running_processes
 
-    keep_freed_memory()  # this process is the command's own: each training step reuses the last one's memory
     recipe = load_recipe(args.recipe, args.set)
     if args.output_dir:
         recipe.output_dir = args.output_dir
@@ -200,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "1" in (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE")):
         for logger_name in OFFLINE_CACHE_NOTICES:
             logging.getLogger(logger_name).addFilter(_not_an_offline_cache_notice)
+    # The process is the command's own: a training step, or a batch being encoded, reuses the last one's memory.
+    keep_freed_memory()
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, RuntimeError) as error:

@@ -91,6 +91,10 @@ class TrainingSpec:
     gather_across_devices: bool = False
     # Keep the token embeddings fixed: a large vocabulary (Gemma3: 262k x 640) dominates the optimizer's work.
     freeze_embeddings: bool = False
+    # Dropout probability of every dropout layer of the student while it trains (None: the backbone's own, e.g.
+    # all-MiniLM-L6-v2's 0.1); the saved model's config keeps the backbone's. Distilling token by token from a teacher
+    # that runs without dropout, 0 gives the student the same inputs as its targets.
+    dropout: float | None = None
     # Truncate training texts to this many tokens (the saved model keeps its own max_seq_length): on CPU a batch
     # costs in proportion to its longest text, and long passages teach long inputs well before their end.
     max_seq_length: int | None = None
@@ -232,6 +236,9 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
                     f"{where}.columns: name the (query, positive[, negatives]) columns: {', '.join(pairs)} rank "
                     "queries against documents (one text column is enough for the other terms alone)."
                 )
+        dropout = stage.training.dropout
+        if dropout is not None and not 0 <= dropout < 1:
+            raise RecipeError(f"{source}.{stage_name}.training.dropout: a probability in [0, 1), got {dropout}.")
         if not BitEmbedLoss.active_terms(weights):
             raise RecipeError(f"{source}.{stage_name}.loss: every weight is 0; turn at least one loss term on.")
         for key in ("precisions", "kl_precisions"):

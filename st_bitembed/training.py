@@ -7,6 +7,8 @@ import copy
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -291,7 +293,8 @@ def train_stage(
     if spec.max_seq_length is not None:
         model.max_seq_length = min(spec.max_seq_length, max_seq_length or spec.max_seq_length)
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with dropout_set_to(model, spec.dropout):
+            trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         model.max_seq_length = max_seq_length
     processes = running_processes()  # the trainer's arguments set the processes' state up again
@@ -299,6 +302,22 @@ def train_stage(
         model.save(str(output_dir / "final"))
     processes.wait_for_everyone()
     return model
+
+
+@contextmanager
+def dropout_set_to(model: torch.nn.Module, probability: float | None) -> Iterator[None]:
+    """Within the block every ``nn.Dropout`` of ``model`` drops with ``probability`` (None: as they are); then each
+    has its own again. Attention implementations read their dropout module's probability too (BERT's)."""
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    own = [layer.p for layer in layers]
+    if probability is not None:
+        for layer in layers:
+            layer.p = probability
+    try:
+        yield
+    finally:
+        for layer, p in zip(layers, own):
+            layer.p = p
 
 
 def teacher_for_training(teacher: SentenceTransformer | None, bf16: bool) -> SentenceTransformer | None:

@@ -95,6 +95,10 @@ def test_builtin_recipes_are_valid():
             r"tiny\.finetune\.loss\.kl_precisions: kl_precisions given while similarity_kl is 0",
         ),
         (
+            lambda r: r["finetune"]["training"].update(dropout=1.0),
+            r"tiny\.finetune\.training\.dropout: a probability in \[0, 1\), got 1\.0",
+        ),
+        (
             lambda r: r["evaluation"].update(precisions=["bnary"]),
             r"tiny\.evaluation\.precisions: Unknown precision 'bnary'",
         ),

@@ -16,7 +16,7 @@ from test_recipe import tiny_recipe
 from st_bitembed import BitEmbed
 from st_bitembed.cli import main
 from st_bitembed.recipe import DatasetSpec, RecipeError, parse_recipe
-from st_bitembed.training import load_columns, preflight, run_recipe, teacher_for_training
+from st_bitembed.training import dropout_set_to, load_columns, preflight, run_recipe, teacher_for_training
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,23 @@ def test_a_bf16_stage_runs_its_own_bf16_copy_of_the_teacher(qwen3_teacher):
     assert {p.dtype for p in qwen3_teacher.parameters()} == {torch.float32}  # the evaluation's teacher is untouched
     same = torch.nn.functional.cosine_similarity(training.encode(texts, convert_to_tensor=True).float(), reference)
     assert same.min() > 0.99
+
+
+def test_a_stage_s_dropout_reaches_every_dropout_of_the_student_and_is_given_back(minilm_dir):
+    model = BitEmbed.from_backbone(str(minilm_dir)).train()
+    features = model.preprocess(["Dropout makes two training forwards of one text differ."])
+
+    def two_forwards_agree() -> bool:
+        with torch.no_grad():
+            first, second = (model(dict(features))["sentence_embedding"] for _ in range(2))
+        return torch.equal(first, second)
+
+    assert not two_forwards_agree()  # all-MiniLM-L6-v2's own dropout, 0.1
+    with dropout_set_to(model, 0.0):
+        assert two_forwards_agree()  # hidden states and attention probabilities alike
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    with dropout_set_to(model, None):
+        assert not two_forwards_agree()
 
 
 def test_missing_dataset_column_is_named_before_training(qwen3_dir, teacher_dir, tmp_path):
