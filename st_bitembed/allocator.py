@@ -28,7 +28,7 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same few hundred MiB of activations and gradients; with glibc's
     defaults each large tensor is a fresh memory map whose pages fault in again, and keeping them made a step of
-    the default CPU recipe ~20% faster (README: the default run, measured). A process-wide setting, so only
+    the default CPU recipe 10-20% faster (README: the default run, measured). A process-wide setting, so only
     programs that own their process call it (the ``st-bitembed`` commands), never the library. Nothing changes where
     the user configured malloc through its environment variables (:data:`MALLOC_SETTINGS`), or without glibc."""
     libc = _glibc()

@@ -254,7 +254,7 @@ def train_stage(
     loss = BitEmbedLoss(
         model,
         teacher=teacher_for_training(teacher, spec.bf16) if in_loss_teacher else None,
-        gather_across_devices=stage.training.gather_across_devices,
+        gather_across_devices=spec.gather_across_devices,
         **options,
     )
     if spec.freeze_embeddings:
