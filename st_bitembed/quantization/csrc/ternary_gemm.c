@@ -40,6 +40,11 @@
 #define TILE_ROWS 8     /* 8 rows x 3 vectors: 24 accumulators, 3 weight vectors, a mask and a broadcast: 29 of 32 */
 #define WEIGHT_BITS 2
 #define PACKED_BYTES(inputs) ((inputs) * PANEL / 4) /* a panel's bytes for that many inputs */
+/* Weights are read in the order they are stored (k-blocks of a panel, then the next panel), and for a few tokens each
+ * byte is used by only one or two tiles: the hardware prefetcher alone left a short query's GEMMs waiting on memory
+ * (16 tokens x 60 projections 1,024 -> 3,072 whose weights come from memory: 1.6-1.9x slower than the same product on
+ * weights in cache). Asking for the bytes 8 KiB (2.7 k-blocks) ahead closes most of that gap. */
+#define PREFETCH_AHEAD 8192
 #elif defined(__AVX2__)
 #define PANEL 24        /* three 8-lane vectors */
 #define TILE_ROWS 4     /* 4 rows x 3 vectors: 12 accumulators, 16 vector registers in all */
@@ -115,6 +120,9 @@ ACCUMULATORS_IN_REGISTERS static void tile(const uint8_t *codes, int64_t code_st
     const __m512i three = _mm512_set1_epi8(3);
     for (int64_t first = 0; first < steps; first += 4) {
         const uint8_t *group = weights + (first / 4) * PACKED_BYTES(16);
+        _mm_prefetch((const char *)group + PREFETCH_AHEAD, _MM_HINT_T0); /* a group's 3 cache lines */
+        _mm_prefetch((const char *)group + PREFETCH_AHEAD + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)group + PREFETCH_AHEAD + 128, _MM_HINT_T0);
         STEP(0) STEP(1) STEP(2) STEP(3)
     }
     ADD_ROW(0) ADD_ROW(1) ADD_ROW(2) ADD_ROW(3) ADD_ROW(4) ADD_ROW(5) ADD_ROW(6) ADD_ROW(7)
