@@ -3,7 +3,7 @@ backends (the native ternary kernel, FBGEMM, oneDNN; each from float codes, as `
 the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections.
 
 Usage:
-    python benchmarks/kernel_speed.py [--threads 2]
+    python benchmarks/kernel_speed.py [--threads 2] [--query-only]
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ def milliseconds(function, budget: float = 0.5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--query-only", action="store_true", help="only the short query through many projections")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.query_only:
+        query_through_layers()
+        return
     compiled = native_activation_codes()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, ms (median)")
     print("\n| tokens x in | PyTorch quantizer | compiled quantizer | speed-up |\n|---|---|---|---|")
