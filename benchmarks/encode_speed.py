@@ -22,7 +22,9 @@ Two suites, every variant in a fresh process (so that its memory is its own), al
 Peak RSS is reported twice: while loading (and the warm-up), and while encoding (the kernel's high-water mark is
 reset between them).
 Texts/s, tokens/s and latencies are medians of ``--repeats`` timed passes after a warm-up (two encodes of 64
-sentences; one forward of each batch shape before it is timed). With ``--rounds N``
+sentences; one forward of each batch shape before it is timed); a batch shape whose passes take less than a second in
+all is timed that many times more until they fill one (a short query's single pass of a few tens of milliseconds is at
+the mercy of whatever else the host runs in that moment). With ``--rounds N``
 every variant's process runs N times, the variants taking turns (fp32, bf16, BitEmbed, fp32, ...), and each figure is
 the median over the rounds: on a shared machine whose speed drifts by tens of percent over minutes, turns put every
 variant in the same stretches of time, which one long process per variant does not.
@@ -69,10 +71,11 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
 
 
-def timed(function, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls (the caller warms up first)."""
+def timed(function, repeats: int, min_seconds: float = 0.0) -> float:
+    """Median seconds of at least ``repeats`` calls, more until they take ``min_seconds`` in all (at most 1,000
+    calls; the caller warms up first)."""
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 1000):
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
@@ -224,7 +227,7 @@ def measure_shape(variant: str, path: str, repeats: int, device: str) -> dict:
                     torch.cuda.synchronize()
 
             forward()  # a warm-up of each shape: what a steady stream of such batches sees
-            result["seconds"][f"{batch}x{length}"] = timed(forward, repeats)
+            result["seconds"][f"{batch}x{length}"] = timed(forward, repeats, min_seconds=1.0)
     result["encode_peak_mib"] = peak_rss_mib()
     return result
 
@@ -366,7 +369,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, device {args.device}, "
-          f"{args.threads} threads, median of {args.repeats} passes after a warm-up, "
+          f"{args.threads} threads, median of {args.repeats} passes (shapes: and of at least 1 s) after a warm-up, "
           f"in {args.rounds} round(s) of one process per variant"
           f"{', glibc keeping freed memory' if args.keep_freed_memory else ''}")  # fmt: skip
     suites = args.suites.split(",")

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from st_bitembed.quantization.norm_folding import FoldedRMSNorm
 
 Kernel = Literal["int8", "reference"]
+# (prepared weight, bias, norm weight) of the inference path.
+InferenceOperands = tuple[TernaryWeight, "torch.Tensor | None", "torch.Tensor | None"]
 KERNELS: tuple[str, ...] = ("int8", "reference")
 
 
@@ -56,11 +58,10 @@ class BitLinear(AutoBitLinear):
         # and their scale.
         self._released_codes: torch.Tensor | None = None
         self._released_scale: torch.Tensor | None = None
-        # The bias and norm weight as the GEMMs' rescale reads them (float32; the bias of an offline layer times its
-        # scale), made once per prepared weight and version of the parameters instead of at every call:
-        # (prepared weight, versions, (bias, norm weight)).
-        self._rescale_operands: tuple[TernaryWeight, tuple, tuple[torch.Tensor | None, torch.Tensor | None]] | None
-        self._rescale_operands = None
+        # What the inference path reads: the prepared weight, and the bias and norm weight as the GEMMs' rescale
+        # reads them (float32; the bias of an offline layer times its scale), made once per version of the parameters
+        # (and device and backend) instead of at every call, checked with one key: (key, operands).
+        self._inference_operands: tuple[tuple, InferenceOperands] | None = None
         # The norm weight times a folded model norm's scale: (norm weight, scale, product).
         self._folded_norm_weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.register_state_dict_post_hook(_materialize_in_state_dict)
@@ -143,7 +144,7 @@ class BitLinear(AutoBitLinear):
             **state,
             "_ternary": None,
             "_ternary_key": None,
-            "_rescale_operands": None,
+            "_inference_operands": None,
             "_folded_norm_weight": None,
         }
 
@@ -159,8 +160,7 @@ class BitLinear(AutoBitLinear):
             return super().forward(input)
         if self.release_at_inference:
             self.release_latent_weight()
-        weight = self._inference_weight()
-        bias, norm_weight = self._rescale_operands_for(weight)
+        weight, bias, norm_weight = self._operands()
         if norm_weight is None:
             return ternary_linear(input, weight, bias)
         eps = self.rms_norm.variance_epsilon
@@ -173,20 +173,28 @@ class BitLinear(AutoBitLinear):
             return ternary_linear(input, weight, bias, cached[2], eps, rms_weight=scale, outer_eps=folded.eps)
         return ternary_linear(input, weight, bias, norm_weight, eps)
 
-    def _rescale_operands_for(self, weight: TernaryWeight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _operands(self) -> InferenceOperands:
+        """The prepared weight, bias and norm weight of the inference path, made again only when a parameter changes
+        (in place or replaced), the layer moves, or its device's GEMM backend changes. One key for all of them: a
+        short query runs every layer on a few tokens (196 calls per Qwen3-0.6B forward), where each call's Python
+        work adds up."""
         norm_weight = self.rms_norm.weight if self.rms_norm is not None else None
-        versions = (*version_key(self.bias), *version_key(norm_weight))
-        cached = self._rescale_operands
-        if cached is None or cached[0] is not weight or cached[1] != versions:
-            bias = self.bias
-            if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
-                bias = bias * weight.scale
-            # Copies, never views: a view would keep the checkpoint's memory map open (finish_latent_weight_release).
-            operands = tuple(
-                t.detach().to(torch.float32, copy=True) if t is not None else None for t in (bias, norm_weight)
-            )
-            self._rescale_operands = cached = weight, versions, operands
-        return cached[2]
+        device = self.weight.device
+        backend = gemm_backend(device.type)
+        key = (*version_key(self.weight), *version_key(self.bias), *version_key(norm_weight), device, backend)
+        cached = self._inference_operands
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weight = self._inference_weight()
+        bias = self.bias
+        if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
+            bias = bias * weight.scale
+        # Copies, never views: a view would keep the checkpoint's memory map open (finish_latent_weight_release).
+        bias, norm_weight = (
+            t.detach().to(torch.float32, copy=True) if t is not None else None for t in (bias, norm_weight)
+        )
+        self._inference_operands = key, (weight, bias, norm_weight)
+        return weight, bias, norm_weight
 
 
 def version_key(tensor: torch.Tensor | None) -> tuple:

@@ -252,6 +252,13 @@ def integer_product(codes: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
     return codes @ weight.operand
 
 
+def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` as the native kernel reads it (float32, contiguous), without a call when it already is."""
+    if tensor is None or (tensor.dtype == torch.float32 and tensor.is_contiguous()):
+        return tensor
+    return tensor.float().contiguous()
+
+
 def _native_codes_buffer(rows: int, weight: TernaryWeight) -> torch.Tensor:
     """The native kernel's uint8 input for ``rows`` tokens: rows rounded up to its tiles, inputs to its groups."""
     layout = native_gemm_layout()
@@ -300,19 +307,20 @@ def ternary_linear(
         output = torch.empty(flat.shape[0], weight.out_features, dtype=flat.dtype)
         native_ternary_linear()(
             flat,
-            norm_weight.float().contiguous() if norm_weight is not None else None,
+            _float32(norm_weight),
             eps,
             weight.operand,
             weight.column_sums,
             weight.out_features,
             weight.scale_value,
-            bias.float().contiguous() if bias is not None else None,
+            _float32(bias),
             output,
             rows,
             rms_weight,
             outer_eps,
         )
-        return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)
+        output = output.reshape(*activations.shape[:-1], weight.out_features)
+        return output if output.dtype == activations.dtype else output.to(activations.dtype)
     output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)
     for start in range(0, flat.shape[0], rows):
         codes, step = activation_codes(flat[start : start + rows], norm_weight, eps, offset)

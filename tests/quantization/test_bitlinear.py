@@ -35,8 +35,9 @@ def test_released_layer_keeps_only_codes_and_computes_the_same():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_follows_changes_to_the_norm_weight_and_bias(dtype):
-    """The float32 norm weight and bias the GEMMs read are made once, and again whenever they change in place."""
+def test_inference_follows_changes_to_the_weight_norm_weight_and_bias(dtype):
+    """The prepared weight and the float32 norm weight and bias the GEMMs read are made once, and again whenever a
+    parameter changes in place."""
     bitlinear = layer(96, 40).to(dtype).eval()
     inputs = torch.randn(5, 96).to(dtype)
 
@@ -54,6 +55,12 @@ def test_inference_follows_changes_to_the_norm_weight_and_bias(dtype):
         changed = bitlinear(inputs)
         assert (changed - first).abs().min() > 1  # the bias moved every output
         torch.testing.assert_close(changed, reference(), atol=0.05, rtol=0.02)
+        operands = bitlinear._operands()
+        assert all(again is made for again, made in zip(bitlinear._operands(), operands))  # nothing changed
+        bitlinear.weight.mul_(-1)  # every ternary code flips sign
+        flipped = bitlinear(inputs)
+        assert not torch.allclose(flipped, changed, atol=0.5)
+        torch.testing.assert_close(flipped, reference(), atol=0.05, rtol=0.02)
 
 
 def test_loading_a_state_dict_into_a_released_layer():

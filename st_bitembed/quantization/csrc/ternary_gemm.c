@@ -41,9 +41,9 @@
 #define WEIGHT_BITS 2
 #define PACKED_BYTES(inputs) ((inputs) * PANEL / 4) /* a panel's bytes for that many inputs */
 /* Weights are read in the order they are stored (k-blocks of a panel, then the next panel), and for a few tokens each
- * byte is used by only one or two tiles: the hardware prefetcher alone left a short query's GEMMs waiting on memory
- * (16 tokens x 60 projections 1,024 -> 3,072 whose weights come from memory: 1.6-1.9x slower than the same product on
- * weights in cache). Asking for the bytes 8 KiB (2.7 k-blocks) ahead closes most of that gap. */
+ * byte is used by only one or two tiles: the hardware prefetcher alone left a short query's GEMMs waiting on memory.
+ * Asking for the bytes 8 KiB (2.7 k-blocks) ahead took 16 tokens through 60 projections 1,024 -> 3,072 from 3.2-3.8x
+ * to 4.3-4.5x the bf16 matmul (benchmarks/kernel_speed.py --query-only). */
 #define PREFETCH_AHEAD 8192
 #elif defined(__AVX2__)
 #define PANEL 24        /* three 8-lane vectors */
