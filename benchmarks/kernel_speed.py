@@ -1,6 +1,7 @@
 """The BitLinear inference pieces alone: the activation quantizer (compiled vs PyTorch operators) and the integer GEMM
 backends (the native ternary kernel, FBGEMM, oneDNN; each from float codes, as ``integer_product`` takes them) against
-the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections.
+the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections; a short
+query through many projections, and q, k and v in one native call against one call each.
 
 Usage:
     python benchmarks/kernel_speed.py [--threads 2] [--query-only]
@@ -9,6 +10,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -17,11 +19,13 @@ from st_bitembed.quantization.kernels import (
     UINT8_ZERO_POINT,
     gemm_backend,
     integer_product,
+    native_linear,
+    prepare_native_projection,
     prepare_ternary_weight,
     ternary_linear,
     torch_activation_codes,
 )
-from st_bitembed.quantization.native import native_activation_codes
+from st_bitembed.quantization.native import native_activation_codes, native_projections
 
 # (in_features, out_features) of real projections: MiniLM attention / MLP, Gemma3-270M MLP, Qwen3-0.6B MLP.
 SHAPES = ((384, 384), (384, 1536), (640, 2048), (1024, 3072), (3072, 1024))
@@ -105,6 +109,31 @@ def query_through_layers() -> None:
     print(f"\n{QUERY_TOKENS} tokens through {QUERY_LAYERS} projections {in_features} -> {out_features} (bf16 "
           f"activations): BitLinear ({backend}) {bitlinear:.1f} ms, bf16 matmul {matmul:.1f} ms, "
           f"{matmul / bitlinear:.2f}x")  # fmt: skip
+    if backend == "native":
+        query_projections_together()
+
+
+def query_projections_together() -> None:
+    """q, k and v of 28 Qwen3-0.6B-sized layers (1,024 -> 2,048, 1,024, 1,024; a folded model norm in front) on 16
+    tokens: the three in one native call, as BitLinear runs them, vs one call each; taking turns, medians of 10."""
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(28):
+        projections = []
+        for out_features in (2048, 1024, 1024):
+            codes = torch.randint(-1, 2, (out_features, 1024), dtype=torch.int8, generator=generator)
+            weight = prepare_ternary_weight(codes, torch.tensor(0.1), "native")
+            scale = torch.rand(1024, generator=generator) + 0.5
+            projections.append(prepare_native_projection(weight, None, scale * scale, 1e-6, scale, 1e-6))
+        layers.append((native_projections(projections), [native_projections([p]) for p in projections]))
+    activations = torch.randn(1, QUERY_TOKENS, 1024, generator=generator).bfloat16()
+    together, apart = [], []
+    for _ in range(10):
+        together.append(milliseconds(lambda: [native_linear(activations, group) for group, _ in layers]))
+        apart.append(milliseconds(lambda: [native_linear(activations, one) for _, ones in layers for one in ones]))
+    together, apart = statistics.median(together), statistics.median(apart)
+    print(f"q, k and v of 28 layers on {QUERY_TOKENS} tokens: in one call per layer {together:.2f} ms, one call per "
+          f"projection {apart:.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

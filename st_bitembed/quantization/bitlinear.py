@@ -3,13 +3,22 @@ path that quantizes the weights once, folds the RMSNorm into the activation code
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers.integrations.bitnet import AutoBitLinear
 
 from st_bitembed.allocator import return_freed_memory
-from st_bitembed.quantization.kernels import TernaryWeight, gemm_backend, prepare_ternary_weight, ternary_linear
+from st_bitembed.quantization.kernels import (
+    TernaryWeight,
+    gemm_backend,
+    native_linear,
+    prepare_native_projection,
+    prepare_ternary_weight,
+    ternary_linear,
+)
+from st_bitembed.quantization.native import NativeProjection, native_projections
 from st_bitembed.quantization.packing import pack_codes, unpack_codes
 from st_bitembed.quantization.ternary import ternary_weight_codes
 
@@ -17,8 +26,8 @@ if TYPE_CHECKING:
     from st_bitembed.quantization.norm_folding import FoldedRMSNorm
 
 Kernel = Literal["int8", "reference"]
-# (prepared weight, bias, norm weight) of the inference path.
-InferenceOperands = tuple[TernaryWeight, "torch.Tensor | None", "torch.Tensor | None"]
+# (prepared weight, bias, norm weight, the native kernel's call of them or None) of the inference path.
+InferenceOperands = tuple[TernaryWeight, "torch.Tensor | None", "torch.Tensor | None", "ctypes.Array | None"]
 KERNELS: tuple[str, ...] = ("int8", "reference")
 
 
@@ -59,11 +68,12 @@ class BitLinear(AutoBitLinear):
         self._released_codes: torch.Tensor | None = None
         self._released_scale: torch.Tensor | None = None
         # What the inference path reads: the prepared weight, and the bias and norm weight as the GEMMs' rescale
-        # reads them (float32; the bias of an offline layer times its scale), made once per version of the parameters
-        # (and device and backend) instead of at every call, checked with one key: (key, operands).
+        # reads them (float32; the bias of an offline layer times its scale), and on the native backend the kernel's
+        # description of them all, made once per version of the parameters (and device and backend) instead of at
+        # every call, checked with one key: (key, operands).
         self._inference_operands: tuple[tuple, InferenceOperands] | None = None
-        # The norm weight times a folded model norm's scale: (norm weight, scale, product).
-        self._folded_norm_weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # The native kernel's description of this layer behind a folded model norm: (norm weight, scale, projection).
+        self._folded_projection: tuple[torch.Tensor, torch.Tensor, NativeProjection] | None = None
         self.register_state_dict_post_hook(_materialize_in_state_dict)
         self.register_load_state_dict_pre_hook(_materialize_before_loading)
 
@@ -145,7 +155,7 @@ class BitLinear(AutoBitLinear):
             "_ternary": None,
             "_ternary_key": None,
             "_inference_operands": None,
-            "_folded_norm_weight": None,
+            "_folded_projection": None,
         }
 
     def train(self, mode: bool = True) -> BitLinear:
@@ -158,26 +168,34 @@ class BitLinear(AutoBitLinear):
         if self.kernel == "reference" or self.training or torch.is_grad_enabled():
             self.materialize_latent_weight()
             return super().forward(input)
-        if self.release_at_inference:
-            self.release_latent_weight()
-        weight, bias, norm_weight = self._operands()
-        if norm_weight is None:
-            return ternary_linear(input, weight, bias)
-        eps = self.rms_norm.variance_epsilon
         folded = self.folded_norm
         if folded is not None and folded.let_through(input):  # the raw residual stream: its norm is folded in
-            scale = folded.channel_scale()
-            cached = self._folded_norm_weight
-            if cached is None or cached[0] is not norm_weight or cached[1] is not scale:
-                self._folded_norm_weight = cached = norm_weight, scale, norm_weight * scale
-            return ternary_linear(input, weight, bias, cached[2], eps, rms_weight=scale, outer_eps=folded.eps)
+            return folded.project(self, input)  # with the other projections of the same input, in one call
+        weight, bias, norm_weight, native = self._operands()
+        if native is not None:
+            return native_linear(input, native)[0]
+        eps = self.rms_norm.variance_epsilon if norm_weight is not None else 1e-6
         return ternary_linear(input, weight, bias, norm_weight, eps)
 
+    def folded_projection(self, scale: torch.Tensor, outer_eps: float) -> NativeProjection:
+        """The native kernel's description of this layer behind a folded model norm of per-channel ``scale`` and
+        epsilon ``outer_eps`` (:mod:`~st_bitembed.quantization.norm_folding`), made again when either changes."""
+        weight, bias, norm_weight, _ = self._operands()
+        cached = self._folded_projection
+        if cached is None or cached[0] is not norm_weight or cached[1] is not scale:
+            projection = prepare_native_projection(weight, bias, norm_weight * scale, self.rms_norm.variance_epsilon,
+                                                   scale, outer_eps)  # fmt: skip
+            self._folded_projection = cached = norm_weight, scale, projection
+        return cached[2]
+
     def _operands(self) -> InferenceOperands:
-        """The prepared weight, bias and norm weight of the inference path, made again only when a parameter changes
-        (in place or replaced), the layer moves, or its device's GEMM backend changes. One key for all of them: a
-        short query runs every layer on a few tokens (196 calls per Qwen3-0.6B forward), where each call's Python
-        work adds up."""
+        """The prepared weight, bias and norm weight of the inference path (and the native kernel's description of
+        them), made again only when a parameter changes (in place or replaced), the layer moves, or its device's GEMM
+        backend changes. One key for all of them: a short query runs every layer on a few tokens (196 calls per
+        Qwen3-0.6B forward), where each call's Python work adds up. A layer that is to release its latent weight at
+        its first inference does it here."""
+        if self.release_at_inference:
+            self.release_latent_weight()
         norm_weight = self.rms_norm.weight if self.rms_norm is not None else None
         device = self.weight.device
         backend = gemm_backend(device.type)
@@ -193,13 +211,26 @@ class BitLinear(AutoBitLinear):
         bias, norm_weight = (
             t.detach().to(torch.float32, copy=True) if t is not None else None for t in (bias, norm_weight)
         )
-        self._inference_operands = key, (weight, bias, norm_weight)
-        return weight, bias, norm_weight
+        native = None
+        if backend == "native":
+            eps = self.rms_norm.variance_epsilon if norm_weight is not None else 1e-6
+            native = native_projections([prepare_native_projection(weight, bias, norm_weight, eps)])
+        self._inference_operands = key, (weight, bias, norm_weight, native)
+        return weight, bias, norm_weight, native
 
 
 def version_key(tensor: torch.Tensor | None) -> tuple:
-    """What identifies a tensor's current contents for a cache made from it: its storage and in-place version."""
-    return (None, None) if tensor is None else (tensor.data_ptr(), tensor._version)
+    """What identifies a tensor's current contents for a cache made from it: its storage and in-place version.
+
+    Tensors made in ``torch.inference_mode`` (e.g. parameters of a module built or cast inside it) keep no version
+    counter; theirs is their storage alone: in-place changes to them, possible only inside inference mode, are not
+    seen."""
+    if tensor is None:
+        return None, None
+    try:
+        return tensor.data_ptr(), tensor._version
+    except RuntimeError:  # an inference tensor (asking is_inference() first costs as much as the rest)
+        return tensor.data_ptr(), None
 
 
 def _materialize_in_state_dict(module: BitLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -14,8 +14,9 @@ The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
   accumulators made possible by ternary weights, so each 32 products cost one multiply-add and one add where int8
   GEMM libraries take three instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer
   writes its uint8 input directly and the kernel applies the rescale and bias, so nothing else passes over the
-  activations or the output (``benchmarks/kernel_speed.py``); both run in one foreign call per projection
-  (``csrc/ternary_linear.c``), which a short query's many small projections notice.
+  activations or the output (``benchmarks/kernel_speed.py``); both run in one foreign call per projection, or per
+  group of projections of one input (:func:`native_linear`, ``csrc/ternary_linear.c``), which a short query's many
+  small projections notice.
 - ``"fbgemm"`` (x86 CPUs without AMX): ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, FBGEMM's
   uint8 x int8 GEMM on weights prepacked once (with their column sums, so the zero point costs nothing per call);
   it takes the float codes and makes them uint8 itself. On a 2-core AVX2 CPU it is 2-2.4x faster than oneDNN for
@@ -35,7 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,8 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from st_bitembed.quantization.native import (
+    NativeProjection,
     native_activation_codes,
     native_gemm_layout,
+    native_projection,
+    native_projections,
     native_ternary_gemm,
     native_ternary_linear,
 )
@@ -301,26 +305,9 @@ def ternary_linear(
     rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
     if rms_weight is not None and weight.backend != "native":
         raise ValueError(f"A folded model norm (rms_weight) needs the native GEMM backend, not {weight.backend!r}.")
-    if weight.backend == "native":  # writes bf16 models' outputs in bf16 itself: no float32 copy of them
-        if flat.dtype not in (torch.float32, torch.bfloat16) or flat.stride(-1) != 1:  # what the quantizer reads
-            flat = flat.float().contiguous()
-        output = torch.empty(flat.shape[0], weight.out_features, dtype=flat.dtype)
-        native_ternary_linear()(
-            flat,
-            _float32(norm_weight),
-            eps,
-            weight.operand,
-            weight.column_sums,
-            weight.out_features,
-            weight.scale_value,
-            _float32(bias),
-            output,
-            rows,
-            rms_weight,
-            outer_eps,
-        )
-        output = output.reshape(*activations.shape[:-1], weight.out_features)
-        return output if output.dtype == activations.dtype else output.to(activations.dtype)
+    if weight.backend == "native":
+        projection = prepare_native_projection(weight, bias, norm_weight, eps, rms_weight, outer_eps)
+        return native_linear(activations, native_projections([projection]))[0]
     output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)
     for start in range(0, flat.shape[0], rows):
         codes, step = activation_codes(flat[start : start + rows], norm_weight, eps, offset)
@@ -331,3 +318,38 @@ def ternary_linear(
         else:
             torch.addcmul(bias, product, step.mul_(weight.scale), out=output[start : start + rows])
     return output.reshape(*activations.shape[:-1], weight.out_features).to(activations.dtype)
+
+
+def prepare_native_projection(
+    weight: TernaryWeight,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    rms_weight: torch.Tensor | None = None,
+    outer_eps: float = 0.0,
+) -> NativeProjection:
+    """What :func:`native_linear` takes for one projection (arguments as :func:`ternary_linear`'s, ``weight`` laid
+    out for the native backend): made once and kept by a layer, since it only changes with the parameters."""
+    operands = (_float32(t) for t in (bias, norm_weight, rms_weight))
+    bias, norm_weight, rms_weight = operands
+    return native_projection(weight.operand, weight.column_sums, weight.out_features, weight.scale_value, bias,
+                             norm_weight, eps, rms_weight, outer_eps)  # fmt: skip
+
+
+def native_linear(activations: torch.Tensor, projections: Sequence[NativeProjection]) -> list[torch.Tensor]:
+    """:func:`ternary_linear` on the native backend for each of ``projections`` (a
+    :func:`~st_bitembed.quantization.native.native_projections` array of :func:`prepare_native_projection` results,
+    same in_features) of the same ``[..., K]`` activations, in one foreign call: q, k and v (or gate and up) share
+    one call and one parallel loop. Returns each projection's ``[..., N]`` output in the activations' dtype; a bf16
+    model's outputs are written in bf16 by the kernel, never as a float32 copy."""
+    flat = activations.reshape(-1, activations.shape[-1])
+    if flat.dtype not in (torch.float32, torch.bfloat16) or flat.stride(-1) != 1:  # what the quantizer reads
+        flat = flat.float().contiguous()
+    outputs = [torch.empty(flat.shape[0], p.out_features, dtype=flat.dtype) for p in projections]
+    native_ternary_linear()(flat, projections, outputs, max(1, CHUNK_ELEMENTS // flat.shape[1]))
+    shape = activations.shape[:-1]
+    return [
+        output.view(*shape, output.shape[1]) if output.dtype == activations.dtype
+        else output.view(*shape, output.shape[1]).to(activations.dtype)
+        for output in outputs
+    ]  # fmt: skip

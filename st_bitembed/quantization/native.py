@@ -5,8 +5,8 @@
   this kernel makes one call and one pass.
 - ``ternary_gemm.c``: uint8 activation codes x ternary weights (AVX512-VNNI on 2-bit weights, else AVX2 on int8
   weights with 16-bit accumulators), the GEMM of the ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
-- ``ternary_linear.c``: the two in one call per projection (quantizer into a per-thread buffer, then the GEMM), what
-  BitLinear's inference runs on that backend.
+- ``ternary_linear.c``: the two in one call (quantizer into a per-thread buffer, then the GEMM), for one projection
+  or several of the same input (q, k and v; gate and up) at once: what BitLinear's inference runs on that backend.
 
 They are built the way Inductor builds its CPU kernels: with the system C compiler (``$CC``, else ``cc``) and
 ``-march=native``, once per processor, into one library cached in ``$ST_BITEMBED_CACHE`` (default
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(
     Path(__file__).with_name("csrc") / name for name in ("activation_codes.c", "ternary_gemm.c", "ternary_linear.c")
 )
+HEADERS = (Path(__file__).with_name("csrc") / "ternary_gemm.h",)
 # No FMA contraction: the kernel must round exactly as the PyTorch path's separate multiply and add do.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
@@ -46,8 +47,7 @@ ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, int], tu
 Uint8ActivationCodes = Callable[..., torch.Tensor]
 # (uint8 codes, rows, packed weight, column sums, out features, steps, scale, bias, out) -> None
 TernaryGemm = Callable[..., None]
-# (activations, norm weight, eps, packed weight, column sums, out features, scale, bias, out, chunk rows,
-#  rms weight=None, outer eps=0) -> None
+# (activations, projections, outs, chunk rows) -> None
 TernaryLinear = Callable[..., None]
 
 
@@ -67,7 +67,7 @@ def _build(compiler: str, extra_flags: Sequence[str] = ()) -> Path:
     """The library built from ``SOURCES`` with :data:`FLAGS` and ``extra_flags``, from the cache if built before."""
     flags = [*FLAGS, *extra_flags]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    sources = [source.read_text() for source in SOURCES]
+    sources = [source.read_text() for source in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*sources, *flags, version, _processor_id()]).encode()).hexdigest()
     library = _cache_dir() / f"bitlinear-{key[:16]}.so"
     if not library.exists():
@@ -93,9 +93,9 @@ def _load(path: Path) -> ctypes.CDLL:
     library.activation_codes_uint8.argtypes += [pointer, integer, pointer, ctypes.c_int, ctypes.c_int]
     library.ternary_gemm.argtypes = [pointer, integer, integer, integer, pointer, pointer, integer, pointer, real]
     library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int, ctypes.c_int]
-    library.ternary_linear.argtypes = [pointer, integer, integer, integer, ctypes.c_int, pointer, pointer, real, real]
-    library.ternary_linear.argtypes += [real, pointer, pointer, integer, integer, real, pointer, pointer, ctypes.c_int]
-    library.ternary_linear.argtypes += [integer, ctypes.c_int]
+    projections, outs = ctypes.POINTER(NativeProjection), ctypes.POINTER(pointer)
+    library.ternary_linear.argtypes = [projections, integer, pointer, integer, integer, integer, ctypes.c_int, real]
+    library.ternary_linear.argtypes += [outs, ctypes.c_int, integer, ctypes.c_int]
     library.ternary_linear.restype = ctypes.c_int
     for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
         function.restype = None
@@ -244,53 +244,73 @@ def native_ternary_gemm() -> TernaryGemm | None:
     return ternary_gemm
 
 
+class NativeProjection(ctypes.Structure):
+    """One projection's operands as ``csrc/ternary_linear.c`` reads them (``struct ternary_projection``): its
+    inserted RMSNorm's weight and epsilon, a folded model norm in front (``rms_weight`` and ``outer_eps``, see
+    :func:`native_uint8_activation_codes`), and the weight laid out for :func:`native_ternary_gemm`. It holds raw
+    pointers: made by :func:`native_projection`, which keeps the tensors they point to alive with it."""
+
+    _fields_ = [
+        ("norm_weight", ctypes.c_void_p),
+        ("rms_weight", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+        ("outer_eps", ctypes.c_float),
+        ("packed", ctypes.c_void_p),
+        ("column_sums", ctypes.c_void_p),
+        ("k_padded", ctypes.c_int64),
+        ("out_features", ctypes.c_int64),
+        ("scale", ctypes.c_float),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+def native_projection(
+    packed: torch.Tensor,
+    column_sums: torch.Tensor,
+    out_features: int,
+    scale: float,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    rms_weight: torch.Tensor | None = None,
+    outer_eps: float = 0.0,
+) -> NativeProjection:
+    """A :class:`NativeProjection` of these operands (float32 contiguous bias, norm and rms weights, or ``None``),
+    holding on to them."""
+    k_padded = packed.shape[1] * native_gemm_layout().input_group
+    projection = NativeProjection(_pointer(norm_weight), _pointer(rms_weight), eps, outer_eps, packed.data_ptr(),
+                                  column_sums.data_ptr(), k_padded, out_features, scale, _pointer(bias))  # fmt: skip
+    projection.tensors = packed, column_sums, bias, norm_weight, rms_weight  # what its pointers point to
+    return projection
+
+
+def native_projections(projections: Sequence[NativeProjection]) -> ctypes.Array:
+    """The C array of ``projections`` that :func:`native_ternary_linear` takes (holding on to them)."""
+    array = (NativeProjection * len(projections))(*projections)
+    array.members = tuple(projections)
+    return array
+
+
 @functools.cache
 def native_ternary_linear() -> TernaryLinear | None:
-    """``csrc/ternary_linear.c``: a projection's quantizer and GEMM in one call, where :func:`native_ternary_gemm`
-    exists, else ``None``. Activations are 2-D float32 or bfloat16 rows of unit stride; the norm weight and bias are
-    float32 (or ``None``); ``out`` is float32 or bfloat16; tokens are quantized ``chunk_rows`` at a time;
-    ``rms_weight`` and ``outer_eps`` fold a model norm in front (as for :func:`native_uint8_activation_codes`)."""
-    library, layout = _library(), native_gemm_layout()
-    if layout is None:
+    """``csrc/ternary_linear.c``: projections of one input, each its quantizer and GEMM, in one call, where
+    :func:`native_ternary_gemm` exists, else ``None``. Activations are 2-D float32 or bfloat16 rows of unit stride;
+    ``projections`` a :func:`native_projections` array (of the same in_features, at most 8); ``outs`` one contiguous
+    ``[rows, out_features]`` float32 or bfloat16 tensor per projection, all of one dtype; tokens are quantized
+    ``chunk_rows`` at a time."""
+    library = _library()
+    if native_gemm_layout() is None:
         return None
 
     def ternary_linear(
-        activations: torch.Tensor,
-        norm_weight: torch.Tensor | None,
-        eps: float,
-        packed: torch.Tensor,
-        column_sums: torch.Tensor,
-        out_features: int,
-        scale: float,
-        bias: torch.Tensor | None,
-        out: torch.Tensor,
-        chunk_rows: int,
-        rms_weight: torch.Tensor | None = None,
-        outer_eps: float = 0.0,
+        activations: torch.Tensor, projections: ctypes.Array, outs: Sequence[torch.Tensor], chunk_rows: int
     ) -> None:
         rows, cols = activations.shape
-        failed = library.ternary_linear(
-            activations.data_ptr(),
-            rows,
-            cols,
-            activations.stride(0),
-            activations.dtype == torch.bfloat16,
-            _pointer(norm_weight),
-            _pointer(rms_weight),
-            eps,
-            outer_eps,
-            MIN_SCALE,
-            packed.data_ptr(),
-            column_sums.data_ptr(),
-            packed.shape[1] * layout.input_group,
-            out_features,
-            scale,
-            _pointer(bias),
-            out.data_ptr(),
-            out.dtype == torch.bfloat16,
-            chunk_rows,
-            torch.get_num_threads(),
-        )
+        out_pointers = (ctypes.c_void_p * len(outs))(*[out.data_ptr() for out in outs])
+        failed = library.ternary_linear(projections, len(projections), activations.data_ptr(), rows, cols,
+                                        activations.stride(0), activations.dtype == torch.bfloat16, MIN_SCALE,
+                                        out_pointers, outs[0].dtype == torch.bfloat16, chunk_rows,
+                                        torch.get_num_threads())  # fmt: skip
         if failed:
             raise MemoryError(f"BitLinear's native kernel could not allocate codes for {chunk_rows} x {cols} inputs")
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear, version_key
-from st_bitembed.quantization.kernels import gemm_backend
+from st_bitembed.quantization.kernels import gemm_backend, native_linear
+from st_bitembed.quantization.native import native_projections
 
 _ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
@@ -66,6 +67,11 @@ class FoldedRMSNorm(torch.nn.Module):
         object.__setattr__(self, "consumers", consumers)
         self._scale_cache: tuple[tuple, torch.Tensor] | None = None
         self._let_through: dict[int, weakref.ref] = {}  # thread -> the tensor it last let through (while it lives)
+        # thread -> (that tensor, its version, consumer -> its output not yet taken): what project() computed for
+        # the consumers that have not asked yet.
+        self._pending: dict[int, tuple[weakref.ref, tuple, dict[BitLinear, torch.Tensor]]] = {}
+        # The consumers' projections as one C array: (their ids, array), made again when one of them changes.
+        self._projections: tuple[tuple[int, ...], Any] | None = None
         self.train(norm.training)
 
     def folds(self, hidden_states: torch.Tensor) -> bool:
@@ -92,8 +98,32 @@ class FoldedRMSNorm(torch.nn.Module):
         reference = self._let_through.get(threading.get_ident())
         return reference is not None and reference() is hidden_states
 
+    def project(self, consumer: BitLinear, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``consumer``'s output for ``hidden_states``, the tensor this norm let through (:meth:`let_through`).
+
+        The first consumer to ask runs every consumer's projection in one call of the native kernel (q, k and v;
+        gate and up: one foreign call and one parallel loop instead of three or two), and the others' outputs wait
+        for them, kept for this thread and this very tensor (unchanged since) only."""
+        thread = threading.get_ident()
+        version = version_key(hidden_states)
+        pending = self._pending.get(thread)
+        if pending is not None and pending[0]() is hidden_states and pending[1] == version:
+            output = pending[2].pop(consumer, None)
+            if output is not None:
+                return output
+        scale = self.channel_scale()
+        projections = [layer.folded_projection(scale, self.eps) for layer in self.consumers]
+        key = tuple(map(id, projections))
+        if self._projections is None or self._projections[0] != key:
+            self._projections = key, native_projections(projections)  # holds them: their ids stay theirs
+        outputs = native_linear(hidden_states, self._projections[1])
+        waiting = {layer: output for layer, output in zip(self.consumers, outputs) if layer is not consumer}
+        self._pending[thread] = weakref.ref(hidden_states), version, waiting
+        return outputs[self.consumers.index(consumer)]
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         thread = threading.get_ident()
+        self._pending.pop(thread, None)  # outputs of the last input nobody took: not kept any longer
         if self.folds(hidden_states):
             self._let_through[thread] = weakref.ref(hidden_states)
             return hidden_states
@@ -101,7 +131,8 @@ class FoldedRMSNorm(torch.nn.Module):
         return self.norm(hidden_states)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_scale_cache": None, "_let_through": {}}
+        caches = {"_scale_cache": None, "_let_through": {}, "_pending": {}, "_projections": None}
+        return {**super().__getstate__(), **caches}
 
     def extra_repr(self) -> str:
         return f"folds {type(self.norm).__name__} into {len(self.consumers)} BitLinears"

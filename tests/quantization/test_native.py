@@ -10,6 +10,8 @@ from st_bitembed.quantization.kernels import (
     UINT8_ZERO_POINT,
     activation_codes,
     integer_product,
+    native_linear,
+    prepare_native_projection,
     prepare_ternary_weight,
     ternary_linear,
     torch_activation_codes,
@@ -17,6 +19,7 @@ from st_bitembed.quantization.kernels import (
 from st_bitembed.quantization.native import (
     native_activation_codes,
     native_gemm_layout,
+    native_projections,
     native_ternary_gemm,
     native_ternary_linear,
     native_uint8_activation_codes,
@@ -174,10 +177,11 @@ def test_one_call_projection_is_the_quantizer_then_the_gemm(dtype):
                               0.3, bias, out)  # fmt: skip
         return out
 
+    projections = native_projections([prepare_native_projection(weight, bias, norm_weight, 1e-6)])
+
     def in_one_call(activations: torch.Tensor, chunk_rows: int) -> torch.Tensor:
         out = torch.empty(activations.shape[0], out_features, dtype=activations.dtype)
-        native_ternary_linear()(activations, norm_weight, 1e-6, weight.operand, weight.column_sums, out_features,
-                                0.3, bias, out, chunk_rows)  # fmt: skip
+        native_ternary_linear()(activations, projections, [out], chunk_rows)
         return out
 
     inputs = {rows: (torch.randn(rows, in_features) * 3).to(dtype) for rows in (1, 37, 300)}
@@ -189,3 +193,30 @@ def test_one_call_projection_is_the_quantizer_then_the_gemm(dtype):
         results = list(pool.map(lambda rows: in_one_call(inputs[rows], 16), [300, 37, 1, 300, 37, 1] * 5))
     for rows, result in zip([300, 37, 1] * 10, results):
         assert torch.equal(result, apart(inputs[rows]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projections_of_one_input_in_one_call_give_what_each_gives_alone(dtype):
+    """q, k and v (or gate and up) in one call: their GEMMs share one parallel loop; each output is exactly that
+    projection's alone, whatever the sizes (partial panels), norms, biases and chunking."""
+    if native_ternary_linear() is None:
+        pytest.skip("no native kernel here")
+    torch.manual_seed(4)
+    in_features = 601
+    projections = []
+    for out_features, has_bias, has_norm in ((100, True, True), (48, False, True), (7, True, False)):
+        weight = prepare_ternary_weight(
+            torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8), torch.rand(()) + 0.1, "native"
+        )
+        bias = torch.randn(out_features) if has_bias else None
+        norm_weight = torch.rand(in_features) * 2 if has_norm else None
+        projections.append(prepare_native_projection(weight, bias, norm_weight, 1e-6))
+    together = native_projections(projections)
+    for rows in (1, 37, 300):
+        activations = (torch.randn(rows, in_features) * 3).to(dtype)
+        alone = [native_linear(activations, native_projections([projection]))[0] for projection in projections]
+        for chunk_rows in (1, 16, rows):
+            outs = [torch.empty(rows, projection.out_features, dtype=dtype) for projection in projections]
+            native_ternary_linear()(activations, together, outs, chunk_rows)
+            assert all(torch.equal(out, expected) for out, expected in zip(outs, alone)), (rows, chunk_rows)
+        assert all(torch.equal(out, expected) for out, expected in zip(native_linear(activations, together), alone))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from st_bitembed import BitEmbed
-from st_bitembed.quantization.kernels import gemm_backend
+from st_bitembed.quantization.kernels import gemm_backend, ternary_linear
 from st_bitembed.quantization.native import native_uint8_activation_codes
 from st_bitembed.quantization.norm_folding import FoldedRMSNorm, fold_model_norms
 
@@ -82,3 +82,50 @@ def test_without_the_native_backend_the_norm_runs(converted_qwen3):
     with torch.no_grad():
         assert not norm.folds(hidden)
         torch.testing.assert_close(norm(hidden), norm.norm(hidden))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projections_behind_a_folded_norm_run_together_and_each_gets_its_own_output(converted_qwen3, dtype):
+    """The first of q, k and v to run computes all three in one call; each gets exactly what it computes alone (any
+    order), and only for the very tensor the norm let through, unchanged since."""
+    if not NATIVE:
+        pytest.skip("the norm is folded on the native backend only")
+    backbone = converted_qwen3[0].auto_model.to(dtype).eval()
+    norm = backbone.layers[0].input_layernorm
+    attention = backbone.layers[0].self_attn
+    q_proj, k_proj, v_proj = attention.q_proj, attention.k_proj, attention.v_proj
+    hidden = (torch.randn(2, 9, q_proj.in_features) * 3).to(dtype)
+
+    def alone(projection: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        weight, bias, norm_weight, _ = projection._operands()
+        scale = norm.channel_scale()
+        eps = projection.rms_norm.variance_epsilon
+        return ternary_linear(tensor, weight, bias, norm_weight * scale, eps, rms_weight=scale, outer_eps=norm.eps)
+
+    with torch.no_grad():
+        for order in ((q_proj, k_proj, v_proj), (v_proj, q_proj, k_proj)):
+            let_through = norm(hidden)
+            outputs = {projection: projection(let_through) for projection in order}
+            for projection, output in outputs.items():
+                assert output.dtype == dtype and torch.equal(output, alone(projection, hidden))
+        let_through = norm(hidden)
+        first = q_proj(let_through)
+        assert torch.equal(q_proj(let_through), first)  # asked twice: computed again, the same
+        let_through.mul_(2)  # changed in place after q ran: k and v compute on what it holds now
+        assert torch.equal(k_proj(let_through), alone(k_proj, let_through))
+        other = norm(hidden * 3)  # a new input: what the last one left waiting is not kept
+        assert not norm._pending
+        assert torch.equal(v_proj(other), alone(v_proj, hidden * 3))
+
+
+def test_a_model_loaded_in_inference_mode_encodes(qwen3_dir, tmp_path):
+    """Parameters made inside torch.inference_mode (there a module's ``.to()`` makes them) keep no version counter:
+    the layers' caches still work."""
+    BitEmbed.from_backbone(str(qwen3_dir)).save(str(tmp_path / "model"))
+    texts = ["a short query", "a longer passage about ternary weights and 8-bit activations"]
+    expected = BitEmbed(str(tmp_path / "model")).encode(texts, convert_to_tensor=True)
+    with torch.inference_mode():
+        model = BitEmbed(str(tmp_path / "model"))
+        model[0].auto_model.to(torch.float64).to(torch.float32)  # the same values, in tensors made here
+        assert model[0].auto_model.layers[0].self_attn.q_proj.weight.is_inference()
+        torch.testing.assert_close(model.encode(texts, convert_to_tensor=True), expected)

@@ -30,6 +30,8 @@
  * float32, or bfloat16 (out_bfloat16: rounded as PyTorch converts float32) for bf16 models. */
 #include <stdint.h>
 #include <string.h>
+
+#include "ternary_gemm.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -235,56 +237,88 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
 }
 #endif
 
-void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, const void *packed,
-                  const int32_t *column_sums, int64_t out_features, const float *steps, float scale,
-                  const float *bias, void *out, int out_bfloat16, int threads) {
 #ifdef PANEL
-    const int64_t panels = (out_features + PANEL - 1) / PANEL;
-    const int64_t row_blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
-    if (rows * out_features * k_padded >= (1 << 18))
-    for (int64_t block = 0; block < row_blocks; ++block) {
-        for (int64_t panel = 0; panel < panels; ++panel) {
-            int32_t sums[BLOCK_ROWS * PANEL] __attribute__((aligned(64)));
-            const int64_t first_row = block * BLOCK_ROWS;
-            const int64_t block_rows = rows - first_row < BLOCK_ROWS ? rows - first_row : BLOCK_ROWS;
-            const int64_t tiles = (block_rows + TILE_ROWS - 1) / TILE_ROWS;
-            memset(sums, 0, sizeof(int32_t) * tiles * TILE_ROWS * PANEL);
-            int32_t code_sums[BLOCK_ROWS] = {0}; /* stay 0 for 8-bit weights */
+/* One panel of one block of rows of a job: its integer product, then its rescaled outputs. */
+static void block_panel(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel,
+                        int out_bfloat16) {
+    int32_t sums[BLOCK_ROWS * PANEL] __attribute__((aligned(64)));
+    const uint8_t *codes = job->codes;
+    const int64_t code_stride = job->code_stride, k_padded = job->k_padded, out_features = job->out_features;
+    const int64_t first_row = block * BLOCK_ROWS;
+    const int64_t block_rows = rows - first_row < BLOCK_ROWS ? rows - first_row : BLOCK_ROWS;
+    const int64_t tiles = (block_rows + TILE_ROWS - 1) / TILE_ROWS;
+    memset(sums, 0, sizeof(int32_t) * tiles * TILE_ROWS * PANEL);
+    int32_t code_sums[BLOCK_ROWS] = {0}; /* stay 0 for 8-bit weights */
 #if WEIGHT_BITS == 2 /* per block, beside its panel: 1/48 of the panel's multiply-adds, no allocation */
-            row_sums(codes + first_row * code_stride, block_rows, code_stride, k_padded, code_sums);
+    row_sums(codes + first_row * code_stride, block_rows, code_stride, k_padded, code_sums);
 #endif
-            const uint8_t *weights = (const uint8_t *)packed + panel * PACKED_BYTES(k_padded);
-            for (int64_t k = 0; k < k_padded; k += BLOCK_K) {
-                const int64_t steps_here = (k_padded - k < BLOCK_K ? k_padded - k : BLOCK_K) / 4;
-                for (int64_t t = 0; t < tiles; ++t)
-                    tile(codes + (first_row + t * TILE_ROWS) * code_stride + k, code_stride,
-                         (const void *)(weights + PACKED_BYTES(k)), steps_here, sums + t * TILE_ROWS * PANEL);
-            }
-            const int64_t first_out = panel * PANEL;
-            const int64_t outs = out_features - first_out < PANEL ? out_features - first_out : PANEL;
-            for (int64_t r = 0; r < block_rows; ++r) {
-                const float row_scale = steps[first_row + r] * scale;
-                const int32_t row_sum = code_sums[r];
-                const int64_t offset = (first_row + r) * out_features + first_out;
-                const int32_t *row_sums = sums + r * PANEL;
-                if (outs == PANEL) {
-                    const float *row_bias = bias ? bias + first_out : NULL;
-                    void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
-                    finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, row_out, out_bfloat16);
-                } else {
-                    for (int64_t j = 0; j < outs; ++j) {
-                        const int32_t exact = row_sums[j] - row_sum - 128 * column_sums[first_out + j];
-                        const float value = (float)exact * row_scale;
-                        const float biased = bias ? value + bias[first_out + j] : value;
-                        if (out_bfloat16)
-                            ((uint16_t *)out)[offset + j] = to_bfloat16(biased);
-                        else
-                            ((float *)out)[offset + j] = biased;
-                    }
-                }
+    const uint8_t *weights = (const uint8_t *)job->packed + panel * PACKED_BYTES(k_padded);
+    for (int64_t k = 0; k < k_padded; k += BLOCK_K) {
+        const int64_t steps_here = (k_padded - k < BLOCK_K ? k_padded - k : BLOCK_K) / 4;
+        for (int64_t t = 0; t < tiles; ++t)
+            tile(codes + (first_row + t * TILE_ROWS) * code_stride + k, code_stride,
+                 (const void *)(weights + PACKED_BYTES(k)), steps_here, sums + t * TILE_ROWS * PANEL);
+    }
+    const int64_t first_out = panel * PANEL;
+    const int64_t outs = out_features - first_out < PANEL ? out_features - first_out : PANEL;
+    const float *bias = job->bias;
+    const int32_t *column_sums = job->column_sums;
+    void *out = job->out;
+    for (int64_t r = 0; r < block_rows; ++r) {
+        const float row_scale = job->steps[first_row + r] * job->scale;
+        const int32_t row_sum = code_sums[r];
+        const int64_t offset = (first_row + r) * out_features + first_out;
+        const int32_t *row_sums = sums + r * PANEL;
+        if (outs == PANEL) {
+            const float *row_bias = bias ? bias + first_out : NULL;
+            void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
+            finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, row_out, out_bfloat16);
+        } else {
+            for (int64_t j = 0; j < outs; ++j) {
+                const int32_t exact = row_sums[j] - row_sum - 128 * column_sums[first_out + j];
+                const float value = (float)exact * row_scale;
+                const float biased = bias ? value + bias[first_out + j] : value;
+                if (out_bfloat16)
+                    ((uint16_t *)out)[offset + j] = to_bfloat16(biased);
+                else
+                    ((float *)out)[offset + j] = biased;
             }
         }
     }
+}
 #endif
+
+/* The products of several weights (e.g. q, k and v of one input) in one parallel loop over all their panels: one
+ * fork and join instead of one per weight, and threads share out the panels of all of them. */
+void ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64_t rows, int out_bfloat16,
+                       int threads) {
+#ifdef PANEL
+    const int64_t row_blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    int64_t items = 0, work = 0;
+    for (int64_t j = 0; j < count; ++j) {
+        items += row_blocks * ((jobs[j].out_features + PANEL - 1) / PANEL);
+        work += rows * jobs[j].out_features * jobs[j].k_padded;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (work >= (1 << 18))
+    for (int64_t item = 0; item < items; ++item) {
+        int64_t j = 0, rest = item; /* the job, then (block, panel) within it, in the order of one job's loop */
+        for (; j < count; ++j) {
+            const int64_t job_items = row_blocks * ((jobs[j].out_features + PANEL - 1) / PANEL);
+            if (rest < job_items) break;
+            rest -= job_items;
+        }
+        const int64_t panels = (jobs[j].out_features + PANEL - 1) / PANEL;
+        block_panel(&jobs[j], rows, rest / panels, rest % panels, out_bfloat16);
+    }
+#else
+    (void)jobs, (void)count, (void)rows, (void)out_bfloat16, (void)threads;
+#endif
+}
+
+void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64_t k_padded, const void *packed,
+                  const int32_t *column_sums, int64_t out_features, const float *steps, float scale,
+                  const float *bias, void *out, int out_bfloat16, int threads) {
+    const struct ternary_gemm_job job = {codes, code_stride, k_padded, packed, column_sums, out_features, steps,
+                                         scale, bias, out};
+    ternary_gemm_jobs(&job, 1, rows, out_bfloat16, threads);
 }
