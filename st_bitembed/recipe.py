@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,18 @@ TRAINING_STAGES = ("pretrain", "finetune")
 
 class RecipeError(ValueError):
     """A recipe that cannot run, with the key path that is wrong."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as recipes are written: ``1e-4`` is a number, as in YAML 1.2 and JSON (PyYAML follows YAML 1.1, where a
+    float needs a dot, ``1.0e-4``, and ``1e-4`` is the string "1e-4")."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 @dataclass
@@ -106,8 +119,8 @@ class StageSpec:
     dataset: DatasetSpec | list[DatasetSpec]
     loss: LossSpec = field(default_factory=LossSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
-    # Encode every text with the teacher once, before training (moot with hidden_states > 0: the teacher runs on
-    # every batch then, and those passes give the pooled targets).
+    # Encode every text with the teacher once, before training (moot with hidden_states > 0 and no token_teacher: the
+    # teacher runs on every batch then, and those passes give the pooled targets).
     precompute_teacher_embeddings: bool = True
 
 
@@ -142,6 +155,10 @@ class Recipe:
     backbone: BackboneSpec
     output_dir: str
     teacher: str | None = None
+    # The model the token-level terms (hidden states, attention relations) learn from, when the teacher cannot teach
+    # token by token (another tokenizer or hidden size): e.g. the backbone's own full-precision model. The pooled
+    # terms keep the teacher's embeddings, encoded before training. None: the teacher teaches both.
+    token_teacher: str | None = None
     calibration: CalibrationSpec | None = None
     pretrain: StageSpec | None = None
     finetune: StageSpec | None = None
@@ -246,9 +263,23 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         unused = BitEmbedLoss.unused_kl_precisions(weights, stage.loss.kl_precisions)
         if unused:
             raise RecipeError(f"{source}.{stage_name}.loss.kl_precisions: {unused}")
-        teacher_terms = BitEmbedLoss.terms_that_need(weights, "teacher")
-        if teacher_terms and recipe.teacher is None:
-            raise RecipeError(f"{source}.{stage_name}.loss: {', '.join(teacher_terms)} > 0 needs a top-level teacher.")
+        token_terms = BitEmbedLoss.terms_that_need(weights, "teacher_in_loss")
+        pooled_terms = [t for t in BitEmbedLoss.terms_that_need(weights, "teacher") if t not in token_terms]
+        if token_terms and recipe.teacher is None and recipe.token_teacher is None:
+            raise RecipeError(
+                f"{source}.{stage_name}.loss: {', '.join(token_terms)} > 0 needs a top-level teacher or token_teacher."
+            )
+        if pooled_terms and recipe.teacher is None:
+            raise RecipeError(f"{source}.{stage_name}.loss: {', '.join(pooled_terms)} > 0 needs a top-level teacher.")
+    token_level = any(
+        BitEmbedLoss.terms_that_need(dataclasses.asdict(stage.loss), "teacher_in_loss")
+        for _, stage in recipe.training_stages()
+    )
+    if recipe.token_teacher is not None and not token_level:
+        raise RecipeError(
+            f"{source}.token_teacher: no stage has a token-level term on (hidden_states, attention_relation), so it "
+            "would be unused; turn one on or remove token_teacher."
+        )
     if recipe.evaluation is not None and not recipe.evaluation.tasks and recipe.evaluation.benchmark is None:
         raise RecipeError(f"{source}.evaluation: give tasks or a benchmark.")
     if recipe.evaluation is not None:
@@ -309,7 +340,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"Override {override!r}: {'.'.join(parents[: depth + 1])} is not a mapping.")
-        node[last] = yaml.safe_load(text)
+        node[last] = yaml.load(text, RecipeLoader)
     return data
 
 
@@ -326,7 +357,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
             f"No recipe file {name_or_path!r}, and no built-in recipe of that name ({builtin_recipes()})."
         )
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, RecipeLoader)
         return parse_recipe(apply_overrides(data, overrides or []), path.stem)
     except (ValueError, yaml.YAMLError) as error:  # RecipeError included
         raise RecipeError(f"{name_or_path}: {error}") from None

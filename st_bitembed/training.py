@@ -95,7 +95,11 @@ def preflight(recipe: Recipe) -> dict[str, Any]:
     Returns the loaded datasets: a list per training stage, the calibration dataset.
     """
     _check_not_evaluation_data(recipe)
-    for role, name in (("backbone.name", recipe.backbone.name), ("teacher", recipe.teacher)):
+    for role, name in (
+        ("backbone.name", recipe.backbone.name),
+        ("teacher", recipe.teacher),
+        ("token_teacher", recipe.token_teacher),
+    ):
         if name is not None:
             try:
                 check_model_source(name)
@@ -132,15 +136,17 @@ def _check_not_evaluation_data(recipe: Recipe) -> None:
 
 
 def _check_same_tokenizer(recipe: Recipe, stage_name: str, terms: list[str]) -> None:
+    role, name = ("token_teacher", recipe.token_teacher) if recipe.token_teacher else ("teacher", recipe.teacher)
     student = AutoTokenizer.from_pretrained(recipe.backbone.name)
-    teacher = AutoTokenizer.from_pretrained(recipe.teacher)
+    teacher = AutoTokenizer.from_pretrained(name)
     if not same_tokenizer(student, teacher):
         names = ", ".join(terms)
         raise RecipeError(
-            f"{recipe.name}.{stage_name}.loss.{names} > 0 (token-level distillation) needs teacher and student "
+            f"{recipe.name}.{stage_name}.loss.{names} > 0 (token-level distillation) needs {role} and student "
             f"to share a tokenizer: the backbone {recipe.backbone.name} uses {type(student).__name__} "
-            f"({len(student)} tokens), the teacher {recipe.teacher} uses {type(teacher).__name__} ({len(teacher)} "
-            f"tokens). Set {names} to 0 or use a teacher with the backbone's tokenizer."
+            f"({len(student)} tokens), the {role} {name} uses {type(teacher).__name__} ({len(teacher)} "
+            f"tokens). Set {names} to 0, or set token_teacher to a model with the backbone's tokenizer (its own "
+            "full-precision model, say)."
         )
 
 
@@ -225,17 +231,23 @@ def train_stage(
     output_dir: Path,
     resume: bool,
     teacher_name: str = "",
+    token_teacher: SentenceTransformer | None = None,
 ) -> BitEmbed:
     """One SentenceTransformerTrainer run of ``stage`` on ``datasets`` (several: each batch from one of them, drawn
     in proportion to their sizes); the trained model is saved to ``output_dir/final``.
 
     The teacher's embeddings of the stage's texts are saved in ``output_dir`` (:data:`TEACHER_EMBEDDINGS_FILE`);
-    with ``resume`` they are read from there when they match these texts and ``teacher_name``."""
+    with ``resume`` they are read from there when they match these texts and ``teacher_name``. ``token_teacher``
+    (None: ``teacher``) is the model the token-level terms learn from."""
     options = asdict(stage.loss)
-    needs = BitEmbedLoss.needs(options)
+    token_terms = BitEmbedLoss.terms_that_need(options, "teacher_in_loss")
+    pooled_terms = [t for t in BitEmbedLoss.terms_that_need(options, "teacher") if t not in token_terms]
+    token_teacher = (token_teacher or teacher) if token_terms else None
     # Hidden-state distillation runs the teacher on every batch anyway, and those passes give the pooled targets too:
-    # encoding the whole dataset beforehand would only add the cost of the texts the stage never reaches.
-    needs_teacher_embeddings = needs.teacher and options["hidden_states"] == 0
+    # encoding the whole dataset beforehand would only add the cost of the texts the stage never reaches. Not so when
+    # the token-level terms learn from another model.
+    pooled_from_token_passes = options["hidden_states"] > 0 and token_teacher is teacher
+    needs_teacher_embeddings = bool(pooled_terms) and not pooled_from_token_passes
     processes = running_processes()
     if needs_teacher_embeddings and stage.precompute_teacher_embeddings:
         cache_file = output_dir / TEACHER_EMBEDDINGS_FILE
@@ -248,12 +260,14 @@ def train_stage(
                 teacher_name,
                 reuse=resume or not processes.is_main_process,
             )
-    in_loss_teacher = needs.teacher_in_loss or (needs_teacher_embeddings and not stage.precompute_teacher_embeddings)
+    pooled_in_loss = needs_teacher_embeddings and not stage.precompute_teacher_embeddings
+    teacher_in_loss = pooled_in_loss or (token_teacher is not None and token_teacher is teacher)
     spec = stage.training
     # LossSpec's fields are BitEmbedLoss's keyword arguments, by design.
     loss = BitEmbedLoss(
         model,
-        teacher=teacher_for_training(teacher, spec.bf16) if in_loss_teacher else None,
+        teacher=teacher_for_training(teacher, spec.bf16) if teacher_in_loss else None,
+        token_teacher=None if token_teacher is teacher else teacher_for_training(token_teacher, spec.bf16),
         gather_across_devices=spec.gather_across_devices,
         **options,
     )
@@ -347,8 +361,10 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     return str(max(complete, key=complete.get)) if complete else None
 
 
-def describe_stage(name: str, stage: StageSpec, teacher: str | None) -> dict[str, str]:
-    terms = BitEmbedLoss.describe(asdict(stage.loss), teacher)
+def describe_stage(
+    name: str, stage: StageSpec, teacher: str | None, token_teacher: str | None = None
+) -> dict[str, str]:
+    terms = BitEmbedLoss.describe(asdict(stage.loss), teacher, token_teacher)
     data = " + ".join(f"{spec.label} ({', '.join(spec.columns)})" for _, spec in stage_datasets(stage, ""))
     t = stage.training
     schedule = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs} epoch(s)"
@@ -384,8 +400,10 @@ def run_recipe(
             check_target(folder, overwrite, "--resume to continue that run, or --overwrite to start over")
     datasets = preflight(recipe)
     teacher = SentenceTransformer(recipe.teacher) if recipe.teacher else None
-    if teacher is not None:
-        teacher.eval()
+    token_teacher = SentenceTransformer(recipe.token_teacher) if recipe.token_teacher else None
+    for frozen in (teacher, token_teacher):
+        if frozen is not None:
+            frozen.eval()
     converted = output / "converted"
     calibration = datasets.get("calibration")
     calibration_texts = (
@@ -405,7 +423,7 @@ def run_recipe(
         if stage_name not in stages:
             previous = final if holds_model(final) else previous
             continue
-        recipe_summary.append(describe_stage(stage_name, stage, recipe.teacher))
+        recipe_summary.append(describe_stage(stage_name, stage, recipe.teacher, recipe.token_teacher))
         if resume and holds_model(final):
             logger.info("Stage %s already done: %s", stage_name, final)
         else:
@@ -415,7 +433,16 @@ def run_recipe(
             model = BitEmbed(str(previous), keep_latent_weights=True)
             if calibration_texts:  # the head's ranges start each stage fitted to the current embeddings
                 model.calibrate_quantizer(calibration_texts)
-            train_stage(model, stage, datasets[stage_name], teacher, output / stage_name, resume, recipe.teacher or "")
+            train_stage(
+                model,
+                stage,
+                datasets[stage_name],
+                teacher,
+                output / stage_name,
+                resume,
+                recipe.teacher or "",
+                token_teacher,
+            )
         previous = final
     if not holds_model(previous):
         raise RecipeError(f"No model at {previous}: run the earlier stages first (st-bitembed train / pretrain).")

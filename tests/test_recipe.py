@@ -99,6 +99,14 @@ def test_builtin_recipes_are_valid():
             r"tiny\.finetune\.training\.dropout: a probability in \[0, 1\), got 1\.0",
         ),
         (
+            lambda r: (r.update(token_teacher="fp"), r["finetune"]["loss"].update(attention_relation=0.0)),
+            r"tiny\.token_teacher: no stage has a token-level term on \(hidden_states, attention_relation\)",
+        ),
+        (
+            lambda r: (r.pop("teacher"), r["pretrain"]["loss"].update(similarity_kl=0.0, embedding_distill=0.0)),
+            r"tiny\.finetune\.loss: attention_relation > 0 needs a top-level teacher or token_teacher",
+        ),
+        (
             lambda r: r["evaluation"].update(precisions=["bnary"]),
             r"tiny\.evaluation\.precisions: Unknown precision 'bnary'",
         ),
@@ -128,9 +136,11 @@ def test_several_datasets_and_a_single_column_of_passages_for_distillation_alone
 
 def test_overrides_change_nested_keys_and_are_validated(tmp_path):
     data = tiny_recipe("backbone", "teacher", tmp_path)
-    apply_overrides(data, ["finetune.training.max_steps=7", "finetune.loss.hidden_states=2", "evaluation=null"])
+    overrides = ["finetune.training.max_steps=7", "finetune.loss.hidden_states=2", "evaluation=null"]
+    apply_overrides(data, [*overrides, "finetune.training.learning_rate=1e-4"])  # a number, as in YAML 1.2 and JSON
     recipe = parse_recipe(data, "tiny")
     assert recipe.finetune.training.max_steps == 7 and recipe.finetune.loss.hidden_states == 2.0
+    assert recipe.finetune.training.learning_rate == 1e-4
     assert recipe.evaluation is None
     with pytest.raises(RecipeError, match="write it as key.path=value"):
         apply_overrides(data, ["finetune.training.max_steps"])

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from test_recipe import tiny_recipe
 
 from st_bitembed import BitEmbed
@@ -87,6 +88,27 @@ def test_a_stage_mixes_datasets_and_distills_hidden_states_with_the_in_loss_teac
     description = saved.model_card_data.training_recipe[-1]["description"]
     assert "hidden-state distillation (all blocks)" in description
     assert "sentence-transformers/all-nli (anchor, positive, negative) + passages.jsonl (title, text)" in description
+
+
+def test_a_token_teacher_teaches_the_tokens_beside_a_teacher_of_another_tokenizer(
+    qwen3_dir, teacher_dir, minilm_dir, tmp_path
+):
+    """Gemma3-270M's CPU recipe in small: all-MiniLM-L6-v2 (another tokenizer and dimension) gives the pooled targets,
+    encoded before training; the student's own full-precision model teaches its hidden states token by token."""
+    recipe = tiny_recipe(qwen3_dir, minilm_dir, tmp_path / "run", pretrain=None, evaluation=None)
+    recipe["token_teacher"] = str(teacher_dir)
+    recipe["finetune"]["loss"] = {"infonce": 0.0, "similarity_kl": 1.0, "hidden_states": 1.0}
+    recipe["finetune"]["training"].update(max_steps=2, max_seq_length=12, save_steps=10)
+    run_recipe(parse_recipe(recipe, "tiny"))
+    run = tmp_path / "run"
+    with safe_open(str(run / "finetune" / "teacher_embeddings.safetensors"), framework="pt") as file:
+        assert file.get_tensor("embeddings").shape[1] == 384  # all-MiniLM-L6-v2's, not the student's dimension
+    description = BitEmbed(str(run / "model")).model_card_data.training_recipe[-1]["description"]
+    assert f"similarity-distribution KL from {minilm_dir}" in description
+    assert f"token-level hidden-state distillation (all blocks) from {teacher_dir}" in description
+    recipe["token_teacher"] = str(minilm_dir)
+    with pytest.raises(RecipeError, match="needs token_teacher and student to share a tokenizer"):
+        preflight(parse_recipe(recipe, "tiny"))
 
 
 def test_a_bf16_stage_runs_its_own_bf16_copy_of_the_teacher(qwen3_teacher):

@@ -62,6 +62,9 @@ class BitEmbedLoss(nn.Module):
         hidden_states: Weight of token-level hidden-state distillation (:class:`HiddenStateDistillLoss`; needs
             ``teacher`` with the student's tokenizer and hidden size); ``hidden_state_layers`` its student blocks
             (all by default).
+        token_teacher: The model the token-level terms (attention relations, hidden states) learn from, when it is
+            not ``teacher``: for a teacher with another tokenizer or hidden size, e.g. the backbone's own
+            full-precision model beside all-MiniLM-L6-v2's precomputed embeddings. None: ``teacher``.
         precisions: Storage precisions InfoNCE is applied at; ``precision_weights`` their weights.
         kl_precisions: Storage precisions the similarity KL is applied at (the Quantize head's straight-through
             outputs, as InfoNCE's): by default the float output alone; with coarse precisions (``int2``,
@@ -135,6 +138,7 @@ class BitEmbedLoss(nn.Module):
         student_layer: int = -1,
         relation_heads: int | None = None,
         hidden_state_layers: Sequence[int] | None = None,
+        token_teacher: SentenceTransformer | None = None,
         **renamed_weights: float,
     ) -> None:
         super().__init__()
@@ -152,10 +156,19 @@ class BitEmbedLoss(nn.Module):
         if unused:
             raise ValueError(unused)
         in_loss = self.terms_that_need(weights, "teacher_in_loss")
-        if in_loss and teacher is None:
+        if token_teacher is not None and not in_loss:
             raise ValueError(
-                f"{', '.join(in_loss)} > 0 (token-level distillation) needs teacher=, run inside the loss."
+                "token_teacher= is given but no token-level term is on, so it would be unused: give "
+                "hidden_states or attention_relation a weight above 0, or leave token_teacher out."
             )
+        token_teacher = token_teacher or teacher
+        if in_loss and token_teacher is None:
+            raise ValueError(
+                f"{', '.join(in_loss)} > 0 (token-level distillation) needs teacher= (or token_teacher=), run inside "
+                "the loss."
+            )
+        # The token teacher's passes give the pooled targets too, when it is the teacher.
+        self.pooled_from_token_passes = token_teacher is teacher
         self.model = model
         self.weights = weights
         self.contrastive = (
@@ -181,12 +194,12 @@ class BitEmbedLoss(nn.Module):
             EmbeddingDistillLoss(model, distance_metric="cosine") if weights["embedding_distill"] > 0 else None
         )
         self.attention_relation = (
-            AttentionRelationLoss(model, teacher, teacher_layer, student_layer, relation_heads)
+            AttentionRelationLoss(model, token_teacher, teacher_layer, student_layer, relation_heads)
             if weights["attention_relation"] > 0
             else None
         )
         self.hidden_state_distill = (
-            HiddenStateDistillLoss(model, teacher, hidden_state_layers) if weights["hidden_states"] > 0 else None
+            HiddenStateDistillLoss(model, token_teacher, hidden_state_layers) if weights["hidden_states"] > 0 else None
         )
 
     @staticmethod
@@ -215,12 +228,14 @@ class BitEmbedLoss(nn.Module):
         return functools.reduce(operator.or_, (cls.TERMS[n].needs for n in cls.active_terms(weights)), TermNeeds())
 
     @classmethod
-    def describe(cls, options: Mapping[str, Any], teacher: str | None) -> list[str]:
-        """One line per active term (``options``: this class's keyword arguments), for the model card."""
+    def describe(cls, options: Mapping[str, Any], teacher: str | None, token_teacher: str | None = None) -> list[str]:
+        """One line per active term (``options``: this class's keyword arguments), for the model card; token-level
+        terms name ``token_teacher`` when given."""
         lines = []
         for name in cls.active_terms(options):
             weight = "" if options[name] == 1 else f"{options[name]} x "
-            lines.append(weight + cls.TERMS[name].describe(options, teacher))
+            source = (token_teacher or teacher) if cls.TERMS[name].needs.teacher_in_loss else teacher
+            lines.append(weight + cls.TERMS[name].describe(options, source))
         return lines
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
@@ -247,7 +262,7 @@ class BitEmbedLoss(nn.Module):
             if hidden is not None:  # the first student forward, and so the first teacher pass, is the anchor column
                 distance, rows = hidden.compute_loss_from_forwards(student_forwards)
                 terms["hidden_states"] = self.weights["hidden_states"] * distance
-                if labels is None:  # the same teacher passes give the pooled targets: no second teacher run
+                if labels is None and self.pooled_from_token_passes:  # the same passes give the pooled targets
                     teacher_embeddings = list(rows.split([len(e) for e in embeddings]))
             if self.similarity_kl is not None:
                 if teacher_embeddings is None:

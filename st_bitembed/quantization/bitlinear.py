@@ -4,7 +4,7 @@ path that quantizes the weights once, folds the RMSNorm into the activation code
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from transformers.integrations.bitnet import AutoBitLinear
@@ -26,8 +26,18 @@ if TYPE_CHECKING:
     from st_bitembed.quantization.norm_folding import FoldedRMSNorm
 
 Kernel = Literal["int8", "reference"]
-# (prepared weight, bias, norm weight, the native kernel's call of them or None) of the inference path.
-InferenceOperands = tuple[TernaryWeight, "torch.Tensor | None", "torch.Tensor | None", "ctypes.Array | None"]
+
+
+class InferenceOperands(NamedTuple):
+    """What a BitLinear's inference path computes with, prepared once per parameter version."""
+
+    weight: TernaryWeight
+    bias: torch.Tensor | None  # float32
+    norm_weight: torch.Tensor | None  # float32; None without an inserted norm
+    eps: float  # the inserted norm's epsilon
+    native: ctypes.Array | None  # the native kernel's description of them, where that kernel runs
+
+
 KERNELS: tuple[str, ...] = ("int8", "reference")
 
 
@@ -171,20 +181,18 @@ class BitLinear(AutoBitLinear):
         folded = self.folded_norm
         if folded is not None and folded.let_through(input):  # the raw residual stream: its norm is folded in
             return folded.project(self, input)  # with the other projections of the same input, in one call
-        weight, bias, norm_weight, native = self._operands()
-        if native is not None:
-            return native_linear(input, native)[0]
-        eps = self.rms_norm.variance_epsilon if norm_weight is not None else 1e-6
-        return ternary_linear(input, weight, bias, norm_weight, eps)
+        operands = self._operands()
+        if operands.native is not None:
+            return native_linear(input, operands.native)[0]
+        return ternary_linear(input, operands.weight, operands.bias, operands.norm_weight, operands.eps)
 
     def folded_projection(self, scale: torch.Tensor, outer_eps: float) -> NativeProjection:
         """The native kernel's description of this layer behind a folded model norm of per-channel ``scale`` and
         epsilon ``outer_eps`` (:mod:`~st_bitembed.quantization.norm_folding`), made again when either changes."""
-        weight, bias, norm_weight, _ = self._operands()
+        weight, bias, norm_weight, eps, _ = self._operands()
         cached = self._folded_projection
         if cached is None or cached[0] is not norm_weight or cached[1] is not scale:
-            projection = prepare_native_projection(weight, bias, norm_weight * scale, self.rms_norm.variance_epsilon,
-                                                   scale, outer_eps)  # fmt: skip
+            projection = prepare_native_projection(weight, bias, norm_weight * scale, eps, scale, outer_eps)
             self._folded_projection = cached = norm_weight, scale, projection
         return cached[2]
 
@@ -211,12 +219,13 @@ class BitLinear(AutoBitLinear):
         bias, norm_weight = (
             t.detach().to(torch.float32, copy=True) if t is not None else None for t in (bias, norm_weight)
         )
+        eps = self.rms_norm.variance_epsilon if norm_weight is not None else 1e-6
         native = None
         if backend == "native":
-            eps = self.rms_norm.variance_epsilon if norm_weight is not None else 1e-6
             native = native_projections([prepare_native_projection(weight, bias, norm_weight, eps)])
-        self._inference_operands = key, (weight, bias, norm_weight, native)
-        return weight, bias, norm_weight, native
+        operands = InferenceOperands(weight, bias, norm_weight, eps, native)
+        self._inference_operands = key, operands
+        return operands
 
 
 def version_key(tensor: torch.Tensor | None) -> tuple:

@@ -41,6 +41,8 @@ SOURCES = tuple(
 HEADERS = (Path(__file__).with_name("csrc") / "ternary_gemm.h",)
 # No FMA contraction: the kernel must round exactly as the PyTorch path's separate multiply and add do.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+# Projections of one input per ternary_linear call: csrc/ternary_linear.c's MAX_PROJECTIONS.
+MAX_PROJECTIONS = 8
 
 ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, int], tuple[torch.Tensor, torch.Tensor]]
 # (activations, norm weight, eps, uint8 codes to fill, rms weight=None, outer eps=0) -> per-token steps.
@@ -285,7 +287,16 @@ def native_projection(
 
 
 def native_projections(projections: Sequence[NativeProjection]) -> ctypes.Array:
-    """The C array of ``projections`` that :func:`native_ternary_linear` takes (holding on to them)."""
+    """The C array of ``projections`` that :func:`native_ternary_linear` takes (holding on to them).
+
+    Raises:
+        ValueError: none, or more than :data:`MAX_PROJECTIONS`.
+    """
+    if not 1 <= len(projections) <= MAX_PROJECTIONS:
+        raise ValueError(
+            f"The native kernel takes 1 to {MAX_PROJECTIONS} projections of one input per call, got "
+            f"{len(projections)}; call it once per group of at most {MAX_PROJECTIONS}."
+        )
     array = (NativeProjection * len(projections))(*projections)
     array.members = tuple(projections)
     return array
@@ -295,7 +306,7 @@ def native_projections(projections: Sequence[NativeProjection]) -> ctypes.Array:
 def native_ternary_linear() -> TernaryLinear | None:
     """``csrc/ternary_linear.c``: projections of one input, each its quantizer and GEMM, in one call, where
     :func:`native_ternary_gemm` exists, else ``None``. Activations are 2-D float32 or bfloat16 rows of unit stride;
-    ``projections`` a :func:`native_projections` array (of the same in_features, at most 8); ``outs`` one contiguous
+    ``projections`` a :func:`native_projections` array (of the same in_features); ``outs`` one contiguous
     ``[rows, out_features]`` float32 or bfloat16 tensor per projection, all of one dtype; tokens are quantized
     ``chunk_rows`` at a time."""
     library = _library()

@@ -84,6 +84,40 @@ def test_bitembed_loss_reuses_the_hidden_state_teacher_passes_for_the_pooled_tar
         torch.testing.assert_close(with_hidden[term], reference[term], atol=1e-5, rtol=1e-4)
 
 
+def test_a_token_teacher_teaches_the_tokens_and_the_teacher_the_pooled_targets(
+    converted_qwen3, qwen3_teacher, minilm_dir
+):
+    """A teacher of another tokenizer and dimension (all-MiniLM-L6-v2 for a Qwen3 student) gives the pooled targets,
+    precomputed or run in the loss; the hidden states come from the token teacher, which shares the tokenizer."""
+    teacher = SentenceTransformer(str(minilm_dir))
+    columns = [converted_qwen3.preprocess(QUERIES), converted_qwen3.preprocess(DOCUMENTS)]
+    labels = torch.stack([teacher.encode(texts, convert_to_tensor=True) for texts in (QUERIES, DOCUMENTS)], dim=1)
+    calls = {"teacher": 0, "token_teacher": 0}
+    handles = [
+        model.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, model in (("teacher", teacher), ("token_teacher", qwen3_teacher))
+    ]
+    options = {"infonce": 0.0, "similarity_kl": 1.0, "hidden_states": 1.0}
+    try:
+        precomputed = BitEmbedLoss(converted_qwen3, token_teacher=qwen3_teacher, **options)(columns, labels)
+        assert calls == {"teacher": 0, "token_teacher": 2}  # one token-teacher pass per column
+        in_loss = BitEmbedLoss(converted_qwen3, teacher=teacher, token_teacher=qwen3_teacher, **options)(columns, None)
+        assert calls == {"teacher": 2, "token_teacher": 4}  # the teacher reads the columns' texts, tokenized its way
+    finally:
+        for handle in handles:
+            handle.remove()
+    kl_alone = BitEmbedLoss(converted_qwen3, infonce=0.0, similarity_kl=1.0)(columns, labels)["similarity_kl"]
+    hidden_alone = HiddenStateDistillLoss(converted_qwen3, qwen3_teacher)(columns)
+    for terms in (precomputed, in_loss):
+        assert set(terms) == {"similarity_kl", "hidden_states"}
+        torch.testing.assert_close(terms["similarity_kl"], kl_alone, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(terms["hidden_states"], hidden_alone, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs precomputed teacher embeddings"):  # no teacher and no labels
+        BitEmbedLoss(converted_qwen3, token_teacher=qwen3_teacher, **options)(columns, None)
+    with pytest.raises(ValueError, match="token_teacher= is given but no token-level term is on"):
+        BitEmbedLoss(converted_qwen3, teacher=teacher, token_teacher=qwen3_teacher, similarity_kl=1.0)
+
+
 def test_contrastive_weight_zero_leaves_distillation_only(converted_qwen3, qwen3_teacher):
     loss = BitEmbedLoss(
         converted_qwen3,

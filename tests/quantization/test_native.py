@@ -17,6 +17,7 @@ from st_bitembed.quantization.kernels import (
     torch_activation_codes,
 )
 from st_bitembed.quantization.native import (
+    MAX_PROJECTIONS,
     native_activation_codes,
     native_gemm_layout,
     native_projections,
@@ -220,3 +221,28 @@ def test_projections_of_one_input_in_one_call_give_what_each_gives_alone(dtype):
             native_ternary_linear()(activations, together, outs, chunk_rows)
             assert all(torch.equal(out, expected) for out, expected in zip(outs, alone)), (rows, chunk_rows)
         assert all(torch.equal(out, expected) for out, expected in zip(native_linear(activations, together), alone))
+
+
+def test_one_call_takes_as_many_projections_as_the_kernel_s_limit_and_no_more():
+    if native_ternary_linear() is None:
+        pytest.skip("no native kernel here")
+    torch.manual_seed(5)
+    in_features, rows = 130, 21
+    projections = [
+        prepare_native_projection(
+            prepare_ternary_weight(
+                torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8), torch.rand(()) + 0.1, "native"
+            ),
+            torch.randn(out_features),
+            torch.rand(in_features) * 2,
+            1e-6,
+        )
+        for out_features in (1 + 37 * i % 97 for i in range(MAX_PROJECTIONS))  # partial panels
+    ]
+    activations = torch.randn(rows, in_features) * 3
+    alone = [native_linear(activations, native_projections([projection]))[0] for projection in projections]
+    together = native_linear(activations, native_projections(projections))
+    assert all(torch.equal(out, expected) for out, expected in zip(together, alone, strict=True))
+    for count in (0, MAX_PROJECTIONS + 1):
+        with pytest.raises(ValueError, match=f"1 to {MAX_PROJECTIONS} projections of one input per call, got {count}"):
+            native_projections((projections * 2)[:count])

@@ -97,9 +97,8 @@ def test_projections_behind_a_folded_norm_run_together_and_each_gets_its_own_out
     hidden = (torch.randn(2, 9, q_proj.in_features) * 3).to(dtype)
 
     def alone(projection: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-        weight, bias, norm_weight, _ = projection._operands()
+        weight, bias, norm_weight, eps, _ = projection._operands()
         scale = norm.channel_scale()
-        eps = projection.rms_norm.variance_epsilon
         return ternary_linear(tensor, weight, bias, norm_weight * scale, eps, rms_weight=scale, outer_eps=norm.eps)
 
     with torch.no_grad():

@@ -39,18 +39,18 @@ static _Thread_local size_t scratch_bytes;
 int ternary_linear(const struct ternary_projection *projections, int64_t count, const void *x, int64_t rows,
                    int64_t cols, int64_t row_stride, int in_bfloat16, float min_scale, void *const *outs,
                    int out_bfloat16, int64_t chunk_rows, int threads) {
-    enum { MAX_PROJECTIONS = 8 };
+    enum { MAX_PROJECTIONS = 8 }; /* native.py's MAX_PROJECTIONS */
     const int64_t tile_rows = ternary_gemm_tile_rows();
     if (tile_rows <= 0 || count < 1 || count > MAX_PROJECTIONS) return -1;
     if (chunk_rows > rows) chunk_rows = rows;
     if (chunk_rows < 1) chunk_rows = 1;
     const int64_t padded_rows = chunk_rows + (tile_rows - chunk_rows % tile_rows) % tile_rows;
     /* each projection's codes, then its steps, each part starting on a cache line */
-    size_t offsets[MAX_PROJECTIONS], needed = 0;
+    size_t code_offsets[MAX_PROJECTIONS], step_offsets[MAX_PROJECTIONS], needed = 0;
     for (int64_t p = 0; p < count; ++p) {
-        offsets[p] = needed;
-        const size_t code_bytes = (size_t)(padded_rows * projections[p].k_padded + 63) / 64 * 64;
-        needed += code_bytes + (sizeof(float) * (size_t)padded_rows + 63) / 64 * 64;
+        code_offsets[p] = needed;
+        step_offsets[p] = needed + (size_t)(padded_rows * projections[p].k_padded + 63) / 64 * 64;
+        needed = step_offsets[p] + (sizeof(float) * (size_t)padded_rows + 63) / 64 * 64;
     }
     if (needed > scratch_bytes) {
         uint8_t *grown = realloc(scratch, needed);
@@ -65,8 +65,8 @@ int ternary_linear(const struct ternary_projection *projections, int64_t count, 
         const void *chunk = (const char *)x + (size_t)(start * row_stride) * in_size;
         for (int64_t p = 0; p < count; ++p) {
             const struct ternary_projection *projection = &projections[p];
-            uint8_t *codes = scratch + offsets[p];
-            float *steps = (float *)(codes + (size_t)(padded_rows * projection->k_padded + 63) / 64 * 64);
+            uint8_t *codes = scratch + code_offsets[p];
+            float *steps = (float *)(scratch + step_offsets[p]);
             activation_codes_uint8(chunk, here, cols, row_stride, projection->norm_weight, projection->rms_weight,
                                    projection->eps, projection->outer_eps, min_scale, codes, projection->k_padded,
                                    steps, in_bfloat16, threads);
