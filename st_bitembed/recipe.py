@@ -264,7 +264,7 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         if unused:
             raise RecipeError(f"{source}.{stage_name}.loss.kl_precisions: {unused}")
         token_terms = BitEmbedLoss.terms_that_need(weights, "teacher_in_loss")
-        pooled_terms = [t for t in BitEmbedLoss.terms_that_need(weights, "teacher") if t not in token_terms]
+        pooled_terms = BitEmbedLoss.pooled_terms(weights)
         if token_terms and recipe.teacher is None and recipe.token_teacher is None:
             raise RecipeError(
                 f"{source}.{stage_name}.loss: {', '.join(token_terms)} > 0 needs a top-level teacher or token_teacher."

@@ -240,14 +240,15 @@ def train_stage(
     with ``resume`` they are read from there when they match these texts and ``teacher_name``. ``token_teacher``
     (None: ``teacher``) is the model the token-level terms learn from."""
     options = asdict(stage.loss)
-    token_terms = BitEmbedLoss.terms_that_need(options, "teacher_in_loss")
-    pooled_terms = [t for t in BitEmbedLoss.terms_that_need(options, "teacher") if t not in token_terms]
-    token_teacher = (token_teacher or teacher) if token_terms else None
+    if not BitEmbedLoss.terms_that_need(options, "teacher_in_loss"):
+        token_teacher = None
+    elif token_teacher is None:
+        token_teacher = teacher
     # Hidden-state distillation runs the teacher on every batch anyway, and those passes give the pooled targets too:
     # encoding the whole dataset beforehand would only add the cost of the texts the stage never reaches. Not so when
     # the token-level terms learn from another model.
     pooled_from_token_passes = options["hidden_states"] > 0 and token_teacher is teacher
-    needs_teacher_embeddings = bool(pooled_terms) and not pooled_from_token_passes
+    needs_teacher_embeddings = bool(BitEmbedLoss.pooled_terms(options)) and not pooled_from_token_passes
     processes = running_processes()
     if needs_teacher_embeddings and stage.precompute_teacher_embeddings:
         cache_file = output_dir / TEACHER_EMBEDDINGS_FILE

@@ -161,7 +161,8 @@ class BitEmbedLoss(nn.Module):
                 "token_teacher= is given but no token-level term is on, so it would be unused: give "
                 "hidden_states or attention_relation a weight above 0, or leave token_teacher out."
             )
-        token_teacher = token_teacher or teacher
+        if token_teacher is None:
+            token_teacher = teacher
         if in_loss and token_teacher is None:
             raise ValueError(
                 f"{', '.join(in_loss)} > 0 (token-level distillation) needs teacher= (or token_teacher=), run inside "
@@ -221,6 +222,12 @@ class BitEmbedLoss(nn.Module):
     def terms_that_need(cls, weights: Mapping[str, float], requirement: str) -> list[str]:
         """The active terms that have ``requirement`` (a :class:`TermNeeds` field), e.g. ``"same_tokenizer"``."""
         return [name for name in cls.active_terms(weights) if getattr(cls.TERMS[name].needs, requirement)]
+
+    @classmethod
+    def pooled_terms(cls, weights: Mapping[str, float]) -> list[str]:
+        """The active terms that need the teacher's sentence embeddings and not the teacher itself: they can read
+        embeddings encoded before training, from a teacher of any tokenizer."""
+        return [name for name in cls.terms_that_need(weights, "teacher") if not cls.TERMS[name].needs.teacher_in_loss]
 
     @classmethod
     def needs(cls, weights: Mapping[str, float]) -> TermNeeds:

@@ -63,6 +63,8 @@ def test_terms_declare_what_they_need_and_describe_themselves():
     assert needs.teacher and not needs.pairs and not needs.teacher_in_loss and not needs.same_tokenizer
     needs = BitEmbedLoss.needs({"infonce": 1.0, "hidden_states": 2.0})
     assert needs.pairs and needs.teacher_in_loss and needs.same_tokenizer
+    weights = {"similarity_kl": 1.0, "attention_relation": 1.0, "embedding_distill": 1.0, "hidden_states": 2.0}
+    assert BitEmbedLoss.pooled_terms(weights) == ["similarity_kl", "embedding_distill"]  # readable from labels
     options = {"infonce": 1.0, "attention_relation": 0.5, "precisions": ["float32", "int4"], "temperature": 0.02}
     assert BitEmbedLoss.describe(options, "teacher/x") == [
         "InfoNCE at float32/int4 (temperature 0.02)",
