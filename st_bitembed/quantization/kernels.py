@@ -8,21 +8,24 @@ materialised.
 
 The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
 
-- ``"native"`` (CPUs with AVX512-VNNI or AVX2 and without AMX, where a C compiler is found):
-  ``csrc/ternary_gemm.c``. With AVX512-VNNI, ``vpdpbusd`` (64 products per instruction) on weights kept at 2 bits
-  (a quarter of int8's bytes: a short query's GEMMs are bound by reading the weights); with AVX2, 16-bit
+- ``"native"`` (CPUs with AVX512-VNNI or AVX2, where a C compiler is found): ``csrc/ternary_gemm.c``. With
+  AVX512-VNNI, ``vpdpbusd`` (64 products per instruction) on weights kept at 2 bits (a quarter of int8's bytes: a
+  short query's GEMMs are bound by reading the weights), and on CPUs with AMX-INT8 batches of 64 tokens and more on
+  AMX tiles (``csrc/ternary_gemm_amx.c``: 16,384 products per instruction, the 2-bit weights unpacked per panel into
+  cache); with AVX2, 16-bit
   accumulators made possible by ternary weights, so each 32 products cost one multiply-add and one add where int8
   GEMM libraries take three instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer
   writes its uint8 input directly and the kernel applies the rescale and bias, so nothing else passes over the
   activations or the output (``benchmarks/kernel_speed.py``); both run in one foreign call per projection, or per
   group of projections of one input (:func:`native_linear`, ``csrc/ternary_linear.c``), which a short query's many
   small projections notice.
-- ``"fbgemm"`` (x86 CPUs without AMX): ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, FBGEMM's
+- ``"fbgemm"`` (x86 CPUs where the native kernel cannot be built):
+  ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, FBGEMM's
   uint8 x int8 GEMM on weights prepacked once (with their column sums, so the zero point costs nothing per call);
   it takes the float codes and makes them uint8 itself. On a 2-core AVX2 CPU it is 2-2.4x faster than oneDNN for
   16 rows (oneDNN's ``gemm:jit`` packs the weights at every call) and 5-25% slower for 256-2,048 rows
   (``benchmarks/kernel_speed.py``).
-- ``"onednn"`` (CPUs with AMX, or without FBGEMM): ``torch.ops.onednn.qlinear_pointwise`` with uint8 activations
+- ``"onednn"`` (x86 CPUs without FBGEMM): ``torch.ops.onednn.qlinear_pointwise`` with uint8 activations
   (codes + 128, zero point 128) and prepacked int8 weights; oneDNN picks AVX2 / AVX512-VNNI / AMX kernels.
 - ``"int_mm"`` (CUDA): ``torch._int_mm`` (cuBLASLt).
 - ``"float"`` (anything else): the same integer codes multiplied in float32, which is exact while
@@ -121,10 +124,8 @@ def _candidates(device_type: str) -> list[tuple[GemmBackend, Callable[[], bool]]
         return [("int_mm", _int_mm_works)]
     if device_type != "cpu":
         return []
-    # With AMX, oneDNN's AMX kernels are the fast int8 GEMM (what Inductor's x86 int8 path uses); without it, the
-    # native ternary kernel, then FBGEMM.
-    native, fbgemm, onednn = ("native", _native_works), ("fbgemm", _fbgemm_works), ("onednn", _onednn_works)
-    return [onednn, native, fbgemm] if torch.cpu._is_amx_tile_supported() else [native, fbgemm, onednn]
+    # The native kernel (AMX tiles for batches where the CPU has them), then the GEMM libraries.
+    return [("native", _native_works), ("fbgemm", _fbgemm_works), ("onednn", _onednn_works)]
 
 
 @functools.cache

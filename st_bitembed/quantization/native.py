@@ -5,6 +5,8 @@
   this kernel makes one call and one pass.
 - ``ternary_gemm.c``: uint8 activation codes x ternary weights (AVX512-VNNI on 2-bit weights, else AVX2 on int8
   weights with 16-bit accumulators), the GEMM of the ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
+- ``ternary_gemm_amx.c``: the same products on AMX tiles, for batches (:func:`native_amx_available`).
+- ``rms_norm.c``: the model's own RMSNorms that no BitLinear reads, in one pass (``native_norm.py``).
 - ``ternary_linear.c``: the two in one call (quantizer into a per-thread buffer, then the GEMM), for one projection
   or several of the same input (q, k and v; gate and up) at once: what BitLinear's inference runs on that backend.
 
@@ -36,9 +38,10 @@ from st_bitembed.quantization.ternary import MIN_SCALE
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name for name in ("activation_codes.c", "ternary_gemm.c", "ternary_linear.c")
+    Path(__file__).with_name("csrc") / name
+    for name in ("activation_codes.c", "ternary_gemm.c", "ternary_gemm_amx.c", "ternary_linear.c", "rms_norm.c")
 )
-HEADERS = (Path(__file__).with_name("csrc") / "ternary_gemm.h",)
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("ternary_gemm.h", "bfloat16.h"))
 # No FMA contraction: the kernel must round exactly as the PyTorch path's separate multiply and add do.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 # Projections of one input per ternary_linear call: csrc/ternary_linear.c's MAX_PROJECTIONS.
@@ -51,6 +54,8 @@ Uint8ActivationCodes = Callable[..., torch.Tensor]
 TernaryGemm = Callable[..., None]
 # (activations, projections, outs, chunk rows) -> None
 TernaryLinear = Callable[..., None]
+# (activations, float32 scale, eps, round before scale) -> normalised activations
+RmsNorm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
 
 def _processor_id() -> str:
@@ -101,6 +106,12 @@ def _load(path: Path) -> ctypes.CDLL:
     library.ternary_linear.restype = ctypes.c_int
     for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
         function.restype = None
+    library.ternary_gemm_set_amx_min_rows.argtypes = [integer]
+    library.ternary_gemm_set_amx_min_rows.restype = integer
+    library.ternary_gemm_amx_available.argtypes, library.ternary_gemm_amx_available.restype = [], ctypes.c_int
+    library.rms_norm.argtypes = [pointer, integer, integer, integer, pointer, real, ctypes.c_int, ctypes.c_int]
+    library.rms_norm.argtypes += [pointer, ctypes.c_int]
+    library.rms_norm.restype = None
     layout_functions = (library.ternary_gemm_panel, library.ternary_gemm_tile_rows, library.ternary_gemm_weight_bits)
     for function in layout_functions:
         function.argtypes, function.restype = [], ctypes.c_int
@@ -206,6 +217,22 @@ def native_gemm_layout() -> NativeLayout | None:
         library.ternary_gemm_weight_bits(),
     )
     return NativeLayout(panel, tile_rows, weight_bits)
+
+
+def native_amx_available() -> bool:
+    """Whether the native GEMM runs batches on AMX tiles here (``csrc/ternary_gemm_amx.c``: built for a processor
+    with AMX-INT8, and Linux granted the process the tile state)."""
+    layout = native_gemm_layout()
+    return layout is not None and layout.weight_bits == 2 and bool(_library().ternary_gemm_amx_available())
+
+
+def set_amx_min_rows(min_rows: int) -> int:
+    """Sets from how many rows (tokens) the native GEMM multiplies on AMX tiles where :func:`native_amx_available`
+    (fewer rows run on AVX512-VNNI, straight from the 2-bit weights: a short query waits on reading the weights, not
+    on arithmetic); a negative number: never, 0: always. Returns the previous setting (-1 where there is no AMX
+    build). For tests and benchmarks of either path; the default suits this library's models."""
+    library = _library()
+    return -1 if library is None else library.ternary_gemm_set_amx_min_rows(min_rows)
 
 
 @functools.cache
@@ -326,3 +353,27 @@ def native_ternary_linear() -> TernaryLinear | None:
             raise MemoryError(f"BitLinear's native kernel could not allocate codes for {chunk_rows} x {cols} inputs")
 
     return ternary_linear
+
+
+@functools.cache
+def native_rms_norm() -> RmsNorm | None:
+    """``csrc/rms_norm.c``: an RMSNorm over the last dimension of float32 or bfloat16 activations whose last dimension
+    has unit stride and whose rows have one stride (anything else: ``ValueError``), or ``None`` where the kernels
+    cannot be built. ``scale`` is the per-channel float32 factor (the norm's weight, plus 1 for Gemma);
+    ``round_before_scale``: the normalised values are rounded to the activations' dtype before the scale (Llama,
+    Qwen), else only the product is (Gemma). Returns a new contiguous tensor of the activations' shape and dtype."""
+    library = _library()
+    if library is None:
+        return None
+
+    def rms_norm(activations: torch.Tensor, scale: torch.Tensor, eps: float, round_before_scale: bool) -> torch.Tensor:
+        flat = activations.view(-1, activations.shape[-1])  # raises where the rows do not share one stride
+        if flat.stride(-1) != 1:
+            raise ValueError("rms_norm reads rows of unit stride")
+        out = torch.empty(activations.shape, dtype=activations.dtype)
+        library.rms_norm(flat.data_ptr(), flat.shape[0], flat.shape[1], flat.stride(0), scale.data_ptr(), eps,
+                         round_before_scale, activations.dtype == torch.bfloat16, out.data_ptr(),
+                         torch.get_num_threads())  # fmt: skip
+        return out
+
+    return rms_norm

@@ -129,7 +129,8 @@ def test_the_native_gemm_ignores_what_the_padding_of_its_input_holds(padding_cod
 def test_the_avx2_kernel_is_exact_where_the_default_build_is_the_avx512_one(tmp_path, monkeypatch):
     """On an AVX512-VNNI processor the AVX2 kernel (16-bit sums) is built too, without AVX512, and checked: exact
     integer products (also at the largest 16-bit sums) and bf16 outputs rounded as PyTorch rounds."""
-    if native_gemm_layout() != (48, 8, 2):
+    layout = native_gemm_layout()
+    if layout is None or (layout.panel, layout.weight_bits) != (48, 2):
         pytest.skip("the default build here is not the AVX512-VNNI kernel: the AVX2 one is tested in test_kernels")
     monkeypatch.setenv("ST_BITEMBED_CACHE", str(tmp_path))
     avx2 = native._load(native._build(native._compiler(), ["-mno-avx512f"]))
@@ -246,3 +247,39 @@ def test_one_call_takes_as_many_projections_as_the_kernel_s_limit_and_no_more():
     for count in (0, MAX_PROJECTIONS + 1):
         with pytest.raises(ValueError, match=f"1 to {MAX_PROJECTIONS} projections of one input per call, got {count}"):
             native_projections((projections * 2)[:count])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_tiles_give_the_exact_products_of_the_vnni_kernel(dtype):
+    """On a CPU with AMX, batches run on AMX tiles (ternary_gemm_amx.c) and short queries on AVX512-VNNI: both exact,
+    so one projection gives bit for bit the same outputs on either path, for any number of rows, odd numbers of
+    panels (an item of one panel), inputs that are not whole tiles (those stay on AVX512-VNNI) and chunked inputs."""
+    if not native.native_amx_available():
+        pytest.skip("no AMX here (or Linux refused the tile state): the AVX512-VNNI / AVX2 kernels are tested above")
+    torch.manual_seed(4)
+    previous = native.set_amx_min_rows(0)
+    try:
+        for rows, in_features, out_features in ((1, 64, 48), (33, 128, 100), (300, 1024, 96), (513, 640, 1000),
+                                                (40, 601, 50)):  # fmt: skip
+            codes = torch.randint(-127, 128, (rows, in_features)).float()
+            weight_codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
+            weight = prepare_ternary_weight(weight_codes, torch.tensor(1.0), "native")
+            native.set_amx_min_rows(0)
+            on_tiles = integer_product(codes, weight)
+            native.set_amx_min_rows(-1)
+            assert torch.equal(integer_product(codes, weight), on_tiles)
+            assert torch.equal(on_tiles.double(), codes.double() @ weight_codes.double().T)
+        extremes = torch.full((40, 1024), 127.0)
+        weight = prepare_ternary_weight(-torch.ones(50, 1024, dtype=torch.int8), torch.tensor(1.0), "native")
+        native.set_amx_min_rows(0)
+        assert (integer_product(extremes, weight) == -127 * 1024).all()
+        weight_codes = torch.randint(-1, 2, (200, 3072), dtype=torch.int8)
+        weight = prepare_ternary_weight(weight_codes, torch.tensor(0.3), "native")
+        activations, norm_weight, bias = (torch.randn(700, 3072) * 2).to(dtype), torch.rand(3072) * 2, torch.randn(200)
+        outputs = []
+        for min_rows in (0, -1):  # 700 x 3,072 inputs: chunks of 682 and 18 rows
+            native.set_amx_min_rows(min_rows)
+            outputs.append(ternary_linear(activations, weight, bias, norm_weight))
+        assert outputs[0].dtype == dtype and torch.equal(outputs[0], outputs[1])
+    finally:
+        native.set_amx_min_rows(previous)

@@ -31,6 +31,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bfloat16.h"
 #include "ternary_gemm.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -57,9 +58,18 @@
                         * on AVX2 also the int16 limit: 64 pair sums of magnitude <= 510 stay below 32,768 */
 #define BLOCK_ROWS 64  /* rows whose accumulators and codes stay in L1 while a panel's weights pass */
 
+#if defined(VNNI512) && defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
+#define AMX 1
+#define ROW_PADDING 32       /* the AMX tiles read 2 x 16 rows of codes */
+#define AMX_BLOCK_ROWS 256   /* rows per unpacking of two panels (ternary_gemm_amx.c) */
+#define AMX_PANELS 2         /* panels per item: 6 column tiles, in 3 pairs */
+#else
+#define ROW_PADDING TILE_ROWS
+#endif
+
 #ifdef PANEL
 int ternary_gemm_panel(void) { return PANEL; }
-int ternary_gemm_tile_rows(void) { return TILE_ROWS; }
+int ternary_gemm_tile_rows(void) { return ROW_PADDING; }
 int ternary_gemm_weight_bits(void) { return WEIGHT_BITS; }
 #else
 int ternary_gemm_panel(void) { return 0; }
@@ -76,13 +86,6 @@ int ternary_gemm_weight_bits(void) { return 0; }
 #define ACCUMULATORS_IN_REGISTERS
 #endif
 
-/* float32 -> bfloat16 rounding half to even, as PyTorch's conversion (a NaN stays a NaN). */
-static inline uint16_t to_bfloat16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    if (value != value) return 0xffff;
-    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
 #endif
 
 #ifdef VNNI512
@@ -238,37 +241,20 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
 #endif
 
 #ifdef PANEL
-/* One panel of one block of rows of a job: its integer product, then its rescaled outputs. */
-static void block_panel(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel,
-                        int out_bfloat16) {
-    int32_t sums[BLOCK_ROWS * PANEL] __attribute__((aligned(64)));
-    const uint8_t *codes = job->codes;
-    const int64_t code_stride = job->code_stride, k_padded = job->k_padded, out_features = job->out_features;
-    const int64_t first_row = block * BLOCK_ROWS;
-    const int64_t block_rows = rows - first_row < BLOCK_ROWS ? rows - first_row : BLOCK_ROWS;
-    const int64_t tiles = (block_rows + TILE_ROWS - 1) / TILE_ROWS;
-    memset(sums, 0, sizeof(int32_t) * tiles * TILE_ROWS * PANEL);
-    int32_t code_sums[BLOCK_ROWS] = {0}; /* stay 0 for 8-bit weights */
-#if WEIGHT_BITS == 2 /* per block, beside its panel: 1/48 of the panel's multiply-adds, no allocation */
-    row_sums(codes + first_row * code_stride, block_rows, code_stride, k_padded, code_sums);
-#endif
-    const uint8_t *weights = (const uint8_t *)job->packed + panel * PACKED_BYTES(k_padded);
-    for (int64_t k = 0; k < k_padded; k += BLOCK_K) {
-        const int64_t steps_here = (k_padded - k < BLOCK_K ? k_padded - k : BLOCK_K) / 4;
-        for (int64_t t = 0; t < tiles; ++t)
-            tile(codes + (first_row + t * TILE_ROWS) * code_stride + k, code_stride,
-                 (const void *)(weights + PACKED_BYTES(k)), steps_here, sums + t * TILE_ROWS * PANEL);
-    }
-    const int64_t first_out = panel * PANEL;
+/* Rows first_row .. first_row + count - 1 of one panel of a job, from their integer sums ([count][sums_stride]; code_sums:
+ * each row's sum of codes for 2-bit weights stored + 1, NULL where the sums are the products already). */
+static void finish_rows(const struct ternary_gemm_job *job, int64_t first_row, int64_t count, int64_t panel,
+                        const int32_t *sums, int64_t sums_stride, const int32_t *code_sums, int out_bfloat16) {
+    const int64_t out_features = job->out_features, first_out = panel * PANEL;
     const int64_t outs = out_features - first_out < PANEL ? out_features - first_out : PANEL;
     const float *bias = job->bias;
     const int32_t *column_sums = job->column_sums;
     void *out = job->out;
-    for (int64_t r = 0; r < block_rows; ++r) {
+    for (int64_t r = 0; r < count; ++r) {
         const float row_scale = job->steps[first_row + r] * job->scale;
-        const int32_t row_sum = code_sums[r];
+        const int32_t row_sum = code_sums ? code_sums[r] : 0;
         const int64_t offset = (first_row + r) * out_features + first_out;
-        const int32_t *row_sums = sums + r * PANEL;
+        const int32_t *row_sums = sums + r * sums_stride;
         if (outs == PANEL) {
             const float *row_bias = bias ? bias + first_out : NULL;
             void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
@@ -286,29 +272,122 @@ static void block_panel(const struct ternary_gemm_job *job, int64_t rows, int64_
         }
     }
 }
+
+/* One panel of one block of BLOCK_ROWS rows of a job: its integer product, then its rescaled outputs. */
+static void block_panel(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel,
+                        int out_bfloat16) {
+    int32_t sums[BLOCK_ROWS * PANEL] __attribute__((aligned(64)));
+    const uint8_t *codes = job->codes;
+    const int64_t code_stride = job->code_stride, k_padded = job->k_padded;
+    const int64_t first_row = block * BLOCK_ROWS;
+    const int64_t block_rows = rows - first_row < BLOCK_ROWS ? rows - first_row : BLOCK_ROWS;
+    const int64_t tiles = (block_rows + TILE_ROWS - 1) / TILE_ROWS;
+    memset(sums, 0, sizeof(int32_t) * tiles * TILE_ROWS * PANEL);
+    int32_t code_sums[BLOCK_ROWS] = {0}; /* stay 0 for 8-bit weights */
+#if WEIGHT_BITS == 2 /* per block, beside its panel: 1/48 of the panel's multiply-adds, no allocation */
+    row_sums(codes + first_row * code_stride, block_rows, code_stride, k_padded, code_sums);
 #endif
+    const uint8_t *weights = (const uint8_t *)job->packed + panel * PACKED_BYTES(k_padded);
+    for (int64_t k = 0; k < k_padded; k += BLOCK_K) {
+        const int64_t steps_here = (k_padded - k < BLOCK_K ? k_padded - k : BLOCK_K) / 4;
+        for (int64_t t = 0; t < tiles; ++t)
+            tile(codes + (first_row + t * TILE_ROWS) * code_stride + k, code_stride,
+                 (const void *)(weights + PACKED_BYTES(k)), steps_here, sums + t * TILE_ROWS * PANEL);
+    }
+    finish_rows(job, first_row, block_rows, panel, sums, PANEL, code_sums, out_bfloat16);
+}
+#endif
+
+#ifdef AMX
+/* Up to AMX_PANELS panels (from `panel`) of one block of AMX_BLOCK_ROWS rows of a job on AMX tiles
+ * (ternary_gemm_amx.c): the panels unpacked to int8 once, then 32 rows at a time; between amx_begin and amx_end. */
+static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel,
+                             int out_bfloat16) {
+    int32_t sums[32 * AMX_PANELS * PANEL] __attribute__((aligned(64)));
+    const int64_t first_row = block * AMX_BLOCK_ROWS, k_padded = job->k_padded;
+    const int64_t block_rows = rows - first_row < AMX_BLOCK_ROWS ? rows - first_row : AMX_BLOCK_ROWS;
+    const int64_t panels_left = (job->out_features + PANEL - 1) / PANEL - panel;
+    const int64_t count = panels_left < AMX_PANELS ? panels_left : AMX_PANELS;
+    const uint8_t *packed = (const uint8_t *)job->packed + panel * PACKED_BYTES(k_padded);
+    const int8_t *weights = amx_unpack_panels(packed, count, k_padded);
+    if (!weights) { /* no memory for the unpacked panels: the AVX512-VNNI tiles, which need none */
+        for (int64_t p = panel; p < panel + count; ++p)
+            for (int64_t start = first_row; start < first_row + block_rows; start += BLOCK_ROWS)
+                block_panel(job, rows, start / BLOCK_ROWS, p, out_bfloat16);
+        return;
+    }
+    const int64_t sums_stride = count * PANEL;
+    for (int64_t t = 0; t < block_rows; t += 32) {
+        amx_row_pair_sums(job->codes + (first_row + t) * job->code_stride, job->code_stride, weights, 3 * count,
+                          k_padded, sums, sums_stride);
+        for (int64_t p = 0; p < count; ++p)
+            finish_rows(job, first_row + t, block_rows - t < 32 ? block_rows - t : 32, panel + p, sums + p * PANEL,
+                        sums_stride, NULL, out_bfloat16);
+    }
+}
+
+/* From how many rows the AMX tiles run (below: AVX512-VNNI, which reads the 2-bit weights directly); negative:
+ * never. See ternary_gemm_set_amx_min_rows. */
+static int64_t amx_min_rows = 64;
+#endif
+
+/* Sets from how many rows the AMX tiles run (negative: never; 0: always), where they are available, and returns
+ * the previous setting (-1 without AMX): for tests and benchmarks of either path. */
+int64_t ternary_gemm_set_amx_min_rows(int64_t min_rows) {
+#ifdef AMX
+    const int64_t previous = amx_min_rows;
+    amx_min_rows = min_rows;
+    return previous;
+#else
+    (void)min_rows;
+    return -1;
+#endif
+}
 
 /* The products of several weights (e.g. q, k and v of one input) in one parallel loop over all their panels: one
  * fork and join instead of one per weight, and threads share out the panels of all of them. */
 void ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64_t rows, int out_bfloat16,
                        int threads) {
 #ifdef PANEL
-    const int64_t row_blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-    int64_t items = 0, work = 0;
+    int use_amx = 0;
+#ifdef AMX
+    use_amx = amx_min_rows >= 0 && rows >= amx_min_rows && ternary_gemm_amx_available();
+    for (int64_t j = 0; j < count; ++j) use_amx = use_amx && jobs[j].k_padded % 64 == 0; /* whole tiles */
+    const int64_t block_rows = use_amx ? AMX_BLOCK_ROWS : BLOCK_ROWS, panels_per_item = use_amx ? AMX_PANELS : 1;
+#else
+    const int64_t block_rows = BLOCK_ROWS, panels_per_item = 1;
+#endif
+    const int64_t row_blocks = (rows + block_rows - 1) / block_rows;
+    if (count < 1 || count > TERNARY_GEMM_MAX_JOBS) return;
+    int64_t items = 0, work = 0, job_items[TERNARY_GEMM_MAX_JOBS];
     for (int64_t j = 0; j < count; ++j) {
-        items += row_blocks * ((jobs[j].out_features + PANEL - 1) / PANEL);
+        const int64_t panels = (jobs[j].out_features + PANEL - 1) / PANEL;
+        job_items[j] = row_blocks * ((panels + panels_per_item - 1) / panels_per_item);
+        items += job_items[j];
         work += rows * jobs[j].out_features * jobs[j].k_padded;
     }
-#pragma omp parallel for num_threads(threads) schedule(static) if (work >= (1 << 18))
-    for (int64_t item = 0; item < items; ++item) {
-        int64_t j = 0, rest = item; /* the job, then (block, panel) within it, in the order of one job's loop */
-        for (; j < count; ++j) {
-            const int64_t job_items = row_blocks * ((jobs[j].out_features + PANEL - 1) / PANEL);
-            if (rest < job_items) break;
-            rest -= job_items;
+#pragma omp parallel num_threads(threads) if (work >= (1 << 18))
+    {
+#ifdef AMX
+        if (use_amx) amx_begin(); /* the tile configuration is each thread's own */
+#endif
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            int64_t j = 0, rest = item; /* the job, then (block, panel group) within it, in the order of one job's loop */
+            for (; j < count && rest >= job_items[j]; ++j) rest -= job_items[j];
+            const int64_t groups = job_items[j] / row_blocks, block = rest / groups;
+            const int64_t panel = (rest % groups) * panels_per_item;
+#ifdef AMX
+            if (use_amx) {
+                amx_block_panels(&jobs[j], rows, block, panel, out_bfloat16);
+                continue;
+            }
+#endif
+            block_panel(&jobs[j], rows, block, panel, out_bfloat16);
         }
-        const int64_t panels = (jobs[j].out_features + PANEL - 1) / PANEL;
-        block_panel(&jobs[j], rows, rest / panels, rest % panels, out_bfloat16);
+#ifdef AMX
+        if (use_amx) amx_end();
+#endif
     }
 #else
     (void)jobs, (void)count, (void)rows, (void)out_bfloat16, (void)threads;

@@ -17,8 +17,19 @@ struct ternary_gemm_job {
     void *out;
 };
 
+/* Jobs per ternary_gemm_jobs call, the projections of one input per ternary_linear call: native.py's MAX_PROJECTIONS */
+#define TERNARY_GEMM_MAX_JOBS 8
+
 void ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64_t rows, int out_bfloat16,
                        int threads);
 int ternary_gemm_tile_rows(void);
+
+/* ternary_gemm_amx.c: AMX tiles on the 2-bit panels (only where ternary_gemm_amx_available()). */
+int ternary_gemm_amx_available(void);
+void amx_begin(void);
+void amx_end(void);
+const int8_t *amx_unpack_panels(const uint8_t *panels, int64_t count, int64_t k_padded);
+void amx_row_pair_sums(const uint8_t *codes, int64_t code_stride, const int8_t *weights, int64_t tiles,
+                       int64_t k_padded, int32_t *sums, int64_t sums_stride);
 
 #endif

@@ -39,14 +39,13 @@ static _Thread_local size_t scratch_bytes;
 int ternary_linear(const struct ternary_projection *projections, int64_t count, const void *x, int64_t rows,
                    int64_t cols, int64_t row_stride, int in_bfloat16, float min_scale, void *const *outs,
                    int out_bfloat16, int64_t chunk_rows, int threads) {
-    enum { MAX_PROJECTIONS = 8 }; /* native.py's MAX_PROJECTIONS */
     const int64_t tile_rows = ternary_gemm_tile_rows();
-    if (tile_rows <= 0 || count < 1 || count > MAX_PROJECTIONS) return -1;
+    if (tile_rows <= 0 || count < 1 || count > TERNARY_GEMM_MAX_JOBS) return -1;
     if (chunk_rows > rows) chunk_rows = rows;
     if (chunk_rows < 1) chunk_rows = 1;
     const int64_t padded_rows = chunk_rows + (tile_rows - chunk_rows % tile_rows) % tile_rows;
     /* each projection's codes, then its steps, each part starting on a cache line */
-    size_t code_offsets[MAX_PROJECTIONS], step_offsets[MAX_PROJECTIONS], needed = 0;
+    size_t code_offsets[TERNARY_GEMM_MAX_JOBS], step_offsets[TERNARY_GEMM_MAX_JOBS], needed = 0;
     for (int64_t p = 0; p < count; ++p) {
         code_offsets[p] = needed;
         step_offsets[p] = needed + (size_t)(padded_rows * projections[p].k_padded + 63) / 64 * 64;
@@ -59,7 +58,7 @@ int ternary_linear(const struct ternary_projection *projections, int64_t count, 
         scratch_bytes = needed;
     }
     const size_t in_size = in_bfloat16 ? 2 : 4, out_size = out_bfloat16 ? 2 : 4;
-    struct ternary_gemm_job jobs[MAX_PROJECTIONS];
+    struct ternary_gemm_job jobs[TERNARY_GEMM_MAX_JOBS];
     for (int64_t start = 0; start < rows; start += chunk_rows) {
         const int64_t here = rows - start < chunk_rows ? rows - start : chunk_rows;
         const void *chunk = (const char *)x + (size_t)(start * row_stride) * in_size;
