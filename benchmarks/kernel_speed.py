@@ -1,5 +1,6 @@
 """The BitLinear inference pieces alone: the activation quantizer (compiled vs PyTorch operators) and the integer GEMM
-backends (the native ternary kernel, FBGEMM, oneDNN; each from float codes, as ``integer_product`` takes them) against
+backends (the native ternary kernel, also without its AMX tiles where it has them, FBGEMM, oneDNN; each from float
+codes, as ``integer_product`` takes them) against
 the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections; a short
 query through many projections, and q, k and v in one native call against one call each.
 
@@ -25,7 +26,12 @@ from st_bitembed.quantization.kernels import (
     ternary_linear,
     torch_activation_codes,
 )
-from st_bitembed.quantization.native import native_activation_codes, native_projections
+from st_bitembed.quantization.native import (
+    native_activation_codes,
+    native_amx_available,
+    native_projections,
+    set_amx_min_rows,
+)
 
 # (in_features, out_features) of real projections: MiniLM attention / MLP, Gemma3-270M MLP, Qwen3-0.6B MLP.
 SHAPES = ((384, 384), (384, 1536), (640, 2048), (1024, 3072), (3072, 1024))
@@ -70,7 +76,10 @@ def main() -> None:
                 continue
             fused = milliseconds(lambda: compiled(activations, norm_weight, 1e-6, 0))
             print(f"| {tokens} x {in_features} | {eager:.3f} | {fused:.3f} | {eager / fused:.1f}x |")
-    print("\n| tokens x in x out | fp32 matmul | bf16 matmul | native | FBGEMM | oneDNN |\n|---|---|---|---|---|---|")
+    amx = native_amx_available()  # then a column of the native kernel without its AMX tiles (AVX512-VNNI only)
+    vnni_column = " native, AVX512-VNNI only |" if amx else ""
+    print(f"\n| tokens x in x out | fp32 matmul | bf16 matmul | native |{vnni_column} FBGEMM | oneDNN |")
+    print("|---" * (6 + amx) + "|")
     for tokens in TOKENS:
         for in_features, out_features in SHAPES:
             codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
@@ -89,6 +98,10 @@ def main() -> None:
                     continue
                 shifted = activations + offset
                 cells.append(milliseconds(lambda: integer_product(shifted, weight)))
+                if backend == "native" and amx:
+                    default = set_amx_min_rows(-1)
+                    cells.append(milliseconds(lambda: integer_product(shifted, weight)))
+                    set_amx_min_rows(default)
             row = " | ".join(f"{cell:.3f}" for cell in cells)
             print(f"| {tokens} x {in_features} x {out_features} | {row} |")
     query_through_layers()

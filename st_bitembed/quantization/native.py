@@ -228,9 +228,8 @@ def native_amx_available() -> bool:
 
 def set_amx_min_rows(min_rows: int) -> int:
     """Sets from how many rows (tokens) the native GEMM multiplies on AMX tiles where :func:`native_amx_available`
-    (fewer rows run on AVX512-VNNI, straight from the 2-bit weights: a short query waits on reading the weights, not
-    on arithmetic); a negative number: never, 0: always. Returns the previous setting (-1 where there is no AMX
-    build). For tests and benchmarks of either path; the default suits this library's models."""
+    (fewer rows run on AVX512-VNNI); a negative number: never, 0: always (the default: the tiles are faster at every
+    size). Returns the previous setting (-1 where there is no AMX build). For tests and benchmarks of either path."""
     library = _library()
     return -1 if library is None else library.ternary_gemm_set_amx_min_rows(min_rows)
 

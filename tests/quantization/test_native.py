@@ -251,9 +251,10 @@ def test_one_call_takes_as_many_projections_as_the_kernel_s_limit_and_no_more():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_tiles_give_the_exact_products_of_the_vnni_kernel(dtype):
-    """On a CPU with AMX, batches run on AMX tiles (ternary_gemm_amx.c) and short queries on AVX512-VNNI: both exact,
-    so one projection gives bit for bit the same outputs on either path, for any number of rows, odd numbers of
-    panels (an item of one panel), inputs that are not whole tiles (those stay on AVX512-VNNI) and chunked inputs."""
+    """On a CPU with AMX the native GEMM runs on AMX tiles (ternary_gemm_amx.c: weights streamed for up to 64 rows,
+    unpacked per block beyond): exact, so one projection gives bit for bit the outputs of the AVX512-VNNI path, for
+    any number of rows, odd numbers of panels (an item of one panel), inputs that are not whole tiles (those stay on
+    AVX512-VNNI) and chunked inputs."""
     if not native.native_amx_available():
         pytest.skip("no AMX here (or Linux refused the tile state): the AVX512-VNNI / AVX2 kernels are tested above")
     torch.manual_seed(4)

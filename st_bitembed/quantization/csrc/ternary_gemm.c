@@ -63,6 +63,7 @@
 #define ROW_PADDING 32       /* the AMX tiles read 2 x 16 rows of codes */
 #define AMX_BLOCK_ROWS 256   /* rows per unpacking of two panels (ternary_gemm_amx.c) */
 #define AMX_PANELS 2         /* panels per item: 6 column tiles, in 3 pairs */
+#define AMX_FEW_ROWS 64 /* rows up to which the weights are streamed and unpacked per 16 rows (amx_few_rows_sums) */
 #else
 #define ROW_PADDING TILE_ROWS
 #endif
@@ -300,7 +301,8 @@ static void block_panel(const struct ternary_gemm_job *job, int64_t rows, int64_
 
 #ifdef AMX
 /* Up to AMX_PANELS panels (from `panel`) of one block of AMX_BLOCK_ROWS rows of a job on AMX tiles
- * (ternary_gemm_amx.c): the panels unpacked to int8 once, then 32 rows at a time; between amx_begin and amx_end. */
+ * (ternary_gemm_amx.c): up to AMX_FEW_ROWS rows in all, the panels' weights streamed, 16 rows at a time; more, the
+ * panels unpacked to int8 once, then 32 rows at a time; between amx_begin and amx_end. */
 static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel,
                              int out_bfloat16) {
     int32_t sums[32 * AMX_PANELS * PANEL] __attribute__((aligned(64)));
@@ -309,6 +311,17 @@ static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, i
     const int64_t panels_left = (job->out_features + PANEL - 1) / PANEL - panel;
     const int64_t count = panels_left < AMX_PANELS ? panels_left : AMX_PANELS;
     const uint8_t *packed = (const uint8_t *)job->packed + panel * PACKED_BYTES(k_padded);
+    const int64_t sums_stride = count * PANEL;
+    if (rows <= AMX_FEW_ROWS) { /* a short query (one block): the weights streamed, unpacked 64 inputs at a time */
+        for (int64_t t = 0; t < rows; t += 16) {
+            amx_few_rows_sums(job->codes + t * job->code_stride, job->code_stride, packed, count, k_padded, sums,
+                              sums_stride);
+            for (int64_t p = 0; p < count; ++p)
+                finish_rows(job, t, rows - t < 16 ? rows - t : 16, panel + p, sums + p * PANEL, sums_stride, NULL,
+                            out_bfloat16);
+        }
+        return;
+    }
     const int8_t *weights = amx_unpack_panels(packed, count, k_padded);
     if (!weights) { /* no memory for the unpacked panels: the AVX512-VNNI tiles, which need none */
         for (int64_t p = panel; p < panel + count; ++p)
@@ -316,7 +329,6 @@ static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, i
                 block_panel(job, rows, start / BLOCK_ROWS, p, out_bfloat16);
         return;
     }
-    const int64_t sums_stride = count * PANEL;
     for (int64_t t = 0; t < block_rows; t += 32) {
         amx_row_pair_sums(job->codes + (first_row + t) * job->code_stride, job->code_stride, weights, 3 * count,
                           k_padded, sums, sums_stride);
@@ -326,9 +338,9 @@ static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, i
     }
 }
 
-/* From how many rows the AMX tiles run (below: AVX512-VNNI, which reads the 2-bit weights directly); negative:
- * never. See ternary_gemm_set_amx_min_rows. */
-static int64_t amx_min_rows = 64;
+/* From how many rows the AMX tiles run (below: AVX512-VNNI); negative: never. They are faster at every size
+ * (benchmarks/kernel_speed.py): 0. See ternary_gemm_set_amx_min_rows. */
+static int64_t amx_min_rows = 0;
 #endif
 
 /* Sets from how many rows the AMX tiles run (negative: never; 0: always), where they are available, and returns

@@ -2,13 +2,15 @@
  *
  * Why: one AMX tile product (tdpbusd) multiplies 16 rows x 64 uint8 codes by 64 x 16 int8 weights, 16,384
  * multiply-adds, where vpdpbusd does 64: per core about four times the integer throughput of AVX512-VNNI, and twice
- * what the same tiles do in bf16 (the teacher's matmul on such a CPU). A short query's GEMMs wait on memory, not on
- * arithmetic: ternary_gemm.c keeps them on AVX512-VNNI and 2-bit weights below ternary_gemm_amx_min_rows rows.
+ * what the same tiles do in bf16 (the teacher's matmul on such a CPU).
  *
- * The weights stay at 2 bits in memory. The tiles want int8 weights: each thread unpacks the two panels it works on
- * (96 outputs; the 2-bit layout's panels are 48) into a buffer of its own, once per block of up to AMX_BLOCK_ROWS
- * rows (ternary_gemm.c), which then serves every 32 rows of the block from cache: 2 x 2 tiles of 16 rows x 16
- * outputs, whose codes stay in L1 while the outputs pass. The products are exact: uint8 codes (signed + 128) x weight
+ * The weights stay at 2 bits in memory; the tiles want int8 weights. Batches (amx_row_pair_sums): each thread unpacks
+ * the two panels it works on (96 outputs; the 2-bit layout's panels are 48) into a buffer of its own, once per block
+ * of up to AMX_BLOCK_ROWS rows (ternary_gemm.c), which then serves every 32 rows of the block from cache: 2 x 2 tiles
+ * of 16 rows x 16 outputs, whose codes stay in L1 while the outputs pass. A short query (amx_few_rows_sums), whose
+ * GEMMs read each weight for one or two tiles of codes: the weights are streamed, 64 inputs of the panels unpacked
+ * into L1 and used at once. Both beat AVX512-VNNI at every number of rows (benchmarks/kernel_speed.py): with one
+ * vpdpbusd per cycle on such a CPU, 16 tokens already make the AVX512-VNNI kernel wait on arithmetic. The products are exact: uint8 codes (signed + 128) x weight
  * codes in {-1, 0, 1}, summed in int32; ternary_gemm.c takes the zero point back out (128 x column sums) and rescales.
  *
  * The process asks Linux once for the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM)); where that is refused (an older
@@ -121,6 +123,75 @@ void amx_row_pair_sums(const uint8_t *codes, int64_t code_stride, const int8_t *
             _tile_stored(1, sums + 16 * other, stride_bytes);
             _tile_stored(3, sums + 16 * sums_stride + 16 * other, stride_bytes);
         }
+    }
+}
+
+#define UNPACK_AHEAD 4096 /* bytes of packed weights asked for ahead of the one being unpacked (as ternary_gemm.c) */
+
+/* sums[16][16 * tiles] (row stride sums_stride int32) = codes[16 rows][k_padded] . `count` consecutive 2-bit panels,
+ * k_padded a multiple of 64; between amx_begin and amx_end. For a few rows (a short query), where each weight serves
+ * one tile of codes: every 64 inputs of the panels are unpacked into an L1 buffer and used at once, the weights read
+ * from memory once, and one tile of codes serves the 3 * count products (tiles 0-5: sums, 6: codes, 7: weights). */
+void amx_few_rows_sums(const uint8_t *codes, int64_t code_stride, const uint8_t *panels, int64_t count,
+                       int64_t k_padded, int32_t *sums, int64_t sums_stride) {
+    int8_t block[6 * 1024] __attribute__((aligned(64)));
+    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+    const int64_t panel_bytes = k_padded * 12;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_zero(4);
+    _tile_zero(5);
+    for (int64_t k = 0; k < k_padded; k += 64) {
+        for (int64_t panel = 0; panel < count; ++panel) {
+            const uint8_t *source = panels + panel * panel_bytes + (k / 16) * 192; /* 4 groups of 16 inputs */
+            _mm_prefetch((const char *)source + UNPACK_AHEAD, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 128, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 192, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 256, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 320, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 384, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 448, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 512, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 576, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 640, _MM_HINT_T0);
+            _mm_prefetch((const char *)source + UNPACK_AHEAD + 704, _MM_HINT_T0);
+            for (int group = 0; group < 4; ++group)
+                for (int j = 0; j < 3; ++j) {
+                    const __m512i packed = _mm512_loadu_si512(source + group * 192 + 64 * j);
+                    int8_t *rows = block + (3 * panel + j) * 1024 + group * 4 * 64;
+                    for (int step = 0; step < 4; ++step) {
+                        const __m512i unpacked_codes = _mm512_and_si512(_mm512_srli_epi16(packed, 2 * step), three);
+                        _mm512_store_si512(rows + step * 64, _mm512_sub_epi8(unpacked_codes, one));
+                    }
+                }
+        }
+        _tile_loadd(6, codes + k, code_stride);
+        _tile_loadd(7, block, 64);
+        _tile_dpbusd(0, 6, 7);
+        _tile_loadd(7, block + 1024, 64);
+        _tile_dpbusd(1, 6, 7);
+        _tile_loadd(7, block + 2048, 64);
+        _tile_dpbusd(2, 6, 7);
+        if (count == 2) {
+            _tile_loadd(7, block + 3072, 64);
+            _tile_dpbusd(3, 6, 7);
+            _tile_loadd(7, block + 4096, 64);
+            _tile_dpbusd(4, 6, 7);
+            _tile_loadd(7, block + 5120, 64);
+            _tile_dpbusd(5, 6, 7);
+        }
+    }
+    const int64_t stride_bytes = sums_stride * 4;
+    _tile_stored(0, sums, stride_bytes);
+    _tile_stored(1, sums + 16, stride_bytes);
+    _tile_stored(2, sums + 32, stride_bytes);
+    if (count == 2) {
+        _tile_stored(3, sums + 48, stride_bytes);
+        _tile_stored(4, sums + 64, stride_bytes);
+        _tile_stored(5, sums + 80, stride_bytes);
     }
 }
 #else
