@@ -30,6 +30,7 @@ from st_bitembed.quantization.convert import (
     convert_to_bitlinear,
     default_rms_norm_eps,
 )
+from st_bitembed.quantization.mlp_fusion import fuse_gated_mlps
 from st_bitembed.quantization.native_norm import use_native_norms
 from st_bitembed.quantization.norm_folding import fold_model_norms
 from st_bitembed.tokenization import append_eos_token, pooling_eos_token
@@ -164,6 +165,7 @@ def convert_backbone(
     install_bitlinear(backbone)
     fold_model_norms(backbone)
     use_native_norms(backbone)
+    fuse_gated_mlps(backbone)
     backbone.config.quantization_config = bitnet_quantization_config(
         backbone, use_rms_norm=norm == "all", rms_norm_eps=rms_norm_eps
     )

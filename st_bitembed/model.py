@@ -26,6 +26,7 @@ from st_bitembed.quantization.bitlinear import (
     install_bitlinear,
     release_latent_weights,
 )
+from st_bitembed.quantization.mlp_fusion import fuse_gated_mlps
 from st_bitembed.quantization.native_norm import use_native_norms
 from st_bitembed.quantization.norm_folding import fold_model_norms
 from st_bitembed.saving import staged_folder
@@ -122,6 +123,7 @@ class BitEmbed(SentenceTransformer):
             fold_model_norms(self[0].auto_model)
             if layers:  # after folding: a norm that folds into BitLinears is not run natively on its own
                 use_native_norms(self[0].auto_model)
+                fuse_gated_mlps(self[0].auto_model)
             if layers == 0 and (has_saved_head or info_file):
                 raise ValueError(
                     f"{model_name_or_path!r} is a BitEmbed model (it has {QUANTIZE_FOLDER}/ or {BITEMBED_INFO_FILE}) "

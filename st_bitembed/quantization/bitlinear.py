@@ -186,6 +186,17 @@ class BitLinear(AutoBitLinear):
             return native_linear(input, operands.native)[0]
         return ternary_linear(input, operands.weight, operands.bias, operands.norm_weight, operands.eps)
 
+    def forward_of_product(self, activations: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``self(activations * factor)``. On the native backend at inference the product is taken as the quantizer
+        reads each row and never materialised (a gated MLP's down projection:
+        :mod:`~st_bitembed.quantization.mlp_fusion`); the same outputs either way."""
+        if self.kernel == "reference" or self.training or torch.is_grad_enabled():
+            return self(activations * factor)
+        operands = self._operands()
+        if operands.native is None:
+            return self(activations * factor)
+        return native_linear(activations, operands.native, factor)[0]
+
     def folded_projection(self, scale: torch.Tensor, outer_eps: float) -> NativeProjection:
         """The native kernel's description of this layer behind a folded model norm of per-channel ``scale`` and
         epsilon ``outer_eps`` (:mod:`~st_bitembed.quantization.norm_folding`), made again when either changes."""

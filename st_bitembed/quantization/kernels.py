@@ -337,17 +337,30 @@ def prepare_native_projection(
                              norm_weight, eps, rms_weight, outer_eps)  # fmt: skip
 
 
-def native_linear(activations: torch.Tensor, projections: Sequence[NativeProjection]) -> list[torch.Tensor]:
+def native_linear(
+    activations: torch.Tensor, projections: Sequence[NativeProjection], factor: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """:func:`ternary_linear` on the native backend for each of ``projections`` (a
     :func:`~st_bitembed.quantization.native.native_projections` array of :func:`prepare_native_projection` results,
     same in_features) of the same ``[..., K]`` activations, in one foreign call: q, k and v (or gate and up) share
     one call and one parallel loop. Returns each projection's ``[..., N]`` output in the activations' dtype; a bf16
-    model's outputs are written in bf16 by the kernel, never as a float32 copy."""
+    model's outputs are written in bf16 by the kernel, never as a float32 copy. With ``factor`` (of the activations'
+    shape) the input is ``activations * factor``, multiplied as PyTorch multiplies them but row by row as the
+    quantizer reads them: a gated MLP's activated gate times its up projection
+    (:mod:`~st_bitembed.quantization.mlp_fusion`), never materialised."""
     flat = activations.reshape(-1, activations.shape[-1])
+    flat_factor = None if factor is None else factor.reshape(-1, factor.shape[-1])
+    if flat_factor is not None and (
+        flat.dtype not in (torch.float32, torch.bfloat16)
+        or flat_factor.dtype != flat.dtype
+        or flat.stride() != flat_factor.stride()
+        or flat.stride(-1) != 1
+    ):
+        flat, flat_factor = flat * flat_factor, None  # what the kernel cannot read in place: the product itself
     if flat.dtype not in (torch.float32, torch.bfloat16) or flat.stride(-1) != 1:  # what the quantizer reads
         flat = flat.float().contiguous()
     outputs = [torch.empty(flat.shape[0], p.out_features, dtype=flat.dtype) for p in projections]
-    native_ternary_linear()(flat, projections, outputs, max(1, CHUNK_ELEMENTS // flat.shape[1]))
+    native_ternary_linear()(flat, projections, outputs, max(1, CHUNK_ELEMENTS // flat.shape[1]), flat_factor)
     shape = activations.shape[:-1]
     return [
         output.view(*shape, output.shape[1]) if output.dtype == activations.dtype

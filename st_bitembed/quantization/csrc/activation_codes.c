@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bfloat16.h"
+
 /* The token's step; with a norm also the factor that turns x * g into codes (without one, the codes are x / step).
  * With rms_weight (a folded model norm, see above), the mean square is that of x * rms_weight, plus eps times the
  * model norm's own mean square of x (its epsilon outer_eps included). */
@@ -100,19 +102,38 @@ static inline const float *widen_bfloat16(const uint16_t *in, int64_t cols, floa
     return out;
 }
 
+/* The row x * factor, as PyTorch multiplies two such tensors (in float32, rounded to bfloat16 for bf16 ones). */
+static inline const float *product_row(const void *x, const void *factor, int64_t offset, int64_t cols,
+                                       int in_bfloat16, float *out) {
+    if (in_bfloat16) {
+        const uint16_t *a = (const uint16_t *)x + offset, *b = (const uint16_t *)factor + offset;
+#pragma omp simd
+        for (int64_t col = 0; col < cols; ++col) out[col] = from_bfloat16(to_bfloat16(from_bfloat16(a[col]) * from_bfloat16(b[col])));
+    } else {
+        const float *a = (const float *)x + offset, *b = (const float *)factor + offset;
+#pragma omp simd
+        for (int64_t col = 0; col < cols; ++col) out[col] = a[col] * b[col];
+    }
+    return out;
+}
+
 /* x is float32, or bfloat16 (in_bfloat16: a bf16 model's activations), each row widened to float32 in a buffer of
  * the thread's own that stays in L1, so that no float32 copy of the whole input is ever made. rms_weight (with
- * outer_eps) folds the model's norm in front, as above; NULL for none. */
-void activation_codes_uint8(const void *x, int64_t rows, int64_t cols, int64_t row_stride, const float *norm_weight,
-                            const float *rms_weight, float eps, float outer_eps, float min_scale, uint8_t *codes,
-                            int64_t code_stride, float *steps, int in_bfloat16, int threads) {
+ * outer_eps) folds the model's norm in front, as above; NULL for none. factor (NULL: none; else of x's dtype and row
+ * stride) makes the input x * factor, multiplied row by row into that buffer: a gated MLP's activated gate times its
+ * up projection (mlp_fusion.py), whose product is never materialised. */
+void activation_codes_uint8(const void *x, const void *factor, int64_t rows, int64_t cols, int64_t row_stride,
+                            const float *norm_weight, const float *rms_weight, float eps, float outer_eps,
+                            float min_scale, uint8_t *codes, int64_t code_stride, float *steps, int in_bfloat16,
+                            int threads) {
 #pragma omp parallel num_threads(threads) if (rows * cols >= 65536)
     {
-        float *widened = in_bfloat16 ? malloc(sizeof(float) * (size_t)cols) : NULL;
+        float *widened = in_bfloat16 || factor ? malloc(sizeof(float) * (size_t)cols) : NULL;
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < rows; ++row) {
-            const float *in = in_bfloat16 ? widen_bfloat16((const uint16_t *)x + row * row_stride, cols, widened)
-                                          : (const float *)x + row * row_stride;
+            const float *in = factor        ? product_row(x, factor, row * row_stride, cols, in_bfloat16, widened)
+                              : in_bfloat16 ? widen_bfloat16((const uint16_t *)x + row * row_stride, cols, widened)
+                                            : (const float *)x + row * row_stride;
             uint8_t *out = codes + row * code_stride;
             float multiplier;
             const float step = token_step(in, cols, norm_weight, rms_weight, eps, outer_eps, min_scale, &multiplier);
