@@ -98,6 +98,7 @@ def _load(path: Path) -> ctypes.CDLL:
     library.activation_codes.argtypes += [pointer, ctypes.c_int]
     library.activation_codes_uint8.argtypes = [pointer, pointer, integer, integer, integer, pointer, pointer, real]
     library.activation_codes_uint8.argtypes += [real, real, pointer, integer, pointer, ctypes.c_int, ctypes.c_int]
+    library.activation_codes_uint8.restype = ctypes.c_int
     library.ternary_gemm.argtypes = [pointer, integer, integer, integer, pointer, pointer, integer, pointer, real]
     library.ternary_gemm.argtypes += [pointer, pointer, ctypes.c_int, ctypes.c_int]
     projections, outs = ctypes.POINTER(NativeProjection), ctypes.POINTER(pointer)
@@ -105,7 +106,7 @@ def _load(path: Path) -> ctypes.CDLL:
     library.ternary_linear.argtypes += [real]
     library.ternary_linear.argtypes += [outs, ctypes.c_int, integer, ctypes.c_int]
     library.ternary_linear.restype = ctypes.c_int
-    for function in (library.activation_codes, library.activation_codes_uint8, library.ternary_gemm):
+    for function in (library.activation_codes, library.ternary_gemm):
         function.restype = None
     library.ternary_gemm_set_amx_min_rows.argtypes = [integer]
     library.ternary_gemm_set_amx_min_rows.restype = integer
@@ -184,9 +185,12 @@ def native_uint8_activation_codes() -> Uint8ActivationCodes | None:
         rows, cols = activations.shape
         stride, in_bfloat16 = activations.stride(0), activations.dtype == torch.bfloat16
         threads = torch.get_num_threads()
-        library.activation_codes_uint8(activations.data_ptr(), None, rows, cols, stride, _pointer(norm_weight),
-                                       _pointer(rms_weight), eps, outer_eps, MIN_SCALE, codes.data_ptr(),
-                                       codes.stride(0), steps.data_ptr(), in_bfloat16, threads)  # fmt: skip
+        failed = library.activation_codes_uint8(activations.data_ptr(), None, rows, cols, stride,
+                                                _pointer(norm_weight), _pointer(rms_weight), eps, outer_eps,
+                                                MIN_SCALE, codes.data_ptr(), codes.stride(0), steps.data_ptr(),
+                                                in_bfloat16, threads)  # fmt: skip
+        if failed:
+            raise MemoryError(f"BitLinear's native quantizer could not allocate a row of {cols} floats")
         return steps
 
     return activation_codes_uint8
@@ -361,7 +365,7 @@ def native_ternary_linear() -> TernaryLinear | None:
                                         MIN_SCALE, out_pointers, outs[0].dtype == torch.bfloat16, chunk_rows,
                                         torch.get_num_threads())  # fmt: skip
         if failed:
-            raise MemoryError(f"BitLinear's native kernel could not allocate codes for {chunk_rows} x {cols} inputs")
+            raise MemoryError(f"BitLinear's native kernel could not allocate buffers for {chunk_rows} x {cols} inputs")
 
     return ternary_linear
 

@@ -121,16 +121,24 @@ static inline const float *product_row(const void *x, const void *factor, int64_
  * the thread's own that stays in L1, so that no float32 copy of the whole input is ever made. rms_weight (with
  * outer_eps) folds the model's norm in front, as above; NULL for none. factor (NULL: none; else of x's dtype and row
  * stride) makes the input x * factor, multiplied row by row into that buffer: a gated MLP's activated gate times its
- * up projection (mlp_fusion.py), whose product is never materialised. */
-void activation_codes_uint8(const void *x, const void *factor, int64_t rows, int64_t cols, int64_t row_stride,
-                            const float *norm_weight, const float *rms_weight, float eps, float outer_eps,
-                            float min_scale, uint8_t *codes, int64_t code_stride, float *steps, int in_bfloat16,
-                            int threads) {
+ * up projection (mlp_fusion.py), whose product is never materialised. Returns 0, or -1 when a thread's buffer
+ * could not be allocated (codes and steps then undefined). */
+int activation_codes_uint8(const void *x, const void *factor, int64_t rows, int64_t cols, int64_t row_stride,
+                           const float *norm_weight, const float *rms_weight, float eps, float outer_eps,
+                           float min_scale, uint8_t *codes, int64_t code_stride, float *steps, int in_bfloat16,
+                           int threads) {
+    const int buffered = in_bfloat16 || factor != NULL;
+    int failed = 0;
 #pragma omp parallel num_threads(threads) if (rows * cols >= 65536)
     {
-        float *widened = in_bfloat16 || factor ? malloc(sizeof(float) * (size_t)cols) : NULL;
+        float *widened = buffered ? malloc(sizeof(float) * (size_t)cols) : NULL;
+        if (buffered && !widened) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < rows; ++row) {
+            if (buffered && !widened) continue; /* every thread still takes part in the loop */
             const float *in = factor        ? product_row(x, factor, row * row_stride, cols, in_bfloat16, widened)
                               : in_bfloat16 ? widen_bfloat16((const uint16_t *)x + row * row_stride, cols, widened)
                                             : (const float *)x + row * row_stride;
@@ -152,4 +160,5 @@ void activation_codes_uint8(const void *x, const void *factor, int64_t rows, int
         }
         free(widened);
     }
+    return failed ? -1 : 0;
 }
