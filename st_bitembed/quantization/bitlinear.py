@@ -242,15 +242,15 @@ class BitLinear(AutoBitLinear):
 def version_key(tensor: torch.Tensor | None) -> tuple:
     """What identifies a tensor's current contents for a cache made from it: its storage and in-place version.
 
-    Tensors made in ``torch.inference_mode`` (e.g. parameters of a module built or cast inside it) keep no version
-    counter; theirs is their storage alone: in-place changes to them, possible only inside inference mode, are not
-    seen."""
+    Tensors made in ``torch.inference_mode`` (activations while encoding; parameters of a module built or cast inside
+    it) keep no version counter; theirs is their storage alone: in-place changes to them, possible only inside
+    inference mode, are not seen. Asked first: reading the missing counter raises, an exception costs far more than
+    the question, and a short query asks hundreds of times."""
     if tensor is None:
         return None, None
-    try:
-        return tensor.data_ptr(), tensor._version
-    except RuntimeError:  # an inference tensor (asking is_inference() first costs as much as the rest)
+    if tensor.is_inference():
         return tensor.data_ptr(), None
+    return tensor.data_ptr(), tensor._version
 
 
 def _materialize_in_state_dict(module: BitLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
