@@ -63,7 +63,7 @@
 #define ROW_PADDING 32       /* the AMX tiles read 2 x 16 rows of codes */
 #define AMX_BLOCK_ROWS 256   /* rows per unpacking of two panels (ternary_gemm_amx.c) */
 #define AMX_PANELS 2         /* panels per item: 6 column tiles, in 3 pairs */
-#define AMX_FEW_ROWS 64 /* rows up to which the weights are streamed and unpacked per 16 rows (amx_few_rows_sums) */
+#define AMX_FEW_ROWS 64      /* up to this many rows the weights are streamed (amx_few_rows_sums) */
 #else
 #define ROW_PADDING TILE_ROWS
 #endif
@@ -242,8 +242,8 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
 #endif
 
 #ifdef PANEL
-/* Rows first_row .. first_row + count - 1 of one panel of a job, from their integer sums ([count][sums_stride]; code_sums:
- * each row's sum of codes for 2-bit weights stored + 1, NULL where the sums are the products already). */
+/* Rows first_row .. first_row + count - 1 of one panel of a job, from their integer sums ([count][sums_stride];
+ * code_sums: each row's sum of codes for 2-bit weights stored + 1, NULL where the sums are the products already). */
 static void finish_rows(const struct ternary_gemm_job *job, int64_t first_row, int64_t count, int64_t panel,
                         const int32_t *sums, int64_t sums_stride, const int32_t *code_sums, int out_bfloat16) {
     const int64_t out_features = job->out_features, first_out = panel * PANEL;

@@ -146,18 +146,8 @@ void amx_few_rows_sums(const uint8_t *codes, int64_t code_stride, const uint8_t 
     for (int64_t k = 0; k < k_padded; k += 64) {
         for (int64_t panel = 0; panel < count; ++panel) {
             const uint8_t *source = panels + panel * panel_bytes + (k / 16) * 192; /* 4 groups of 16 inputs */
-            _mm_prefetch((const char *)source + UNPACK_AHEAD, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 192, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 256, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 320, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 384, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 448, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 512, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 576, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 640, _MM_HINT_T0);
-            _mm_prefetch((const char *)source + UNPACK_AHEAD + 704, _MM_HINT_T0);
+            for (int line = 0; line < 12; ++line) /* the 4 groups' 12 cache lines */
+                _mm_prefetch((const char *)source + UNPACK_AHEAD + 64 * line, _MM_HINT_T0);
             for (int group = 0; group < 4; ++group)
                 for (int j = 0; j < 3; ++j) {
                     const __m512i packed = _mm512_loadu_si512(source + group * 192 + 64 * j);
