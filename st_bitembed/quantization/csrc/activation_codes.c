@@ -93,12 +93,7 @@ void activation_codes(const float *x, int64_t rows, int64_t cols, int64_t row_st
 /* bfloat16 -> float32 is exact: the 16 bits are the float's top half. */
 static inline const float *widen_bfloat16(const uint16_t *in, int64_t cols, float *out) {
 #pragma omp simd
-    for (int64_t col = 0; col < cols; ++col) {
-        const uint32_t bits = (uint32_t)in[col] << 16;
-        float value;
-        memcpy(&value, &bits, 4);
-        out[col] = value;
-    }
+    for (int64_t col = 0; col < cols; ++col) out[col] = from_bfloat16(in[col]);
     return out;
 }
 
@@ -108,7 +103,8 @@ static inline const float *product_row(const void *x, const void *factor, int64_
     if (in_bfloat16) {
         const uint16_t *a = (const uint16_t *)x + offset, *b = (const uint16_t *)factor + offset;
 #pragma omp simd
-        for (int64_t col = 0; col < cols; ++col) out[col] = from_bfloat16(to_bfloat16(from_bfloat16(a[col]) * from_bfloat16(b[col])));
+        for (int64_t col = 0; col < cols; ++col)
+            out[col] = from_bfloat16(to_bfloat16(from_bfloat16(a[col]) * from_bfloat16(b[col])));
     } else {
         const float *a = (const float *)x + offset, *b = (const float *)factor + offset;
 #pragma omp simd

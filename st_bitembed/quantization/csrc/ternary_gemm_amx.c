@@ -10,8 +10,9 @@
  * of 16 rows x 16 outputs, whose codes stay in L1 while the outputs pass. A short query (amx_few_rows_sums), whose
  * GEMMs read each weight for one or two tiles of codes: the weights are streamed, 64 inputs of the panels unpacked
  * into L1 and used at once. Both beat AVX512-VNNI at every number of rows (benchmarks/kernel_speed.py): with one
- * vpdpbusd per cycle on such a CPU, 16 tokens already make the AVX512-VNNI kernel wait on arithmetic. The products are exact: uint8 codes (signed + 128) x weight
- * codes in {-1, 0, 1}, summed in int32; ternary_gemm.c takes the zero point back out (128 x column sums) and rescales.
+ * vpdpbusd per cycle on such a CPU, 16 tokens already make the AVX512-VNNI kernel wait on arithmetic. The products
+ * are exact: uint8 codes (signed + 128) x weight codes in {-1, 0, 1}, summed in int32; ternary_gemm.c takes the zero
+ * point back out (128 x column sums) and rescales.
  *
  * The process asks Linux once for the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM)); where that is refused (an older
  * kernel, a hypervisor without AMX), ternary_gemm_amx_available() says so and the AVX512-VNNI kernel runs. */
@@ -38,9 +39,10 @@ int ternary_gemm_amx_available(void) {
     return amx_permitted;
 }
 
-/* palette 1: tiles 0-3 the int32 sums of 2 x 2 blocks of 16 rows x 16 outputs, 4-5 the codes of 16 rows x 64
- * inputs, 6-7 the weights of 16 outputs (16 groups of 4 inputs x 16 outputs x 4), each 16 rows of 64 bytes.
- * Each tile of codes and of weights serves two products: one load per product. */
+/* palette 1, every tile 16 rows of 64 bytes: int32 sums of 16 rows x 16 outputs, uint8 codes of 16 rows x 64 inputs,
+ * or int8 weights of 16 outputs (16 groups of 4 inputs x 16 outputs x 4). amx_row_pair_sums: tiles 0-3 sums of 2 x 2
+ * blocks, 4-5 codes, 6-7 weights, each tile of codes and of weights serving two products; amx_few_rows_sums: 0-5
+ * sums, 6 codes, 7 weights. */
 struct tile_config {
     uint8_t palette;
     uint8_t start_row;
@@ -63,6 +65,19 @@ void amx_end(void) { _tile_release(); }
 static _Thread_local int8_t *unpacked;
 static _Thread_local size_t unpacked_bytes;
 
+/* One group of 16 inputs of a 2-bit panel (3 vectors of 64 bytes, codes + 1) as 4 rows of each of the panel's 3
+ * column tiles: rows[1024 j + 64 s] holds step s of vector j, the codes minus 1. */
+static inline void unpack_group(const uint8_t *group, int8_t *rows) {
+    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+    for (int j = 0; j < 3; ++j) {
+        const __m512i packed = _mm512_loadu_si512(group + 64 * j);
+        for (int step = 0; step < 4; ++step) {
+            const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(packed, 2 * step), three);
+            _mm512_storeu_si512(rows + j * 1024 + step * 64, _mm512_sub_epi8(codes, one));
+        }
+    }
+}
+
 /* `count` consecutive 2-bit panels (each [k_padded / 16][3][64], codes + 1) as the tiles read them: int8 codes
  * [k_padded / 64][3 * count][16][64], row r of column tile j of k-block b holding inputs 64b + 4r .. 64b + 4r + 3 of
  * outputs 16j .. 16j + 15 (4 bytes each), which is one step of one vector of the 2-bit layout. Returns NULL when the
@@ -76,19 +91,11 @@ const int8_t *amx_unpack_panels(const uint8_t *panels, int64_t count, int64_t k_
         unpacked = grown;
         unpacked_bytes = needed;
     }
-    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
     for (int64_t panel = 0; panel < count; ++panel) {
         const uint8_t *source = panels + panel * k_padded * 12; /* a panel: k_padded x 48 outputs at 2 bits */
-        for (int64_t group = 0; group < k_padded / 16; ++group) { /* 16 inputs: 4 rows of each of 3 tiles */
-            int8_t *block = unpacked + ((group / 4) * tiles + 3 * panel) * 1024 + (group % 4) * 4 * 64;
-            for (int j = 0; j < 3; ++j) {
-                const __m512i packed = _mm512_loadu_si512(source + group * 192 + 64 * j);
-                for (int step = 0; step < 4; ++step) {
-                    const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(packed, 2 * step), three);
-                    _mm512_storeu_si512(block + j * 1024 + step * 64, _mm512_sub_epi8(codes, one));
-                }
-            }
-        }
+        for (int64_t group = 0; group < k_padded / 16; ++group) /* 16 inputs: 4 rows of each of 3 tiles */
+            unpack_group(source + group * 192,
+                         unpacked + ((group / 4) * tiles + 3 * panel) * 1024 + (group % 4) * 4 * 64);
     }
     return unpacked;
 }
@@ -135,7 +142,6 @@ void amx_row_pair_sums(const uint8_t *codes, int64_t code_stride, const int8_t *
 void amx_few_rows_sums(const uint8_t *codes, int64_t code_stride, const uint8_t *panels, int64_t count,
                        int64_t k_padded, int32_t *sums, int64_t sums_stride) {
     int8_t block[6 * 1024] __attribute__((aligned(64)));
-    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
     const int64_t panel_bytes = k_padded * 12;
     _tile_zero(0);
     _tile_zero(1);
@@ -149,14 +155,7 @@ void amx_few_rows_sums(const uint8_t *codes, int64_t code_stride, const uint8_t 
             for (int line = 0; line < 12; ++line) /* the 4 groups' 12 cache lines */
                 _mm_prefetch((const char *)source + UNPACK_AHEAD + 64 * line, _MM_HINT_T0);
             for (int group = 0; group < 4; ++group)
-                for (int j = 0; j < 3; ++j) {
-                    const __m512i packed = _mm512_loadu_si512(source + group * 192 + 64 * j);
-                    int8_t *rows = block + (3 * panel + j) * 1024 + group * 4 * 64;
-                    for (int step = 0; step < 4; ++step) {
-                        const __m512i unpacked_codes = _mm512_and_si512(_mm512_srli_epi16(packed, 2 * step), three);
-                        _mm512_store_si512(rows + step * 64, _mm512_sub_epi8(unpacked_codes, one));
-                    }
-                }
+                unpack_group(source + group * 192, block + 3 * panel * 1024 + group * 4 * 64);
         }
         _tile_loadd(6, codes + k, code_stride);
         _tile_loadd(7, block, 64);
