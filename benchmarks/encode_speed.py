@@ -20,7 +20,7 @@ Two suites, every variant in a fresh process (so that its memory is its own), al
   64-token query; plus checkpoint sizes (bf16 vs the 2-bit packed export).
 
 Peak RSS is reported twice: while loading (and the warm-up), and while encoding (the kernel's high-water mark is
-reset between them).
+reset between them); with ``--device cuda`` (shapes suite) also the GPU memory PyTorch allocated while encoding.
 Texts/s, tokens/s and latencies are medians of ``--repeats`` timed passes after a warm-up (two encodes of 64
 sentences; one forward of each batch shape before it is timed); a batch shape whose passes take less than a second in
 all is timed that many times more until they fill one (a short query's single pass of a few tens of milliseconds is at
@@ -218,6 +218,8 @@ def measure_shape(variant: str, path: str, repeats: int, device: str) -> dict:
     with torch.inference_mode():
         model(features(1, 16))  # warm-up (BitEmbed frees its latent weights)
         reset_peak_rss()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for batch, length in SHAPE_CONFIGS:
             inputs = features(batch, length)
 
@@ -229,6 +231,8 @@ def measure_shape(variant: str, path: str, repeats: int, device: str) -> dict:
             forward()  # a warm-up of each shape: what a steady stream of such batches sees
             result["seconds"][f"{batch}x{length}"] = timed(forward, repeats, min_seconds=1.0)
     result["encode_peak_mib"] = peak_rss_mib()
+    if device == "cuda":
+        result["gpu_encode_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -255,8 +259,10 @@ def run_child(args: argparse.Namespace, child: str, extra: list[str]) -> dict:
     command = [sys.executable, __file__, "--child", child, "--repeats", str(args.repeats), "--threads",
                str(args.threads), "--device", args.device, *extra]  # fmt: skip
     env = {**os.environ, **(KEEP_FREED_MEMORY if args.keep_freed_memory else {})}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    child_process = subprocess.run(command, capture_output=True, text=True, env=env)
+    if child_process.returncode != 0:
+        sys.exit(f"{child} failed:\n{child_process.stderr}")
+    return json.loads(child_process.stdout.strip().splitlines()[-1])
 
 
 def run_in_turns(args: argparse.Namespace, children: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
@@ -338,6 +344,9 @@ def report_shapes(args: argparse.Namespace) -> None:
             ratios = " | ".join(f"{faster / ours:.2f}" for ours in (bit, bit_bf16, packed))
             print(f"| {key} | {cells} | {ratios} |")
         print(f"\npeak RSS MiB (loading / encoding): {memory_line(results)}")
+        if args.device == "cuda":
+            gpu = ", ".join(f"{name} {r['gpu_encode_peak_mib']:,.0f}" for name, r in results.items())
+            print(f"peak GPU memory MiB while encoding (torch.cuda.max_memory_allocated): {gpu}")
         print(f"checkpoint: bf16 {bf16_size:,.0f} MiB, BitEmbed 2-bit packed export (bf16 embeddings) "
               f"{packed_size:,.0f} MiB = {100 * packed_size / bf16_size:.0f}% of bf16")  # fmt: skip
 
@@ -368,7 +377,8 @@ def main() -> None:
             result = measure_shape(rest[0], args.model, args.repeats, args.device)
         print(json.dumps(result))
         return
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, device {args.device}, "
+    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, device {device}, "
           f"{args.threads} threads, median of {args.repeats} passes (shapes: and of at least 1 s) after a warm-up, "
           f"in {args.rounds} round(s) of one process per variant"
           f"{', glibc keeping freed memory' if args.keep_freed_memory else ''}")  # fmt: skip

@@ -27,7 +27,10 @@ The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
   (``benchmarks/kernel_speed.py``).
 - ``"onednn"`` (x86 CPUs without FBGEMM): ``torch.ops.onednn.qlinear_pointwise`` with uint8 activations
   (codes + 128, zero point 128) and prepacked int8 weights; oneDNN picks AVX2 / AVX512-VNNI / AMX kernels.
-- ``"int_mm"`` (CUDA): ``torch._int_mm`` (cuBLASLt).
+- ``"int_mm"`` (CUDA): ``torch._int_mm`` (cuBLASLt) between two kernels Inductor generates (Triton), all in one
+  compiled call per projection (:mod:`~st_bitembed.quantization.compiled`): one makes the int8 codes
+  (:func:`torch_activation_codes`), one rescales the int32 products, adds the bias and casts. In eager operators
+  these are some twenty kernel launches and float32 passes over the activations per projection.
 - ``"float"`` (anything else): the same integer codes multiplied in float32, which is exact while
   ``127 * in_features`` stays below 2**24 (every BitLinear of the models we target).
 
@@ -46,6 +49,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from st_bitembed.quantization.compiled import CompiledWithFallback
 from st_bitembed.quantization.native import (
     NativeProjection,
     native_activation_codes,
@@ -74,7 +78,9 @@ class TernaryWeight:
         backend: The backend ``operand`` is laid out for.
         operand: native: the codes in panels of ``P`` outputs (``native.native_gemm_layout``): int8
             ``[ceil(N / P), ceil(K / 4), P, 4]``, or codes + 1 at 2 bits ``[ceil(N / P), ceil(K / 16), P / 16, 64]``;
-            fbgemm / onednn: the prepacked int8 codes; int_mm: int8 codes ``[K, N]``; float: float32 codes ``[K, N]``.
+            fbgemm / onednn: the prepacked int8 codes; int_mm: int8 codes ``[N, K]``, given to the GEMM transposed
+            (cuBLASLt's int8 kernels want the right operand column-major: a row-major one is several times slower);
+            float: float32 codes ``[K, N]``.
         scale: 0-d float32 scale of the ternary codes.
         out_features: ``N``.
         onednn_qparams: For onednn, the per-output weight scales (ones: the GEMM returns the integer product) and
@@ -114,8 +120,8 @@ def _onednn_works() -> bool:
     return bool((product == 64).all())
 
 
-def _int_mm_works() -> bool:
-    a = torch.ones(32, 64, dtype=torch.int8, device="cuda")
+def _int_mm_works(device_type: str = "cuda") -> bool:
+    a = torch.ones(32, 64, dtype=torch.int8, device=device_type)
     return bool((torch._int_mm(a, a.t().contiguous()[:, :32]) == 64).all())
 
 
@@ -167,8 +173,9 @@ def prepare_ternary_weight(codes: torch.Tensor, scale: torch.Tensor, backend: Ge
         packed = torch.ops.onednn.qlinear_prepack(codes.cpu().contiguous(), None)
         qparams = torch.ones(codes.shape[0]), torch.zeros(codes.shape[0], dtype=torch.int64)
         return TernaryWeight(backend, packed, scale, codes.shape[0], qparams)
-    operand = codes.t().contiguous() if backend == "int_mm" else codes.t().float().contiguous()
-    return TernaryWeight(backend, operand, scale, codes.shape[0])
+    if backend == "int_mm":  # the scale on the GEMM's device: the compiled projection reads it there
+        return TernaryWeight(backend, codes.to(torch.int8).contiguous(), scale.to(codes.device), codes.shape[0])
+    return TernaryWeight(backend, codes.t().float().contiguous(), scale, codes.shape[0])
 
 
 def activation_codes(
@@ -251,10 +258,52 @@ def integer_product(codes: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
         )  # fmt: skip
     if weight.backend == "int_mm":
         rows = codes.shape[0]
-        padded = max(rows, 17) + (-max(rows, 17) % 8) - rows  # cuBLASLt wants more than 16 rows, in multiples of 8
-        codes_int8 = F.pad(codes.to(torch.int8), (0, 0, 0, padded))
-        return torch._int_mm(codes_int8, weight.operand)[:rows].float()
+        codes_int8 = F.pad(codes.to(torch.int8), (0, 0, 0, int_mm_rows(rows) - rows))
+        return torch._int_mm(codes_int8, weight.operand.t())[:rows].float()
     return codes @ weight.operand
+
+
+def int_mm_rows(rows: int) -> int:
+    """The rows ``torch._int_mm`` is given for ``rows`` tokens: cuBLASLt wants more than 16, in multiples of 8."""
+    return max(rows, 17) + -max(rows, 17) % 8
+
+
+def _int8_projection(
+    activations: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The int_mm backend's projection of 2-D ``activations`` (rows as ``torch._int_mm`` takes them) by the ``[K, N]``
+    int8 ``weight`` codes: compiled into the quantizer's kernel (:func:`torch_activation_codes`), the GEMM, and one
+    kernel that rescales the int32 products per token, adds the bias and casts to ``dtype``."""
+    codes, step = torch_activation_codes(activations, norm_weight, eps)
+    product = torch._int_mm(codes.to(torch.int8), weight)
+    output = product.float() * (step * weight_scale)
+    return (output if bias is None else output + bias).to(dtype)
+
+
+compiled_int8_projection = CompiledWithFallback(_int8_projection)
+
+
+def _int_mm_linear(
+    flat: torch.Tensor,
+    weight: TernaryWeight,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """:func:`ternary_linear` of 2-D ``flat`` on the int_mm backend, in one compiled call: every token at once (a GPU
+    needs no chunks), the activations padded to the GEMM's rows before they are quantized (zeros: codes 0), so that
+    the compiled graph never sees a single row (a size-1 dimension would be compiled apart)."""
+    rows = flat.shape[0]
+    if int_mm_rows(rows) != rows:
+        flat = F.pad(flat, (0, 0, 0, int_mm_rows(rows) - rows))
+    operand = weight.operand.t()
+    return compiled_int8_projection(flat, norm_weight, eps, operand, weight.scale, bias, flat.dtype)[:rows]
 
 
 def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -283,9 +332,9 @@ def ternary_linear(
     """``Linear(quant(RMSNorm(x) * norm_weight))`` with ternary weights: what transformers' ``AutoBitLinear``
     computes (with its RMSNorm when ``norm_weight`` is given), on integer codes.
 
-    Tokens are processed in chunks of about :data:`CHUNK_ELEMENTS` activations, so that the element-wise passes of
-    the quantization reuse memory that is already in cache (and already mapped) instead of streaming the whole batch
-    through memory several times (up to 1.9x faster, for 8192 x 1536 inputs on a 2-core AVX2 CPU).
+    On CPUs, tokens are processed in chunks of about :data:`CHUNK_ELEMENTS` activations, so that the element-wise
+    passes of the quantization reuse memory that is already in cache (and already mapped) instead of streaming the
+    whole batch through memory several times (up to 1.9x faster, for 8192 x 1536 inputs on a 2-core AVX2 CPU).
 
     Args:
         activations: ``[..., K]`` activations.
@@ -309,6 +358,9 @@ def ternary_linear(
     if weight.backend == "native":
         projection = prepare_native_projection(weight, bias, norm_weight, eps, rms_weight, outer_eps)
         return native_linear(activations, native_projections([projection]))[0]
+    if weight.backend == "int_mm":
+        output = _int_mm_linear(flat, weight, bias, norm_weight, eps)
+        return output.reshape(*activations.shape[:-1], weight.out_features)
     output = torch.empty(flat.shape[0], weight.out_features, dtype=torch.float32, device=flat.device)
     for start in range(0, flat.shape[0], rows):
         codes, step = activation_codes(flat[start : start + rows], norm_weight, eps, offset)

@@ -18,13 +18,16 @@ from st_bitembed.quantization.ternary import bitlinear_reference, int8_activatio
 
 def available(backend: str) -> bool:
     try:
-        works = {"native": kernels._native_works, "fbgemm": kernels._fbgemm_works, "onednn": kernels._onednn_works}
+        works = {"native": kernels._native_works, "fbgemm": kernels._fbgemm_works, "onednn": kernels._onednn_works,
+                 "int_mm": lambda: kernels._int_mm_works("cpu")}  # fmt: skip
         return works[backend]()
     except (RuntimeError, NotImplementedError, AttributeError):
         return False
 
 
 CPU_BACKENDS = [backend for backend in ("native", "fbgemm", "onednn") if available(backend)] + ["float"]
+# The CUDA backend's path (torch._int_mm between the compiled quantizer and rescale) also runs on CPUs, in tests.
+TESTED_BACKENDS = CPU_BACKENDS + (["int_mm"] if available("int_mm") else [])
 
 
 def layer(in_features: int = 96, out_features: int = 40, seed: int = 0, bias: bool = True) -> BitLinear:
@@ -68,7 +71,7 @@ def test_codes_without_a_norm_and_of_a_zero_token():
     assert codes[2].abs().sum() == 0 and codes.abs().max() == 127
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", TESTED_BACKENDS)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 300])
 @pytest.mark.parametrize("shape", [(96, 40), (601, 50)])  # (in, out): 601 inputs are 3 blocks of 16-bit sums
 def test_integer_product_is_exact(backend, rows, shape):
@@ -82,7 +85,7 @@ def test_integer_product_is_exact(backend, rows, shape):
     assert torch.equal(product.double(), codes.double() @ weight_codes.double().T)  # the int32 accumulator, exactly
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", TESTED_BACKENDS)
 @pytest.mark.parametrize("code", [127.0, -127.0])
 def test_integer_product_is_exact_at_the_largest_sums(backend, code):
     """Every code at its extreme and weights of one sign: the largest sums the accumulators meet (the native kernel's
@@ -99,7 +102,7 @@ def test_integer_product_is_exact_at_the_largest_sums(backend, code):
     assert product.abs().max() == 127 * in_features
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", TESTED_BACKENDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_inference_path_agrees_with_the_reference_and_training_uses_the_reference(backend, bias, monkeypatch):
     monkeypatch.setattr(kernels, "gemm_backend", lambda device_type: backend)
@@ -124,7 +127,7 @@ def test_inference_path_agrees_with_the_reference_and_training_uses_the_referenc
     assert bitlinear.weight.grad is not None and bitlinear.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", TESTED_BACKENDS)
 @pytest.mark.parametrize("out_features", [40, 100])  # the native kernel: a partial panel only; whole panels too
 def test_bfloat16_activations_give_the_float32_output_in_bfloat16(backend, out_features, monkeypatch):
     monkeypatch.setattr("st_bitembed.quantization.bitlinear.gemm_backend", lambda device_type: backend)
