@@ -11,6 +11,7 @@ from transformers.integrations.bitnet import AutoBitLinear
 
 from st_bitembed.allocator import return_freed_memory
 from st_bitembed.quantization.kernels import (
+    TORCH_ACTIVATIONS,
     TernaryWeight,
     gemm_backend,
     native_linear,
@@ -186,16 +187,21 @@ class BitLinear(AutoBitLinear):
             return native_linear(input, operands.native)[0]
         return ternary_linear(input, operands.weight, operands.bias, operands.norm_weight, operands.eps)
 
-    def forward_of_product(self, activations: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """``self(activations * factor)``. On the native backend at inference the product is taken as the quantizer
-        reads each row and never materialised (a gated MLP's down projection:
-        :mod:`~st_bitembed.quantization.mlp_fusion`); the same outputs either way."""
-        if self.kernel == "reference" or self.training or torch.is_grad_enabled():
-            return self(activations * factor)
-        operands = self._operands()
-        if operands.native is None:
-            return self(activations * factor)
-        return native_linear(activations, operands.native, factor)[0]
+    def forward_of_product(
+        self, activations: torch.Tensor, factor: torch.Tensor, activation: str | None = None
+    ) -> torch.Tensor:
+        """``self(activations * factor)``, or ``self(activation(activations) * factor)`` with ``activation`` (a
+        :data:`~st_bitembed.quantization.kernels.TORCH_ACTIVATIONS` name). On the native backend at inference the
+        activation and the product are taken as the quantizer reads each row and never materialised (a gated MLP's
+        down projection: :mod:`~st_bitembed.quantization.mlp_fusion`): the same outputs, except where the
+        activation's float32 rounding (an ulp or two from PyTorch's) moves a code at a rounding tie."""
+        operands = None
+        if self.kernel == "int8" and not self.training and not torch.is_grad_enabled():
+            operands = self._operands()
+        if operands is None or operands.native is None:
+            activated = activations if activation is None else TORCH_ACTIVATIONS[activation](activations)
+            return self(activated * factor)
+        return native_linear(activations, operands.native, factor, activation)[0]
 
     def folded_projection(self, scale: torch.Tensor, outer_eps: float) -> NativeProjection:
         """The native kernel's description of this layer behind a folded model norm of per-channel ``scale`` and

@@ -389,8 +389,17 @@ def prepare_native_projection(
                              norm_weight, eps, rms_weight, outer_eps)  # fmt: skip
 
 
+# The activations the native quantizer applies before a product (native.ACTIVATIONS), as PyTorch computes them.
+TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+
+
 def native_linear(
-    activations: torch.Tensor, projections: Sequence[NativeProjection], factor: torch.Tensor | None = None
+    activations: torch.Tensor,
+    projections: Sequence[NativeProjection],
+    factor: torch.Tensor | None = None,
+    activation: str | None = None,
 ) -> list[torch.Tensor]:
     """:func:`ternary_linear` on the native backend for each of ``projections`` (a
     :func:`~st_bitembed.quantization.native.native_projections` array of :func:`prepare_native_projection` results,
@@ -399,20 +408,26 @@ def native_linear(
     model's outputs are written in bf16 by the kernel, never as a float32 copy. With ``factor`` (of the activations'
     shape) the input is ``activations * factor``, multiplied as PyTorch multiplies them but row by row as the
     quantizer reads them: a gated MLP's activated gate times its up projection
-    (:mod:`~st_bitembed.quantization.mlp_fusion`), never materialised."""
+    (:mod:`~st_bitembed.quantization.mlp_fusion`), never materialised; with ``activation`` too (a
+    :data:`TORCH_ACTIVATIONS` name) it is ``activation(activations) * factor``, the gate activated there as well (as
+    PyTorch computes it, up to an ulp or two of float32 in the activation)."""
     flat = activations.reshape(-1, activations.shape[-1])
     flat_factor = None if factor is None else factor.reshape(-1, factor.shape[-1])
+    if activation is not None and flat_factor is None:
+        raise ValueError("An activation is applied only before a product: give the factor too")
     if flat_factor is not None and (
         flat.dtype not in (torch.float32, torch.bfloat16)
         or flat_factor.dtype != flat.dtype
         or flat.stride() != flat_factor.stride()
         or flat.stride(-1) != 1
-    ):
-        flat, flat_factor = flat * flat_factor, None  # what the kernel cannot read in place: the product itself
+    ):  # what the kernel cannot read in place: the product itself
+        activated = flat if activation is None else TORCH_ACTIVATIONS[activation](flat)
+        flat, flat_factor, activation = activated * flat_factor, None, None
     if flat.dtype not in (torch.float32, torch.bfloat16) or flat.stride(-1) != 1:  # what the quantizer reads
         flat = flat.float().contiguous()
     outputs = [torch.empty(flat.shape[0], p.out_features, dtype=flat.dtype) for p in projections]
-    native_ternary_linear()(flat, projections, outputs, max(1, CHUNK_ELEMENTS // flat.shape[1]), flat_factor)
+    chunk_rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
+    native_ternary_linear()(flat, projections, outputs, chunk_rows, flat_factor, activation)
     shape = activations.shape[:-1]
     return [
         output.view(*shape, output.shape[1]) if output.dtype == activations.dtype

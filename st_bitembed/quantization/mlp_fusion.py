@@ -7,10 +7,17 @@ activated gate and the up projection to :meth:`BitLinear.forward_of_product
 as it reads them (``csrc/activation_codes.c``), rounded as PyTorch rounds the product: the same outputs, one pass
 and one tensor less per layer.
 
-Only the classes :data:`GATED_MLPS` names are taken, each after a probe shows the stand-in gives exactly what the
-module gives. Training, gradients, other kernels and hooks on the down projection (which want to see its input) run
-the module's own forward. Checkpoints do not change: the
-stand-in holds the module's own children under their own names.
+Where the activation is one the quantizer computes too (GELU's tanh form, Gemma3's: a probe finds which of
+:data:`~st_bitembed.quantization.kernels.TORCH_ACTIVATIONS` gives exactly the module's ``act_fn``), the gate goes to
+the quantizer as it is and is activated there, row by row: a second tensor as large as the gate's, and PyTorch's pass
+of the activation (the slowest element-wise pass of a Gemma3 forward), saved too. The quantizer's exp is its own
+(vectorized; PyTorch's is SLEEF's), an ulp or two of float32 from PyTorch's activation, which moves a bf16 value only
+on a rounding boundary and a code only at a rounding tie.
+
+Only the classes :data:`GATED_MLPS` names are taken, each after a probe shows the stand-in gives what the module gives
+(exactly with PyTorch's activation; within rounding with the quantizer's). Training, gradients, other kernels and
+hooks on the down projection (which want to see its input) run the module's own forward. Checkpoints do not change:
+the stand-in holds the module's own children under their own names.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear
+from st_bitembed.quantization.kernels import TORCH_ACTIVATIONS
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers' modeling code).
 GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP")
@@ -29,11 +37,14 @@ class FusedGatedMLP(torch.nn.Module):
     Attributes:
         mlp: The model's module (not a child: its children are this module's), which runs whenever the fused path
             does not apply.
+        activation: The :data:`~st_bitembed.quantization.kernels.TORCH_ACTIVATIONS` name of ``mlp.act_fn``, which
+            the quantizer then applies; ``None``: ``act_fn`` runs in PyTorch.
     """
 
-    def __init__(self, mlp: torch.nn.Module) -> None:
+    def __init__(self, mlp: torch.nn.Module, activation: str | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "mlp", mlp)
+        self.activation = activation
         for name, child in mlp.named_children():
             self.add_module(name, child)
         for name, parameter in mlp.named_parameters(recurse=False):
@@ -50,29 +61,46 @@ class FusedGatedMLP(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.fuses():
             return self.mlp(hidden_states)
-        activated = self.mlp.act_fn(self.mlp.gate_proj(hidden_states))
-        return self.mlp.down_proj.forward_of_product(activated, self.mlp.up_proj(hidden_states))
+        gate = self.mlp.gate_proj(hidden_states)
+        if self.activation is None:
+            gate = self.mlp.act_fn(gate)
+        return self.mlp.down_proj.forward_of_product(gate, self.mlp.up_proj(hidden_states), self.activation)
 
     def extra_repr(self) -> str:
-        return f"{type(self.mlp).__name__}: its product taken by down_proj's quantizer at inference"
+        taken = "its product" if self.activation is None else f"its activation ({self.activation}) and product"
+        return f"{type(self.mlp).__name__}: {taken} taken by down_proj's quantizer at inference"
+
+
+def activation_name(act_fn: torch.nn.Module, dtype: torch.dtype) -> str | None:
+    """The :data:`~st_bitembed.quantization.kernels.TORCH_ACTIVATIONS` name of the function ``act_fn`` computes
+    (bit for bit, on a probe in ``dtype`` that spans its range), or ``None``."""
+    probe = torch.linspace(-12, 12, 4097).to(dtype)
+    with torch.no_grad():
+        expected = act_fn(probe)
+        return next((name for name, f in TORCH_ACTIVATIONS.items() if torch.equal(f(probe), expected)), None)
 
 
 def gives_what_the_module_gives(stand_in: FusedGatedMLP) -> bool:
-    """Whether the fused path gives exactly the module's output on a probe, at inference, in the module's dtype."""
+    """Whether the fused path gives the module's output on a probe, at inference, in the module's dtype: exactly with
+    PyTorch's activation; with the quantizer's, within the output's rounding (a code apart at a rounding tie)."""
     mlp = stand_in.mlp
     weight = mlp.gate_proj.weight
     if weight.device.type != "cpu" or not weight.is_floating_point():
         return False
     probe = torch.randn(2, 3, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    modes = {module: module.training for module in mlp.modules()}
+    modes = {module: module.training for module in (stand_in, *mlp.modules())}
+    stand_in.eval()
     mlp.eval()
     try:
         with torch.no_grad():
-            fused = mlp.down_proj.forward_of_product(mlp.act_fn(mlp.gate_proj(probe)), mlp.up_proj(probe))
-            return torch.equal(fused, mlp(probe))
+            fused, expected = stand_in(probe), mlp(probe)
     finally:
         for module, training in modes.items():
             module.training = training
+    if stand_in.activation is None:
+        return torch.equal(fused, expected)
+    rounding = 1e-2 if weight.dtype == torch.bfloat16 else 1e-3
+    return bool((fused - expected).abs().max() <= rounding * expected.abs().max())
 
 
 def fuse_gated_mlps(model: torch.nn.Module) -> int:
@@ -85,7 +113,10 @@ def fuse_gated_mlps(model: torch.nn.Module) -> int:
             continue
         if type(module).__name__ not in GATED_MLPS or not isinstance(getattr(module, "down_proj", None), BitLinear):
             continue
-        stand_in = FusedGatedMLP(module)
+        activation = activation_name(module.act_fn, module.down_proj.weight.dtype)
+        stand_in = FusedGatedMLP(module, activation)
+        if activation is not None and not gives_what_the_module_gives(stand_in):
+            stand_in = FusedGatedMLP(module)  # the quantizer's activation strays: PyTorch's, with the product fused
         if gives_what_the_module_gives(stand_in):
             model.set_submodule(name, stand_in)
             fused += 1

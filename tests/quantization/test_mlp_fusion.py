@@ -5,46 +5,94 @@ import torch
 
 from st_bitembed import BitEmbed
 from st_bitembed.quantization import bitlinear
-from st_bitembed.quantization.kernels import gemm_backend, native_linear
+from st_bitembed.quantization.kernels import (
+    TORCH_ACTIVATIONS,
+    gemm_backend,
+    native_linear,
+    prepare_native_projection,
+    prepare_ternary_weight,
+)
 from st_bitembed.quantization.mlp_fusion import FusedGatedMLP, fuse_gated_mlps
+from st_bitembed.quantization.native import native_projections
+from st_bitembed.quantization.ternary import ternary_weight_codes
+
+ACTIVATION_OF = {"qwen3": None, "gemma3": "gelu_tanh"}
+
+
+def agree_but_at_rounding_ties(output: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Every token's output within the float rounding of the activation (an ulp of a product moves its token's step,
+    so every output of the token, by an ulp) and a code or two at rounding ties: cosine >= 0.99999."""
+    output, expected = output.flatten(0, -2).float(), expected.flatten(0, -2).float()
+    return bool(torch.nn.functional.cosine_similarity(output, expected, dim=1).min() >= 0.99999)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_mlp_gives_exactly_what_the_mlp_gives(backbone_dirs, family, dtype, tmp_path, monkeypatch):
-    """down_proj's quantizer takes the activated gate times the up projection row by row (rounded as PyTorch rounds
-    the product): the same outputs as the module's own forward, bit for bit; the checkpoint's keys stay."""
+def test_the_fused_mlp_gives_what_the_mlp_gives(backbone_dirs, family, dtype, tmp_path, monkeypatch):
+    """down_proj's quantizer takes the activated gate (Qwen3's SiLU, in PyTorch) or the gate, which it activates
+    (Gemma3's GELU-tanh), times the up projection row by row, rounded as PyTorch rounds them: with PyTorch's
+    activation the module's outputs bit for bit; with the quantizer's, but where the activation's last float32 bits
+    move a step or a code at a rounding tie. The checkpoint's keys stay."""
     model = BitEmbed.from_backbone(str(backbone_dirs[family]), model_kwargs={"dtype": dtype}).eval()
     backbone = model[0].auto_model
     mlp = backbone.layers[0].mlp
     assert isinstance(mlp, FusedGatedMLP) and type(mlp.mlp).__name__ == f"{family.capitalize()}MLP"
+    native = gemm_backend("cpu") == "native"
+    assert mlp.activation == (ACTIVATION_OF[family] if native else None)
     assert fuse_gated_mlps(backbone) == len(backbone.layers)  # again: counted, not wrapped twice
     hidden = (torch.randn(3, 70, mlp.gate_proj.in_features) * 2).to(dtype)  # more tokens than a query
-    factors = []  # what down_proj hands the native kernel
+    calls = []  # what down_proj hands the native kernel
 
-    def recording(activations, projections, factor=None):
-        factors.append(factor)
-        return native_linear(activations, projections, factor)
+    def recording(activations, projections, factor=None, activation=None):
+        calls.append((factor, activation))
+        return native_linear(activations, projections, factor, activation)
 
     monkeypatch.setattr(bitlinear, "native_linear", recording)
     with torch.no_grad():
         assert mlp.fuses()
         fused = mlp(hidden)
-        assert factors == [] if gemm_backend("cpu") != "native" else factors[-1] is not None
+        assert calls == [] if not native else calls[-1][0] is not None and calls[-1][1] == mlp.activation
         product = mlp.act_fn(mlp.gate_proj(hidden)) * mlp.up_proj(hidden)
         expected = mlp.down_proj(product)
         unfused = mlp.mlp(hidden.clone())
-    assert fused.dtype == dtype and torch.equal(fused, expected) and torch.equal(fused, unfused)
+        product_only = FusedGatedMLP(mlp.mlp)(hidden)  # PyTorch's activation, the product in the quantizer
+    assert fused.dtype == dtype and torch.equal(expected, unfused)
+    assert torch.equal(product_only, expected)
+    assert agree_but_at_rounding_ties(fused, expected)
     seen = []  # a hook on the down projection sees its input: the module's own forward runs
     handle = mlp.down_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
-        assert not mlp.fuses() and torch.equal(mlp(hidden), fused)
+        assert not mlp.fuses() and torch.equal(mlp(hidden), expected)
     handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], product)
     model.save(str(tmp_path / "saved"))
     reloaded = BitEmbed(str(tmp_path / "saved"))
     assert isinstance(reloaded[0].auto_model.layers[0].mlp, FusedGatedMLP)
     assert set(reloaded[0].auto_model.state_dict()) == set(backbone.state_dict())
+
+
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_quantizers_activation_is_pytorchs(activation, dtype):
+    """The quantizer's GELU-tanh (its own vectorized exp) against PyTorch's, through a projection, on gates
+    from -90 to 90 (past exp's clamp) and on damaged tokens: a NaN or an infinity still makes the token NaN."""
+    if gemm_backend("cpu") != "native":
+        pytest.skip("the native kernel is not built here")
+    generator = torch.Generator().manual_seed(0)
+    codes, scale = ternary_weight_codes(torch.randn(96, 512, generator=generator))
+    weight = prepare_ternary_weight(codes, scale, "native")
+    projections = native_projections([prepare_native_projection(weight)])
+    gate = torch.randn(200, 512, generator=generator) * torch.logspace(-3, 1.3, 200)[:, None]
+    gate[0] = torch.linspace(-90, 90, 512)
+    gate[1, 7], gate[2, 9], gate[3, 11] = float("nan"), float("inf"), -float("inf")
+    gate, up = gate.to(dtype), torch.randn(200, 512, generator=generator).to(dtype)
+    with torch.no_grad():
+        fused = native_linear(gate, projections, up, activation)[0]
+        expected = native_linear(TORCH_ACTIVATIONS[activation](gate) * up, projections)[0]
+    assert fused[1:4].isnan().all() and expected[1:4].isnan().all()
+    assert agree_but_at_rounding_ties(fused[4:], expected[4:]) and agree_but_at_rounding_ties(fused[:1], expected[:1])
+    with torch.no_grad():  # the check tells an activated gate from the gate itself
+        assert not agree_but_at_rounding_ties(native_linear(gate, projections, up)[0][4:], expected[4:])
 
 
 def test_training_runs_the_mlp_itself(converted_qwen3):

@@ -97,32 +97,78 @@ static inline const float *widen_bfloat16(const uint16_t *in, int64_t cols, floa
     return out;
 }
 
-/* The row x * factor, as PyTorch multiplies two such tensors (in float32, rounded to bfloat16 for bf16 ones). */
-static inline const float *product_row(const void *x, const void *factor, int64_t offset, int64_t cols,
-                                       int in_bfloat16, float *out) {
-    if (in_bfloat16) {
-        const uint16_t *a = (const uint16_t *)x + offset, *b = (const uint16_t *)factor + offset;
-#pragma omp simd
-        for (int64_t col = 0; col < cols; ++col)
-            out[col] = from_bfloat16(to_bfloat16(from_bfloat16(a[col]) * from_bfloat16(b[col])));
-    } else {
-        const float *a = (const float *)x + offset, *b = (const float *)factor + offset;
-#pragma omp simd
-        for (int64_t col = 0; col < cols; ++col) out[col] = a[col] * b[col];
+/* The activation applied to x before the product (activation_codes_uint8): a gated MLP's act_fn. */
+enum activation { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1 };
+
+/* exp(x) in operations the compiler vectorizes (a libm call per element would cost more than the whole quantizer):
+ * Cephes' expf, 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 in two parts and p of degree 7, within about
+ * an ulp of expf; x clamped to [-87, 88], where 2^n stays a normal float (enough for the sigmoid below). */
+static inline float exp_vectorizable(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* a NaN passes through both comparisons */
+    const float n = nearbyintf(x * 1.44269504088896341f);
+    /* fmaf: fused multiply-adds written out (the kernels' flags fuse nothing): one rounding and instruction each */
+    const float r = fmaf(n, 2.12194440e-4f, fmaf(n, -0.693359375f, x));
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r + 1.0f);
+    int32_t bits;
+    memcpy(&bits, &p, 4);
+    bits += (int32_t)n * (1 << 23);
+    memcpy(&p, &bits, 4);
+    return p;
+}
+
+/* GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) = x / (1 + exp(-2 sqrt(2 / pi) (x +
+ * 0.044715 x^3))): the same function, which PyTorch computes through tanh (a float32 ulp or two apart). */
+static inline float gelu_tanh(float x) {
+    return x / (1.0f + exp_vectorizable(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
+}
+
+/* The row activation(x) * factor, as PyTorch computes act_fn(x) * factor for two such tensors: in float32, the
+ * activation and then the product each rounded to bfloat16 for bf16 ones. The activation's own float32 rounding can
+ * differ from PyTorch's by an ulp or two, which moves a bf16 value only where it lies on a rounding boundary. */
+static inline const float *product_row(const void *x, const void *factor, int activation, int64_t offset,
+                                       int64_t cols, int in_bfloat16, float *out) {
+/* ACTIVATE: the activation of a float32 value; ROUNDED: the value as PyTorch holds the activated bf16 tensor. */
+#define PRODUCT_LOOP(ACTIVATE, ROUNDED)                                                                    \
+    if (in_bfloat16) {                                                                                     \
+        const uint16_t *a = (const uint16_t *)x + offset, *b = (const uint16_t *)factor + offset;         \
+        _Pragma("omp simd") for (int64_t col = 0; col < cols; ++col) {                                     \
+            const float activated = ROUNDED(ACTIVATE(from_bfloat16(a[col])));                              \
+            out[col] = from_bfloat16(to_bfloat16(activated * from_bfloat16(b[col])));                      \
+        }                                                                                                  \
+    } else {                                                                                               \
+        const float *a = (const float *)x + offset, *b = (const float *)factor + offset;                   \
+        _Pragma("omp simd") for (int64_t col = 0; col < cols; ++col) out[col] = ACTIVATE(a[col]) * b[col]; \
     }
+#define AS_IS(value) (value)
+#define TO_BFLOAT16(value) from_bfloat16(to_bfloat16(value))
+    if (activation == ACTIVATION_GELU_TANH) {
+        PRODUCT_LOOP(gelu_tanh, TO_BFLOAT16)
+    } else {
+        PRODUCT_LOOP(AS_IS, AS_IS) /* a bf16 value widened is already what PyTorch holds */
+    }
+#undef TO_BFLOAT16
+#undef AS_IS
+#undef PRODUCT_LOOP
     return out;
 }
 
 /* x is float32, or bfloat16 (in_bfloat16: a bf16 model's activations), each row widened to float32 in a buffer of
  * the thread's own that stays in L1, so that no float32 copy of the whole input is ever made. rms_weight (with
  * outer_eps) folds the model's norm in front, as above; NULL for none. factor (NULL: none; else of x's dtype and row
- * stride) makes the input x * factor, multiplied row by row into that buffer: a gated MLP's activated gate times its
- * up projection (mlp_fusion.py), whose product is never materialised. Returns 0, or -1 when a thread's buffer
- * could not be allocated (codes and steps then undefined). */
-int activation_codes_uint8(const void *x, const void *factor, int64_t rows, int64_t cols, int64_t row_stride,
-                           const float *norm_weight, const float *rms_weight, float eps, float outer_eps,
-                           float min_scale, uint8_t *codes, int64_t code_stride, float *steps, int in_bfloat16,
-                           int threads) {
+ * stride) makes the input activation(x) * factor (enum activation), computed row by row into that buffer: a gated
+ * MLP's gate, activated here, times its up projection (mlp_fusion.py); neither the activated gate nor the product
+ * is ever materialised. Returns 0, or -1 when a thread's buffer could not be allocated (codes and steps then
+ * undefined). */
+int activation_codes_uint8(const void *x, const void *factor, int activation, int64_t rows, int64_t cols,
+                           int64_t row_stride, const float *norm_weight, const float *rms_weight, float eps,
+                           float outer_eps, float min_scale, uint8_t *codes, int64_t code_stride, float *steps,
+                           int in_bfloat16, int threads) {
     const int buffered = in_bfloat16 || factor != NULL;
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (rows * cols >= 65536)
@@ -135,7 +181,8 @@ int activation_codes_uint8(const void *x, const void *factor, int64_t rows, int6
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < rows; ++row) {
             if (buffered && !widened) continue; /* every thread still takes part in the loop */
-            const float *in = factor        ? product_row(x, factor, row * row_stride, cols, in_bfloat16, widened)
+            const float *in = factor
+                                  ? product_row(x, factor, activation, row * row_stride, cols, in_bfloat16, widened)
                               : in_bfloat16 ? widen_bfloat16((const uint16_t *)x + row * row_stride, cols, widened)
                                             : (const float *)x + row * row_stride;
             uint8_t *out = codes + row * code_stride;

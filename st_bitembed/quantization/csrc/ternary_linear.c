@@ -12,10 +12,10 @@
 
 #include "ternary_gemm.h"
 
-int activation_codes_uint8(const void *x, const void *factor, int64_t rows, int64_t cols, int64_t row_stride,
-                           const float *norm_weight, const float *rms_weight, float eps, float outer_eps,
-                           float min_scale, uint8_t *codes, int64_t code_stride, float *steps, int in_bfloat16,
-                           int threads);
+int activation_codes_uint8(const void *x, const void *factor, int activation, int64_t rows, int64_t cols,
+                           int64_t row_stride, const float *norm_weight, const float *rms_weight, float eps,
+                           float outer_eps, float min_scale, uint8_t *codes, int64_t code_stride, float *steps,
+                           int in_bfloat16, int threads);
 
 /* One BitLinear's operands: its inserted RMSNorm's weight and epsilon (norm_weight NULL: no norm), a folded model
  * norm in front (rms_weight / outer_eps, activation_codes.c; NULL: none), and its GEMM's (ternary_gemm.c). */
@@ -35,12 +35,12 @@ struct ternary_projection {
 static _Thread_local uint8_t *scratch;
 static _Thread_local size_t scratch_bytes;
 
-/* The `count` projections of one input x (rows x cols, float32 or bfloat16; times factor, of the same dtype and row
- * stride, where factor is not NULL: activation_codes.c) into outs[p] (rows x out_features of projection p, float32 or
- * bfloat16). Returns 0, or -1 when a buffer could not be allocated (outputs then incomplete). */
+/* The `count` projections of one input x (rows x cols, float32 or bfloat16; activation(x) times factor, of the same
+ * dtype and row stride, where factor is not NULL: activation_codes.c) into outs[p] (rows x out_features of projection
+ * p, float32 or bfloat16). Returns 0, or -1 when a buffer could not be allocated (outputs then incomplete). */
 int ternary_linear(const struct ternary_projection *projections, int64_t count, const void *x, const void *factor,
-                   int64_t rows, int64_t cols, int64_t row_stride, int in_bfloat16, float min_scale, void *const *outs,
-                   int out_bfloat16, int64_t chunk_rows, int threads) {
+                   int activation, int64_t rows, int64_t cols, int64_t row_stride, int in_bfloat16, float min_scale,
+                   void *const *outs, int out_bfloat16, int64_t chunk_rows, int threads) {
     const int64_t tile_rows = ternary_gemm_tile_rows();
     if (tile_rows <= 0 || count < 1 || count > TERNARY_GEMM_MAX_JOBS) return -1;
     if (chunk_rows > rows) chunk_rows = rows;
@@ -69,9 +69,10 @@ int ternary_linear(const struct ternary_projection *projections, int64_t count, 
             const struct ternary_projection *projection = &projections[p];
             uint8_t *codes = scratch + code_offsets[p];
             float *steps = (float *)(scratch + step_offsets[p]);
-            if (activation_codes_uint8(chunk, chunk_factor, here, cols, row_stride, projection->norm_weight,
-                                       projection->rms_weight, projection->eps, projection->outer_eps, min_scale,
-                                       codes, projection->k_padded, steps, in_bfloat16, threads))
+            if (activation_codes_uint8(chunk, chunk_factor, activation, here, cols, row_stride,
+                                       projection->norm_weight, projection->rms_weight, projection->eps,
+                                       projection->outer_eps, min_scale, codes, projection->k_padded, steps,
+                                       in_bfloat16, threads))
                 return -1;
             void *out = (char *)outs[p] + (size_t)(start * projection->out_features) * out_size;
             jobs[p] = (struct ternary_gemm_job){codes, projection->k_padded, projection->k_padded, projection->packed,
