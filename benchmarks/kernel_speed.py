@@ -2,10 +2,11 @@
 backends (the native ternary kernel, also without its AMX tiles where it has them, FBGEMM, oneDNN; each from float
 codes, as ``integer_product`` takes them) against
 the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections; a short
-query through many projections, and q, k and v in one native call against one call each.
+query through many projections, and q, k and v in one native call against one call each; a Gemma3 MLP's down
+projection with its GELU-tanh in the quantizer against PyTorch's GELU then the quantizer's product.
 
 Usage:
-    python benchmarks/kernel_speed.py [--threads 2] [--query-only]
+    python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import torch
 
 from st_bitembed.quantization.kernels import (
+    TORCH_ACTIVATIONS,
     UINT8_ZERO_POINT,
     gemm_backend,
     integer_product,
@@ -59,10 +61,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--query-only", action="store_true", help="only the short query through many projections")
+    parser.add_argument("--activation-only", action="store_true", help="only the GELU-tanh in the quantizer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.query_only:
         query_through_layers()
+        return
+    if args.activation_only:
+        activation_in_quantizer()
         return
     compiled = native_activation_codes()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, ms (median)")
@@ -105,6 +111,7 @@ def main() -> None:
             row = " | ".join(f"{cell:.3f}" for cell in cells)
             print(f"| {tokens} x {in_features} x {out_features} | {row} |")
     query_through_layers()
+    activation_in_quantizer()
 
 
 def query_through_layers() -> None:
@@ -147,6 +154,27 @@ def query_projections_together() -> None:
     together, apart = statistics.median(together), statistics.median(apart)
     print(f"q, k and v of 28 layers on {QUERY_TOKENS} tokens: in one call per layer {together:.2f} ms, one call per "
           f"projection {apart:.2f} ms")  # fmt: skip
+
+
+def activation_in_quantizer() -> None:
+    """A Gemma3-270M MLP's down projection (2,048 -> 640) on 32 x 128 bf16 tokens, from its gate and up projection:
+    PyTorch's GELU-tanh, then the quantizer's product (what runs for other activations), vs the GELU-tanh computed by
+    the quantizer; taking turns, medians of 10."""
+    if gemm_backend("cpu") != "native":
+        return
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(-1, 2, (640, 2048), dtype=torch.int8, generator=generator)
+    weight = prepare_ternary_weight(codes, torch.tensor(0.1), "native")
+    projection = native_projections([prepare_native_projection(weight, None, torch.rand(2048) + 0.5, 1e-6)])
+    gate, up = (torch.randn(4096, 2048, generator=generator).bfloat16() for _ in range(2))
+    gelu = TORCH_ACTIVATIONS["gelu_tanh"]
+    in_pytorch, in_quantizer = [], []
+    for _ in range(10):
+        in_pytorch.append(milliseconds(lambda: native_linear(gelu(gate), projection, up), budget=0.2))
+        in_quantizer.append(milliseconds(lambda: native_linear(gate, projection, up, "gelu_tanh"), budget=0.2))
+    in_pytorch, in_quantizer = statistics.median(in_pytorch), statistics.median(in_quantizer)
+    print(f"Gemma3 MLP down projection, 4,096 bf16 tokens: PyTorch's GELU-tanh then the product in the quantizer "
+          f"{in_pytorch:.2f} ms, GELU-tanh and product in the quantizer {in_quantizer:.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":
