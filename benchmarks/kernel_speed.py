@@ -18,7 +18,6 @@ import time
 import torch
 
 from st_bitembed.quantization.kernels import (
-    TORCH_ACTIVATIONS,
     UINT8_ZERO_POINT,
     gemm_backend,
     integer_product,
@@ -29,6 +28,7 @@ from st_bitembed.quantization.kernels import (
     torch_activation_codes,
 )
 from st_bitembed.quantization.native import (
+    TORCH_ACTIVATIONS,
     native_activation_codes,
     native_amx_available,
     native_projections,

@@ -11,7 +11,6 @@ from transformers.integrations.bitnet import AutoBitLinear
 
 from st_bitembed.allocator import return_freed_memory
 from st_bitembed.quantization.kernels import (
-    TORCH_ACTIVATIONS,
     TernaryWeight,
     gemm_backend,
     native_linear,
@@ -19,7 +18,7 @@ from st_bitembed.quantization.kernels import (
     prepare_ternary_weight,
     ternary_linear,
 )
-from st_bitembed.quantization.native import NativeProjection, native_projections
+from st_bitembed.quantization.native import TORCH_ACTIVATIONS, NativeProjection, native_projections
 from st_bitembed.quantization.packing import pack_codes, unpack_codes
 from st_bitembed.quantization.ternary import ternary_weight_codes
 
@@ -191,7 +190,7 @@ class BitLinear(AutoBitLinear):
         self, activations: torch.Tensor, factor: torch.Tensor, activation: str | None = None
     ) -> torch.Tensor:
         """``self(activations * factor)``, or ``self(activation(activations) * factor)`` with ``activation`` (a
-        :data:`~st_bitembed.quantization.kernels.TORCH_ACTIVATIONS` name). On the native backend at inference the
+        :data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` name). On the native backend at inference the
         activation and the product are taken as the quantizer reads each row and never materialised (a gated MLP's
         down projection: :mod:`~st_bitembed.quantization.mlp_fusion`): the same outputs, except where the
         activation's float32 rounding (an ulp or two from PyTorch's) moves a code at a rounding tie."""

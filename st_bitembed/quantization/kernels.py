@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from st_bitembed.quantization.compiled import CompiledWithFallback
 from st_bitembed.quantization.native import (
+    TORCH_ACTIVATIONS,
     NativeProjection,
     native_activation_codes,
     native_gemm_layout,
@@ -389,12 +390,6 @@ def prepare_native_projection(
                              norm_weight, eps, rms_weight, outer_eps)  # fmt: skip
 
 
-# The activations the native quantizer applies before a product (native.ACTIVATIONS), as PyTorch computes them.
-TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-}
-
-
 def native_linear(
     activations: torch.Tensor,
     projections: Sequence[NativeProjection],
@@ -409,12 +404,10 @@ def native_linear(
     shape) the input is ``activations * factor``, multiplied as PyTorch multiplies them but row by row as the
     quantizer reads them: a gated MLP's activated gate times its up projection
     (:mod:`~st_bitembed.quantization.mlp_fusion`), never materialised; with ``activation`` too (a
-    :data:`TORCH_ACTIVATIONS` name) it is ``activation(activations) * factor``, the gate activated there as well (as
-    PyTorch computes it, up to an ulp or two of float32 in the activation)."""
+    :data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` name) it is ``activation(activations) * factor``, the
+    gate activated there as well (as PyTorch computes it, up to an ulp or two of float32 in the activation)."""
     flat = activations.reshape(-1, activations.shape[-1])
     flat_factor = None if factor is None else factor.reshape(-1, factor.shape[-1])
-    if activation is not None and flat_factor is None:
-        raise ValueError("An activation is applied only before a product: give the factor too")
     if flat_factor is not None and (
         flat.dtype not in (torch.float32, torch.bfloat16)
         or flat_factor.dtype != flat.dtype

@@ -8,7 +8,7 @@ as it reads them (``csrc/activation_codes.c``), rounded as PyTorch rounds the pr
 and one tensor less per layer.
 
 Where the activation is one the quantizer computes too (GELU's tanh form, Gemma3's: a probe finds which of
-:data:`~st_bitembed.quantization.kernels.TORCH_ACTIVATIONS` gives exactly the module's ``act_fn``), the gate goes to
+:data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` gives exactly the module's ``act_fn``), the gate goes to
 the quantizer as it is and is activated there, row by row: a second tensor as large as the gate's, and PyTorch's pass
 of the activation (the slowest element-wise pass of a Gemma3 forward), saved too. The quantizer's exp is its own
 (vectorized; PyTorch's is SLEEF's), an ulp or two of float32 from PyTorch's activation, which moves a bf16 value only
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear
-from st_bitembed.quantization.kernels import TORCH_ACTIVATIONS
+from st_bitembed.quantization.native import TORCH_ACTIVATIONS
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers' modeling code).
 GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP")
@@ -37,7 +37,7 @@ class FusedGatedMLP(torch.nn.Module):
     Attributes:
         mlp: The model's module (not a child: its children are this module's), which runs whenever the fused path
             does not apply.
-        activation: The :data:`~st_bitembed.quantization.kernels.TORCH_ACTIVATIONS` name of ``mlp.act_fn``, which
+        activation: The :data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` name of ``mlp.act_fn``, which
             the quantizer then applies; ``None``: ``act_fn`` runs in PyTorch.
     """
 
@@ -72,7 +72,7 @@ class FusedGatedMLP(torch.nn.Module):
 
 
 def activation_name(act_fn: torch.nn.Module, dtype: torch.dtype) -> str | None:
-    """The :data:`~st_bitembed.quantization.kernels.TORCH_ACTIVATIONS` name of the function ``act_fn`` computes
+    """The :data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` name of the function ``act_fn`` computes
     (bit for bit, on a probe in ``dtype`` that spans its range), or ``None``."""
     probe = torch.linspace(-12, 12, 4097).to(dtype)
     with torch.no_grad():

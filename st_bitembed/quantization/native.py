@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from st_bitembed.quantization.ternary import MIN_SCALE
 
@@ -54,9 +55,12 @@ Uint8ActivationCodes = Callable[..., torch.Tensor]
 TernaryGemm = Callable[..., None]
 # (activations, projections, outs, chunk rows, factor=None, activation=None) -> None
 TernaryLinear = Callable[..., None]
-# The activations the quantizer applies to a gated MLP's gate before its product (csrc/activation_codes.c's enum),
-# by the name of PyTorch's function: F.gelu(approximate="tanh"). Not SiLU: PyTorch's own pass of it cost no more
-# than computing it in the quantizer (Qwen3-0.6B's shape, 32 x 128 tokens: 5% slower in the quantizer).
+# The activations the quantizer applies to a gated MLP's gate before its product, by name: PyTorch's function (what
+# the quantizer's must give) and csrc/activation_codes.c's enum value. Not SiLU: computed in the quantizer it was no
+# faster than PyTorch's own SiLU pass (measured while developing).
+TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
 ACTIVATIONS = {None: 0, "gelu_tanh": 1}
 # (activations, float32 scale, eps, round before scale) -> normalised activations
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]

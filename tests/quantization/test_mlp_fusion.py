@@ -6,14 +6,13 @@ import torch
 from st_bitembed import BitEmbed
 from st_bitembed.quantization import bitlinear
 from st_bitembed.quantization.kernels import (
-    TORCH_ACTIVATIONS,
     gemm_backend,
     native_linear,
     prepare_native_projection,
     prepare_ternary_weight,
 )
 from st_bitembed.quantization.mlp_fusion import FusedGatedMLP, fuse_gated_mlps
-from st_bitembed.quantization.native import native_projections
+from st_bitembed.quantization.native import TORCH_ACTIVATIONS, native_projections
 from st_bitembed.quantization.ternary import ternary_weight_codes
 
 ACTIVATION_OF = {"qwen3": None, "gemma3": "gelu_tanh"}
