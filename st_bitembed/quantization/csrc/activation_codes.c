@@ -115,9 +115,10 @@ static inline float exp_vectorizable(float x) {
     p = fmaf(p, r, 1.6666665459e-1f);
     p = fmaf(p, r, 5.0000001201e-1f);
     p = fmaf(p, r * r, r + 1.0f);
-    int32_t bits;
+    const int32_t power = n == n ? (int32_t)n : 0; /* a NaN has no integer value; p is NaN then anyway */
+    uint32_t bits;
     memcpy(&bits, &p, 4);
-    bits += (int32_t)n * (1 << 23);
+    bits += (uint32_t)power << 23; /* p * 2^n: n added to the exponent (unsigned: wraps, never overflows) */
     memcpy(&p, &bits, 4);
     return p;
 }
