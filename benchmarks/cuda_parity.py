@@ -22,6 +22,7 @@ from st_bitembed.quantization.convert import convert_to_bitlinear
 from st_bitembed.quantization.kernels import (
     activation_codes,
     gemm_backend,
+    int_mm_rows,
     prepare_ternary_weight,
     ternary_linear,
 )
@@ -97,7 +98,8 @@ def report_projection_times() -> None:
             codes, scale = ternary_weight_codes(latent)
             weight = prepare_ternary_weight(codes.cuda(), scale.cuda(), "int_mm")
             bf16_weight = latent.cuda().bfloat16()
-            int8_codes = torch.randint(-127, 128, (max(tokens, 24), in_features), device="cuda", dtype=torch.int8)
+            rows = int_mm_rows(tokens)  # as the int8 path pads them
+            int8_codes = torch.randint(-127, 128, (rows, in_features), device="cuda", dtype=torch.int8)
             times = [
                 cuda_milliseconds(lambda: torch.nn.functional.linear(activations, bf16_weight)),
                 cuda_milliseconds(lambda: ternary_linear(activations, weight, None, norm_weight)),

@@ -26,7 +26,7 @@ def available(backend: str) -> bool:
 
 
 CPU_BACKENDS = [backend for backend in ("native", "fbgemm", "onednn") if available(backend)] + ["float"]
-# The CUDA backend's path (torch._int_mm between the compiled quantizer and rescale) also runs on CPUs, in tests.
+# The CUDA backend's path (quantizer, torch._int_mm and rescale in one compiled call) also runs on CPUs, in tests.
 TESTED_BACKENDS = CPU_BACKENDS + (["int_mm"] if available("int_mm") else [])
 
 
