@@ -3,7 +3,8 @@ backends (the native ternary kernel, also without its AMX tiles where it has the
 codes, as ``integer_product`` takes them) against
 the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections; a short
 query through many projections, and q, k and v in one native call against one call each; a Gemma3 MLP's down
-projection with its GELU-tanh in the quantizer against PyTorch's GELU then the quantizer's product.
+projection with its GELU-tanh in the quantizer against PyTorch's GELU then the quantizer's product, and a MiniLM MLP's
+intermediate projection with its GELU in the kernel's output against PyTorch's GELU after it.
 
 Usage:
     python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only]
@@ -61,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--query-only", action="store_true", help="only the short query through many projections")
-    parser.add_argument("--activation-only", action="store_true", help="only the GELU-tanh in the quantizer")
+    parser.add_argument("--activation-only", action="store_true", help="only the activations in the kernels")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.query_only:
@@ -69,6 +70,7 @@ def main() -> None:
         return
     if args.activation_only:
         activation_in_quantizer()
+        activation_in_output()
         return
     compiled = native_activation_codes()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, ms (median)")
@@ -112,6 +114,7 @@ def main() -> None:
             print(f"| {tokens} x {in_features} x {out_features} | {row} |")
     query_through_layers()
     activation_in_quantizer()
+    activation_in_output()
 
 
 def query_through_layers() -> None:
@@ -175,6 +178,29 @@ def activation_in_quantizer() -> None:
     in_pytorch, in_quantizer = statistics.median(in_pytorch), statistics.median(in_quantizer)
     print(f"Gemma3 MLP down projection, 4,096 bf16 tokens: PyTorch's GELU-tanh then the product in the quantizer "
           f"{in_pytorch:.2f} ms, GELU-tanh and product in the quantizer {in_quantizer:.2f} ms")  # fmt: skip
+
+
+def activation_in_output() -> None:
+    """A MiniLM MLP's intermediate projection (384 -> 1,536, bias, GELU) on 32 x 256 bf16 tokens: the projection then
+    PyTorch's GELU vs the GELU applied by the kernel as it writes the output; taking turns, medians of 10."""
+    if gemm_backend("cpu") != "native":
+        return
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(-1, 2, (1536, 384), dtype=torch.int8, generator=generator)
+    weight = prepare_ternary_weight(codes, torch.tensor(0.1), "native")
+    bias, norm_weight = torch.randn(1536, generator=generator), torch.rand(384, generator=generator) + 0.5
+    plain = native_projections([prepare_native_projection(weight, bias, norm_weight, 1e-6)])
+    with_gelu = prepare_native_projection(weight, bias, norm_weight, 1e-6, output_activation="gelu")
+    activated = native_projections([with_gelu])
+    hidden = torch.randn(8192, 384, generator=generator).bfloat16()
+    gelu = TORCH_ACTIVATIONS["gelu"]
+    in_pytorch, in_kernel = [], []
+    for _ in range(10):
+        in_pytorch.append(milliseconds(lambda: gelu(native_linear(hidden, plain)[0]), budget=0.2))
+        in_kernel.append(milliseconds(lambda: native_linear(hidden, activated), budget=0.2))
+    in_pytorch, in_kernel = statistics.median(in_pytorch), statistics.median(in_kernel)
+    print(f"MiniLM MLP intermediate projection, 8,192 bf16 tokens: then PyTorch's GELU {in_pytorch:.2f} ms, "
+          f"GELU in the kernel's output {in_kernel:.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from st_bitembed.hub import check_model_source
 from st_bitembed.modules.quantize import Quantize
 from st_bitembed.modules.subln_transformer import SubLNTransformer
+from st_bitembed.quantization.activation_fusion import fuse_intermediate_activations
 from st_bitembed.quantization.bitlinear import install_bitlinear
 from st_bitembed.quantization.convert import (
     NORM_PLACEMENTS,
@@ -166,6 +167,7 @@ def convert_backbone(
     fold_model_norms(backbone)
     use_native_norms(backbone)
     fuse_gated_mlps(backbone)
+    fuse_intermediate_activations(backbone)
     backbone.config.quantization_config = bitnet_quantization_config(
         backbone, use_rms_norm=norm == "all", rms_norm_eps=rms_norm_eps
     )

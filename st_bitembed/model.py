@@ -19,6 +19,7 @@ from st_bitembed.card import BitEmbedModelCardData, write_model_card
 from st_bitembed.conversion import convert_backbone
 from st_bitembed.modules.quantize import Quantize
 from st_bitembed.precisions import Precision, PrecisionName, get_precision
+from st_bitembed.quantization.activation_fusion import fuse_intermediate_activations
 from st_bitembed.quantization.bitlinear import (
     Kernel,
     cast_around_codes,
@@ -124,6 +125,7 @@ class BitEmbed(SentenceTransformer):
             if layers:  # after folding: a norm that folds into BitLinears is not run natively on its own
                 use_native_norms(self[0].auto_model)
                 fuse_gated_mlps(self[0].auto_model)
+                fuse_intermediate_activations(self[0].auto_model)
             if layers == 0 and (has_saved_head or info_file):
                 raise ValueError(
                     f"{model_name_or_path!r} is a BitEmbed model (it has {QUANTIZE_FOLDER}/ or {BITEMBED_INFO_FILE}) "

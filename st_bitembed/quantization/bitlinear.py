@@ -84,6 +84,9 @@ class BitLinear(AutoBitLinear):
         self._inference_operands: tuple[tuple, InferenceOperands] | None = None
         # The native kernel's description of this layer behind a folded model norm: (norm weight, scale, projection).
         self._folded_projection: tuple[torch.Tensor, torch.Tensor, NativeProjection] | None = None
+        # The native kernel's description of this layer with an activation on its outputs: (operands, activation,
+        # projections).
+        self._activated_projection: tuple[InferenceOperands, str, ctypes.Array] | None = None
         self.register_state_dict_post_hook(_materialize_in_state_dict)
         self.register_load_state_dict_pre_hook(_materialize_before_loading)
 
@@ -166,6 +169,7 @@ class BitLinear(AutoBitLinear):
             "_ternary_key": None,
             "_inference_operands": None,
             "_folded_projection": None,
+            "_activated_projection": None,
         }
 
     def train(self, mode: bool = True) -> BitLinear:
@@ -201,6 +205,25 @@ class BitLinear(AutoBitLinear):
             activated = activations if activation is None else TORCH_ACTIVATIONS[activation](activations)
             return self(activated * factor)
         return native_linear(activations, operands.native, factor, activation)[0]
+
+    def forward_activated(self, input: torch.Tensor, activation: str) -> torch.Tensor:
+        """``activation(self(input))`` for a :data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` name. On the
+        native backend at inference the kernel applies the activation as it writes the output (an encoder MLP's
+        first projection: :mod:`~st_bitembed.quantization.activation_fusion`), which saves PyTorch's pass over the
+        output: the same outputs, except where the activation's float32 rounding (an ulp or two from PyTorch's)
+        moves a bf16 value on a rounding boundary."""
+        operands = None
+        if self.kernel == "int8" and not self.training and not torch.is_grad_enabled():
+            operands = self._operands()
+        folded = self.folded_norm is not None and self.folded_norm.let_through(input)
+        if operands is None or operands.native is None or folded:
+            return TORCH_ACTIVATIONS[activation](self(input))
+        cached = self._activated_projection
+        if cached is None or cached[0] is not operands or cached[1] != activation:
+            weight, bias, norm_weight, eps, _ = operands
+            projection = prepare_native_projection(weight, bias, norm_weight, eps, output_activation=activation)
+            self._activated_projection = cached = operands, activation, native_projections([projection])
+        return native_linear(input, cached[2])[0]
 
     def folded_projection(self, scale: torch.Tensor, outer_eps: float) -> NativeProjection:
         """The native kernel's description of this layer behind a folded model norm of per-channel ``scale`` and

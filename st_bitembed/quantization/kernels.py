@@ -381,13 +381,17 @@ def prepare_native_projection(
     eps: float = 1e-6,
     rms_weight: torch.Tensor | None = None,
     outer_eps: float = 0.0,
+    output_activation: str | None = None,
 ) -> NativeProjection:
     """What :func:`native_linear` takes for one projection (arguments as :func:`ternary_linear`'s, ``weight`` laid
-    out for the native backend): made once and kept by a layer, since it only changes with the parameters."""
+    out for the native backend): made once and kept by a layer, since it only changes with the parameters. With
+    ``output_activation`` (a :data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` name) the kernel returns
+    ``activation(output)``, applied as it writes the output, rounded as PyTorch rounds the output and then its
+    activation (up to an ulp or two of float32 in the activation)."""
     operands = (_float32(t) for t in (bias, norm_weight, rms_weight))
     bias, norm_weight, rms_weight = operands
     return native_projection(weight.operand, weight.column_sums, weight.out_features, weight.scale_value, bias,
-                             norm_weight, eps, rms_weight, outer_eps)  # fmt: skip
+                             norm_weight, eps, rms_weight, outer_eps, output_activation)  # fmt: skip
 
 
 def native_linear(

@@ -80,24 +80,25 @@ def activation_name(act_fn: torch.nn.Module, dtype: torch.dtype) -> str | None:
         return next((name for name, f in TORCH_ACTIVATIONS.items() if torch.equal(f(probe), expected)), None)
 
 
-def gives_what_the_module_gives(stand_in: FusedGatedMLP) -> bool:
-    """Whether the fused path gives the module's output on a probe, at inference, in the module's dtype: exactly with
-    PyTorch's activation; with the quantizer's, within the output's rounding (a code apart at a rounding tie)."""
-    mlp = stand_in.mlp
-    weight = mlp.gate_proj.weight
+def gives_what_the_module_gives(stand_in: torch.nn.Module, module: torch.nn.Module, exact: bool) -> bool:
+    """Whether ``stand_in`` gives ``module``'s output on a probe, at inference, in the dtype of the module's first
+    BitLinear: exactly (``exact``), or within the output's rounding (a kernel's activation: a code apart at a
+    rounding tie)."""
+    first = next(layer for layer in module.modules() if isinstance(layer, BitLinear))
+    weight = first.weight
     if weight.device.type != "cpu" or not weight.is_floating_point():
         return False
-    probe = torch.randn(2, 3, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    modes = {module: module.training for module in (stand_in, *mlp.modules())}
+    probe = torch.randn(2, 3, first.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    modes = {layer: layer.training for layer in (stand_in, *module.modules())}
     stand_in.eval()
-    mlp.eval()
+    module.eval()
     try:
         with torch.no_grad():
-            fused, expected = stand_in(probe), mlp(probe)
+            fused, expected = stand_in(probe), module(probe)
     finally:
-        for module, training in modes.items():
-            module.training = training
-    if stand_in.activation is None:
+        for layer, training in modes.items():
+            layer.training = training
+    if exact:
         return torch.equal(fused, expected)
     rounding = 1e-2 if weight.dtype == torch.bfloat16 else 1e-3
     return bool((fused - expected).abs().max() <= rounding * expected.abs().max())
@@ -115,9 +116,9 @@ def fuse_gated_mlps(model: torch.nn.Module) -> int:
             continue
         activation = activation_name(module.act_fn, module.down_proj.weight.dtype)
         stand_in = FusedGatedMLP(module, activation)
-        if activation is not None and not gives_what_the_module_gives(stand_in):
+        if activation is not None and not gives_what_the_module_gives(stand_in, module, exact=False):
             stand_in = FusedGatedMLP(module)  # the quantizer's activation strays: PyTorch's, with the product fused
-        if gives_what_the_module_gives(stand_in):
+        if gives_what_the_module_gives(stand_in, module, exact=stand_in.activation is None):
             model.set_submodule(name, stand_in)
             fused += 1
     return fused

@@ -42,7 +42,7 @@ SOURCES = tuple(
     Path(__file__).with_name("csrc") / name
     for name in ("activation_codes.c", "ternary_gemm.c", "ternary_gemm_amx.c", "ternary_linear.c", "rms_norm.c")
 )
-HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("ternary_gemm.h", "bfloat16.h"))
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("ternary_gemm.h", "bfloat16.h", "activations.h"))
 # No FMA contraction: the kernel must round exactly as the PyTorch path's separate multiply and add do.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 # Projections of one input per ternary_linear call: csrc/ternary_linear.c's MAX_PROJECTIONS.
@@ -55,13 +55,14 @@ Uint8ActivationCodes = Callable[..., torch.Tensor]
 TernaryGemm = Callable[..., None]
 # (activations, projections, outs, chunk rows, factor=None, activation=None) -> None
 TernaryLinear = Callable[..., None]
-# The activations the quantizer applies to a gated MLP's gate before its product, by name: PyTorch's function (what
-# the quantizer's must give) and csrc/activation_codes.c's enum value. Not SiLU: computed in the quantizer it was no
-# faster than PyTorch's own SiLU pass (measured while developing).
+# The activations the kernels apply (to a gated MLP's gate in the quantizer, to an encoder MLP's first projection in
+# the GEMM's output), by name: PyTorch's function (what the kernels' must give) and csrc/activations.h's enum value.
+# Not SiLU: computed in the quantizer it was no faster than PyTorch's own SiLU pass (measured while developing).
 TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
 }
-ACTIVATIONS = {None: 0, "gelu_tanh": 1}
+ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2}
 # (activations, float32 scale, eps, round before scale) -> normalised activations
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
@@ -289,8 +290,9 @@ def native_ternary_gemm() -> TernaryGemm | None:
 class NativeProjection(ctypes.Structure):
     """One projection's operands as ``csrc/ternary_linear.c`` reads them (``struct ternary_projection``): its
     inserted RMSNorm's weight and epsilon, a folded model norm in front (``rms_weight`` and ``outer_eps``, see
-    :func:`native_uint8_activation_codes`), and the weight laid out for :func:`native_ternary_gemm`. It holds raw
-    pointers: made by :func:`native_projection`, which keeps the tensors they point to alive with it."""
+    :func:`native_uint8_activation_codes`), the weight laid out for :func:`native_ternary_gemm`, and the
+    activation applied to its outputs (an :data:`ACTIVATIONS` value). It holds raw pointers: made by
+    :func:`native_projection`, which keeps the tensors they point to alive with it."""
 
     _fields_ = [
         ("norm_weight", ctypes.c_void_p),
@@ -303,6 +305,7 @@ class NativeProjection(ctypes.Structure):
         ("out_features", ctypes.c_int64),
         ("scale", ctypes.c_float),
         ("bias", ctypes.c_void_p),
+        ("output_activation", ctypes.c_int),
     ]
 
 
@@ -316,12 +319,14 @@ def native_projection(
     eps: float,
     rms_weight: torch.Tensor | None = None,
     outer_eps: float = 0.0,
+    output_activation: str | None = None,
 ) -> NativeProjection:
-    """A :class:`NativeProjection` of these operands (float32 contiguous bias, norm and rms weights, or ``None``),
-    holding on to them."""
+    """A :class:`NativeProjection` of these operands (float32 contiguous bias, norm and rms weights, or ``None``;
+    ``output_activation``: an :data:`ACTIVATIONS` name), holding on to them."""
     k_padded = packed.shape[1] * native_gemm_layout().input_group
     projection = NativeProjection(_pointer(norm_weight), _pointer(rms_weight), eps, outer_eps, packed.data_ptr(),
-                                  column_sums.data_ptr(), k_padded, out_features, scale, _pointer(bias))  # fmt: skip
+                                  column_sums.data_ptr(), k_padded, out_features, scale, _pointer(bias),
+                                  ACTIVATIONS[output_activation])  # fmt: skip
     projection.tensors = packed, column_sums, bias, norm_weight, rms_weight  # what its pointers point to
     return projection
 

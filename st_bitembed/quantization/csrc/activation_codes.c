@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "activations.h"
 #include "bfloat16.h"
 
 /* The token's step; with a norm also the factor that turns x * g into codes (without one, the codes are x / step).
@@ -97,38 +98,6 @@ static inline const float *widen_bfloat16(const uint16_t *in, int64_t cols, floa
     return out;
 }
 
-/* The activation applied to x before the product (activation_codes_uint8): a gated MLP's act_fn. */
-enum activation { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1 };
-
-/* exp(x) in operations the compiler vectorizes (a libm call per element would cost more than the whole quantizer):
- * Cephes' expf, 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 in two parts and p of degree 7, within about
- * an ulp of expf; x clamped to [-87, 88], where 2^n stays a normal float (enough for the sigmoid below). */
-static inline float exp_vectorizable(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* a NaN passes through both comparisons */
-    const float n = nearbyintf(x * 1.44269504088896341f);
-    /* fmaf: fused multiply-adds written out (the kernels' flags fuse nothing): one rounding and instruction each */
-    const float r = fmaf(n, 2.12194440e-4f, fmaf(n, -0.693359375f, x));
-    float p = 1.9875691500e-4f;
-    p = fmaf(p, r, 1.3981999507e-3f);
-    p = fmaf(p, r, 8.3334519073e-3f);
-    p = fmaf(p, r, 4.1665795894e-2f);
-    p = fmaf(p, r, 1.6666665459e-1f);
-    p = fmaf(p, r, 5.0000001201e-1f);
-    p = fmaf(p, r * r, r + 1.0f);
-    const int32_t power = n == n ? (int32_t)n : 0; /* a NaN has no integer value; p is NaN then anyway */
-    uint32_t bits;
-    memcpy(&bits, &p, 4);
-    bits += (uint32_t)power << 23; /* p * 2^n: n added to the exponent (unsigned: wraps, never overflows) */
-    memcpy(&p, &bits, 4);
-    return p;
-}
-
-/* GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) = x / (1 + exp(-2 sqrt(2 / pi) (x +
- * 0.044715 x^3))): the same function, which PyTorch computes through tanh (a float32 ulp or two apart). */
-static inline float gelu_tanh(float x) {
-    return x / (1.0f + exp_vectorizable(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
-}
-
 /* The row activation(x) * factor, as PyTorch computes act_fn(x) * factor for two such tensors: in float32, the
  * activation and then the product each rounded to bfloat16 for bf16 ones. The activation's own float32 rounding can
  * differ from PyTorch's by an ulp or two, which moves a bf16 value only where it lies on a rounding boundary. */
@@ -150,6 +119,8 @@ static inline const float *product_row(const void *x, const void *factor, int ac
 #define TO_BFLOAT16(value) from_bfloat16(to_bfloat16(value))
     if (activation == ACTIVATION_GELU_TANH) {
         PRODUCT_LOOP(gelu_tanh, TO_BFLOAT16)
+    } else if (activation == ACTIVATION_GELU) {
+        PRODUCT_LOOP(gelu_erf, TO_BFLOAT16)
     } else {
         PRODUCT_LOOP(AS_IS, AS_IS) /* a bf16 value widened is already what PyTorch holds */
     }

@@ -31,6 +31,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "activations.h"
 #include "bfloat16.h"
 #include "ternary_gemm.h"
 #if defined(__AVX2__)
@@ -242,6 +243,45 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
 #endif
 
 #ifdef PANEL
+/* out[0:outs] = activation((sums - row_sum - 128 * column_sums) * scale (+ bias)), the linear output first rounded
+ * to bfloat16 for a bf16 model, as PyTorch holds it before its activation's pass: the same arithmetic as
+ * finish_row, then the activation of the value PyTorch would read. */
+static inline void finish_activated_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums,
+                                        float scale, const float *bias, int64_t outs, int activation, void *out,
+                                        int out_bfloat16) {
+/* one loop per activation, bias or not and output dtype: each vectorized without a branch */
+#define ACTIVATED_LOOP(ACTIVATE, BIAS, STORE)                                                                  \
+    _Pragma("omp simd") for (int64_t j = 0; j < outs; ++j) {                                                   \
+        const float value = (float)(sums[j] - row_sum - 128 * column_sums[j]) * scale BIAS;                    \
+        STORE(ACTIVATE);                                                                                       \
+    }
+#define PLUS_BIAS +bias[j]
+#define NO_BIAS
+#define BFLOAT16_STORE(ACTIVATE) ((uint16_t *)out)[j] = to_bfloat16(ACTIVATE(from_bfloat16(to_bfloat16(value))))
+#define FLOAT32_STORE(ACTIVATE) ((float *)out)[j] = ACTIVATE(value)
+#define ACTIVATED_LOOPS(ACTIVATE)                                                                              \
+    if (out_bfloat16 && bias) {                                                                                \
+        ACTIVATED_LOOP(ACTIVATE, PLUS_BIAS, BFLOAT16_STORE)                                                    \
+    } else if (out_bfloat16) {                                                                                 \
+        ACTIVATED_LOOP(ACTIVATE, NO_BIAS, BFLOAT16_STORE)                                                      \
+    } else if (bias) {                                                                                         \
+        ACTIVATED_LOOP(ACTIVATE, PLUS_BIAS, FLOAT32_STORE)                                                     \
+    } else {                                                                                                   \
+        ACTIVATED_LOOP(ACTIVATE, NO_BIAS, FLOAT32_STORE)                                                       \
+    }
+    if (activation == ACTIVATION_GELU) {
+        ACTIVATED_LOOPS(gelu_erf)
+    } else {
+        ACTIVATED_LOOPS(gelu_tanh)
+    }
+#undef ACTIVATED_LOOPS
+#undef FLOAT32_STORE
+#undef BFLOAT16_STORE
+#undef NO_BIAS
+#undef PLUS_BIAS
+#undef ACTIVATED_LOOP
+}
+
 /* Rows first_row .. first_row + count - 1 of one panel of a job, from their integer sums ([count][sums_stride];
  * code_sums: each row's sum of codes for 2-bit weights stored + 1, NULL where the sums are the products already). */
 static void finish_rows(const struct ternary_gemm_job *job, int64_t first_row, int64_t count, int64_t panel,
@@ -256,7 +296,11 @@ static void finish_rows(const struct ternary_gemm_job *job, int64_t first_row, i
         const int32_t row_sum = code_sums ? code_sums[r] : 0;
         const int64_t offset = (first_row + r) * out_features + first_out;
         const int32_t *row_sums = sums + r * sums_stride;
-        if (outs == PANEL) {
+        if (job->activation != ACTIVATION_NONE) {
+            void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
+            finish_activated_row(row_sums, row_sum, column_sums + first_out, row_scale, bias ? bias + first_out : NULL,
+                                 outs, job->activation, row_out, out_bfloat16);
+        } else if (outs == PANEL) {
             const float *row_bias = bias ? bias + first_out : NULL;
             void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
             finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, row_out, out_bfloat16);
@@ -410,6 +454,6 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
                   const int32_t *column_sums, int64_t out_features, const float *steps, float scale,
                   const float *bias, void *out, int out_bfloat16, int threads) {
     const struct ternary_gemm_job job = {codes, code_stride, k_padded, packed, column_sums, out_features, steps,
-                                         scale, bias, out};
+                                         scale, bias, out, ACTIVATION_NONE};
     ternary_gemm_jobs(&job, 1, rows, out_bfloat16, threads);
 }

@@ -3,7 +3,8 @@
 #define ST_BITEMBED_TERNARY_GEMM_H
 #include <stdint.h>
 
-/* out = (codes x weights - zero point) * steps * scale + bias, in ternary_gemm.c's layouts. */
+/* out = activation((codes x weights - zero point) * steps * scale + bias), in ternary_gemm.c's layouts (activation:
+ * an enum activation of activations.h, ACTIVATION_NONE for none). */
 struct ternary_gemm_job {
     const uint8_t *codes;
     int64_t code_stride;
@@ -15,6 +16,7 @@ struct ternary_gemm_job {
     float scale;
     const float *bias;
     void *out;
+    int activation;
 };
 
 /* Jobs per ternary_gemm_jobs call, the projections of one input per ternary_linear call: native.py's MAX_PROJECTIONS */

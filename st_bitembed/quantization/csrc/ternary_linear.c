@@ -30,6 +30,7 @@ struct ternary_projection {
     int64_t out_features;
     float scale;
     const float *bias;
+    int output_activation; /* applied to the outputs (enum activation, activations.h) */
 };
 
 static _Thread_local uint8_t *scratch;
@@ -77,7 +78,8 @@ int ternary_linear(const struct ternary_projection *projections, int64_t count, 
             void *out = (char *)outs[p] + (size_t)(start * projection->out_features) * out_size;
             jobs[p] = (struct ternary_gemm_job){codes, projection->k_padded, projection->k_padded, projection->packed,
                                                 projection->column_sums, projection->out_features, steps,
-                                                projection->scale, projection->bias, out};
+                                                projection->scale, projection->bias, out,
+                                                projection->output_activation};
         }
         ternary_gemm_jobs(jobs, count, here, out_bfloat16, threads);
     }

@@ -1,0 +1,56 @@
+/* The activation functions the kernels apply where PyTorch would make a pass of its own over a tensor: a gated MLP's
+ * gate in the down projection's quantizer (activation_codes.c), an encoder MLP's activation in its first projection's
+ * output (ternary_gemm.c). Written in operations the compiler vectorizes (a libm call per element would cost more than
+ * the pass it saves); each within an ulp or two of float32 of PyTorch's function (native.py: TORCH_ACTIVATIONS). */
+#ifndef ST_BITEMBED_ACTIVATIONS_H
+#define ST_BITEMBED_ACTIVATIONS_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* native.py's ACTIVATIONS */
+enum activation { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1, ACTIVATION_GELU = 2 };
+
+/* exp(x): Cephes' expf, 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 in two parts and p of degree 7, within
+ * about an ulp of expf; x clamped to [-87, 88], where 2^n stays a normal float (enough for the functions below). */
+static inline float exp_vectorizable(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* a NaN passes through both comparisons */
+    const float n = nearbyintf(x * 1.44269504088896341f);
+    /* fmaf: fused multiply-adds written out (the kernels' flags fuse nothing): one rounding and instruction each */
+    const float r = fmaf(n, 2.12194440e-4f, fmaf(n, -0.693359375f, x));
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r + 1.0f);
+    const int32_t power = n == n ? (int32_t)n : 0; /* a NaN has no integer value; p is NaN then anyway */
+    uint32_t bits;
+    memcpy(&bits, &p, 4);
+    bits += (uint32_t)power << 23; /* p * 2^n: n added to the exponent (unsigned: wraps, never overflows) */
+    memcpy(&p, &bits, 4);
+    return p;
+}
+
+/* GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) = x / (1 + exp(-2 sqrt(2 / pi) (x +
+ * 0.044715 x^3))): the same function, which PyTorch computes through tanh. */
+static inline float gelu_tanh(float x) {
+    return x / (1.0f + exp_vectorizable(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
+}
+
+/* GELU, 0.5 x (1 + erf(x / sqrt(2))), with erf as PyTorch's vectorized CPU kernel computes it (Abramowitz and Stegun
+ * 7.1.26: 1 - t (a1 + t (a2 + ... a5 t)) exp(-z^2), t = 1 / (1 + p |z|), sign of z; within 1.5e-7 of erf). */
+static inline float gelu_erf(float x) {
+    const float z = x * 0.70710678118654752f, magnitude = fabsf(z);
+    const float t = 1.0f / fmaf(0.3275911f, magnitude, 1.0f);
+    float r = fmaf(1.061405429f, t, -1.453152027f);
+    r = fmaf(r, t, 1.421413741f);
+    r = fmaf(r, t, -0.284496736f);
+    r = fmaf(r, t, 0.254829592f);
+    const float erf_magnitude = fmaf(-exp_vectorizable(-z * z) * t, r, 1.0f); /* PyTorch's order of operations */
+    const float erf = z < 0.0f ? -erf_magnitude : erf_magnitude;
+    return x * 0.5f * (1.0f + erf);
+}
+
+#endif
