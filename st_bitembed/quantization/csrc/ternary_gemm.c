@@ -157,10 +157,22 @@ static inline __m256i to_bfloat16_lanes(__m512 value) {
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0xffff), rounded));
 }
 
-/* out[0:48] = (sums - row_sum - 128 * column_sums) * scale (+ bias): the integer correction is exact, then one multiply; written
- * as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its output is ever made. */
+/* 16 floats rounded to bfloat16 and widened back (as from_bfloat16(to_bfloat16(x))): what PyTorch holds. */
+static inline __m512 bfloat16_rounded(__m512 value) {
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, lsb), _mm512_set1_epi32(0x7fff));
+    const __m512 kept = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, value, _CMP_ORD_Q), value, kept); /* a NaN stays */
+}
+
+/* out[0:48] = activation((sums - row_sum - 128 * column_sums) * scale (+ bias)): the integer correction is exact, then
+ * one multiply; written as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its
+ * output is ever made. The activation (enum activation) reads the value as PyTorch holds it (bf16-rounded for a bf16
+ * model), as finish_activated_row does. */
+#define FINISH_ROW_ACTIVATES 1
 static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
-                              const float *bias, void *out, int out_bfloat16) {
+                              const float *bias, int activation, void *out, int out_bfloat16) {
     const __m512 factor = _mm512_set1_ps(scale);
     for (int j = 0; j < PANEL / 16; ++j) {
         const __m512i zero_point = _mm512_slli_epi32(_mm512_loadu_si512(column_sums + 16 * j), 7);
@@ -168,6 +180,10 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
         const __m512i exact = _mm512_sub_epi32(corrected, zero_point);
         __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), factor);
         if (bias) value = _mm512_add_ps(value, _mm512_loadu_ps(bias + 16 * j));
+        if (activation != ACTIVATION_NONE) {
+            if (out_bfloat16) value = bfloat16_rounded(value);
+            value = activation == ACTIVATION_GELU ? gelu_erf_512(value) : gelu_tanh_512(value);
+        }
         if (out_bfloat16)
             _mm256_storeu_si256((__m256i *)((uint16_t *)out + 16 * j), to_bfloat16_lanes(value));
         else
@@ -218,10 +234,12 @@ static inline __m256i to_bfloat16_lanes(__m256 value) {
     return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), rounded, ordered);
 }
 
-/* out[0:24] = (sums - 128 * column_sums) * scale (+ bias), as the AVX512 one (row_sum is 0 for 8-bit weights). */
+/* out[0:24] = (sums - 128 * column_sums) * scale (+ bias), as the AVX512 one (row_sum is 0 for 8-bit weights);
+ * without an activation (finish_activated_row applies those). */
+#define FINISH_ROW_ACTIVATES 0
 static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
-                              const float *bias, void *out, int out_bfloat16) {
-    (void)row_sum;
+                              const float *bias, int activation, void *out, int out_bfloat16) {
+    (void)row_sum, (void)activation;
     const __m256 factor = _mm256_set1_ps(scale);
     __m256 values[PANEL / 8];
     for (int j = 0; j < PANEL / 8; ++j) {
@@ -296,14 +314,16 @@ static void finish_rows(const struct ternary_gemm_job *job, int64_t first_row, i
         const int32_t row_sum = code_sums ? code_sums[r] : 0;
         const int64_t offset = (first_row + r) * out_features + first_out;
         const int32_t *row_sums = sums + r * sums_stride;
-        if (job->activation != ACTIVATION_NONE) {
-            void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
-            finish_activated_row(row_sums, row_sum, column_sums + first_out, row_scale, bias ? bias + first_out : NULL,
-                                 outs, job->activation, row_out, out_bfloat16);
-        } else if (outs == PANEL) {
+        const int activation = job->activation;
+        if (outs == PANEL && (activation == ACTIVATION_NONE || FINISH_ROW_ACTIVATES)) {
             const float *row_bias = bias ? bias + first_out : NULL;
             void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
-            finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, row_out, out_bfloat16);
+            finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, activation, row_out,
+                       out_bfloat16);
+        } else if (activation != ACTIVATION_NONE) {
+            void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
+            finish_activated_row(row_sums, row_sum, column_sums + first_out, row_scale, bias ? bias + first_out : NULL,
+                                 outs, activation, row_out, out_bfloat16);
         } else {
             for (int64_t j = 0; j < outs; ++j) {
                 const int32_t exact = row_sums[j] - row_sum - 128 * column_sums[first_out + j];
