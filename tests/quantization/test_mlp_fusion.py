@@ -73,18 +73,19 @@ def test_the_fused_mlp_gives_what_the_mlp_gives(backbone_dirs, family, dtype, tm
 @pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_quantizers_activation_is_pytorchs(activation, dtype):
-    """The quantizer's GELU-tanh (its own vectorized exp) against PyTorch's, through a projection, on gates
-    from -90 to 90 (past exp's clamp) and on damaged tokens: a NaN or an infinity still makes the token NaN."""
+    """The quantizer's GELU-tanh and GELU (its own vectorized exp) against PyTorch's, through a projection, on gates
+    from -90 to 90 (past exp's clamp) and on damaged tokens: a NaN or an infinity still makes the token NaN. 520
+    inputs: 16-lane blocks and a tail."""
     if gemm_backend("cpu") != "native":
         pytest.skip("the native kernel is not built here")
     generator = torch.Generator().manual_seed(0)
-    codes, scale = ternary_weight_codes(torch.randn(96, 512, generator=generator))
+    codes, scale = ternary_weight_codes(torch.randn(96, 520, generator=generator))
     weight = prepare_ternary_weight(codes, scale, "native")
     projections = native_projections([prepare_native_projection(weight)])
-    gate = torch.randn(200, 512, generator=generator) * torch.logspace(-3, 1.3, 200)[:, None]
-    gate[0] = torch.linspace(-90, 90, 512)
+    gate = torch.randn(200, 520, generator=generator) * torch.logspace(-3, 1.3, 200)[:, None]
+    gate[0] = torch.linspace(-90, 90, 520)
     gate[1, 7], gate[2, 9], gate[3, 11] = float("nan"), float("inf"), -float("inf")
-    gate, up = gate.to(dtype), torch.randn(200, 512, generator=generator).to(dtype)
+    gate, up = gate.to(dtype), torch.randn(200, 520, generator=generator).to(dtype)
     with torch.no_grad():
         fused = native_linear(gate, projections, up, activation)[0]
         expected = native_linear(TORCH_ACTIVATIONS[activation](gate) * up, projections)[0]

@@ -117,6 +117,26 @@ static inline const float *product_row(const void *x, const void *factor, int ac
     }
 #define AS_IS(value) (value)
 #define TO_BFLOAT16(value) from_bfloat16(to_bfloat16(value))
+#if defined(__AVX512F__)
+    /* 16 lanes at a time: faster than the compiler's vectorization of the loops below (kernel_speed.py
+     * --activation-only), with the same results (activations.h) */
+    if (activation != ACTIVATION_NONE && in_bfloat16) {
+        const uint16_t *a = (const uint16_t *)x + offset, *b = (const uint16_t *)factor + offset;
+        int64_t col = 0;
+        for (; col + 16 <= cols; col += 16) {
+            const __m512 gate = from_bfloat16_512(a + col);
+            const __m512 activated = activation == ACTIVATION_GELU ? gelu_erf_512(gate) : gelu_tanh_512(gate);
+            const __m512 product = _mm512_mul_ps(bfloat16_rounded_512(activated), from_bfloat16_512(b + col));
+            _mm512_storeu_ps(out + col, bfloat16_rounded_512(product));
+        }
+        for (; col < cols; ++col) {
+            const float gate = from_bfloat16(a[col]);
+            const float activated = TO_BFLOAT16(activation == ACTIVATION_GELU ? gelu_erf(gate) : gelu_tanh(gate));
+            out[col] = TO_BFLOAT16(activated * from_bfloat16(b[col]));
+        }
+        return out;
+    }
+#endif
     if (activation == ACTIVATION_GELU_TANH) {
         PRODUCT_LOOP(gelu_tanh, TO_BFLOAT16)
     } else if (activation == ACTIVATION_GELU) {

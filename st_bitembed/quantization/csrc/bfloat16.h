@@ -19,4 +19,22 @@ static inline uint16_t to_bfloat16(float value) {
     return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* 16 bfloat16 values widened to float32 (exact). */
+static inline __m512 from_bfloat16_512(const uint16_t *in) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)in)), 16));
+}
+
+/* 16 floats rounded to bfloat16 and widened back (as from_bfloat16(to_bfloat16(x))): what PyTorch holds. */
+static inline __m512 bfloat16_rounded_512(__m512 value) {
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, lsb), _mm512_set1_epi32(0x7fff));
+    const __m512 kept = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, value, _CMP_ORD_Q), value, kept); /* a NaN stays */
+}
+#endif
+
 #endif

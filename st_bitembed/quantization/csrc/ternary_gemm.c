@@ -157,15 +157,6 @@ static inline __m256i to_bfloat16_lanes(__m512 value) {
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0xffff), rounded));
 }
 
-/* 16 floats rounded to bfloat16 and widened back (as from_bfloat16(to_bfloat16(x))): what PyTorch holds. */
-static inline __m512 bfloat16_rounded(__m512 value) {
-    const __m512i bits = _mm512_castps_si512(value);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, lsb), _mm512_set1_epi32(0x7fff));
-    const __m512 kept = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, value, _CMP_ORD_Q), value, kept); /* a NaN stays */
-}
-
 /* out[0:48] = activation((sums - row_sum - 128 * column_sums) * scale (+ bias)): the integer correction is exact, then
  * one multiply; written as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its
  * output is ever made. The activation (enum activation) reads the value as PyTorch holds it (bf16-rounded for a bf16
@@ -181,7 +172,7 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
         __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), factor);
         if (bias) value = _mm512_add_ps(value, _mm512_loadu_ps(bias + 16 * j));
         if (activation != ACTIVATION_NONE) {
-            if (out_bfloat16) value = bfloat16_rounded(value);
+            if (out_bfloat16) value = bfloat16_rounded_512(value);
             value = activation == ACTIVATION_GELU ? gelu_erf_512(value) : gelu_tanh_512(value);
         }
         if (out_bfloat16)
