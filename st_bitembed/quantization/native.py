@@ -392,22 +392,27 @@ def native_ternary_linear() -> TernaryLinear | None:
 @functools.cache
 def native_rms_norm() -> RmsNorm | None:
     """``csrc/rms_norm.c``: an RMSNorm over the last dimension of float32 or bfloat16 activations whose last dimension
-    has unit stride and whose rows have one stride (anything else: ``ValueError``), or ``None`` where the kernels
-    cannot be built. ``scale`` is the per-channel float32 factor (the norm's weight, plus 1 for Gemma);
-    ``round_before_scale``: the normalised values are rounded to the activations' dtype before the scale (Llama,
-    Qwen), else only the product is (Gemma). Returns a new contiguous tensor of the activations' shape and dtype."""
+    has unit stride and whose rows, taken in the order they lie in memory, have one stride (anything else:
+    ``ValueError`` or ``RuntimeError``), or ``None`` where the kernels cannot be built. ``scale`` is the per-channel
+    float32 factor (the norm's weight, plus 1 for Gemma); ``round_before_scale``: the normalised values are rounded
+    to the activations' dtype before the scale (Llama, Qwen), else only the product is (Gemma). Returns a new tensor
+    of the activations' shape, dtype and strides (as PyTorch's element-wise operators keep a dense layout)."""
     library = _library()
     if library is None:
         return None
 
     def rms_norm(activations: torch.Tensor, scale: torch.Tensor, eps: float, round_before_scale: bool) -> torch.Tensor:
-        flat = activations.view(-1, activations.shape[-1])  # raises where the rows do not share one stride
+        # The leading dimensions in memory order: heads split off and moved before the tokens ([B, H, L, D] of a
+        # [B, L, H, D] tensor, Gemma3's q and k norms) are rows of one stride again.
+        order = sorted(range(activations.dim() - 1), key=activations.stride, reverse=True)
+        in_memory_order = activations.permute(*order, activations.dim() - 1)
+        flat = in_memory_order.view(-1, activations.shape[-1])  # raises where the rows do not share one stride
         if flat.stride(-1) != 1:
             raise ValueError("rms_norm reads rows of unit stride")
-        out = torch.empty(activations.shape, dtype=activations.dtype)
+        out = torch.empty(in_memory_order.shape, dtype=activations.dtype)
         library.rms_norm(flat.data_ptr(), flat.shape[0], flat.shape[1], flat.stride(0), scale.data_ptr(), eps,
                          round_before_scale, activations.dtype == torch.bfloat16, out.data_ptr(),
                          torch.get_num_threads())  # fmt: skip
-        return out
+        return out.permute(*sorted(range(len(order) + 1), key=[*order, len(order)].__getitem__))
 
     return rms_norm

@@ -43,6 +43,25 @@ def test_the_native_pass_computes_the_norm(kind, dtype):
         assert ((output.float() - expected.float()).abs()[differ] <= ulp[differ] * 1.01).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_heads_split_before_the_norm_run_natively_in_their_layout(dtype):
+    """Gemma3 norms q and k after moving the heads before the tokens ([B, H, L, D] views of [B, L, H, D] tensors):
+    the rows, taken in memory order, still have one stride, so the native pass takes them, and its output keeps the
+    input's strides (as PyTorch's operators do); an expanded tensor (rows that repeat) is refused."""
+    torch.manual_seed(2)
+    norm = _norm("gemma3", 128, dtype)
+    scale = NativeRMSNorm(norm, 1.0, False).channel_scale()
+    hidden = (torch.randn(3, 50, 8, 128) * 3).to(dtype).transpose(1, 2)
+    output = native_rms_norm()(hidden, scale, 1e-6, False)
+    assert output.shape == hidden.shape and output.stride() == hidden.stride()
+    assert torch.equal(output, native_rms_norm()(hidden.contiguous(), scale, 1e-6, False))
+    with torch.no_grad():
+        rounding = 1e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(output.float(), norm(hidden).float(), rtol=rounding, atol=rounding)
+    with pytest.raises(RuntimeError):
+        native_rms_norm()(torch.randn(4, 1, 128).to(dtype).expand(4, 3, 128), scale, 1e-6, False)
+
+
 def test_whatever_the_native_pass_cannot_take_runs_the_norm_itself():
     torch.manual_seed(1)
     norm = _norm("qwen3", 64, torch.bfloat16)
@@ -72,12 +91,16 @@ def test_a_loaded_model_runs_its_other_norms_natively_and_encodes_as_before(back
     assert isinstance(backbone.norm, NativeRMSNorm) and isinstance(layer.input_layernorm, FoldedRMSNorm)
     if family == "gemma3":
         assert isinstance(layer.post_attention_layernorm, NativeRMSNorm)
+    norms_themselves = []  # calls of a stand-in's own norm: where the native pass did not apply
+    for stand_in in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+        stand_in.norm.register_forward_pre_hook(lambda module, args: norms_themselves.append(args[0]))
     assert not any(isinstance(m.rms_norm, NativeRMSNorm) for m in backbone.modules() if isinstance(m, BitLinear))
     natives = [m for m in backbone.modules() if isinstance(m, NativeRMSNorm)]
     assert use_native_norms(backbone) == len(natives)  # again: counted, not wrapped twice
     texts = ["A short sentence.", "Another, somewhat longer sentence about the weather in spring."]
     with torch.no_grad():
         native = model.encode(texts, convert_to_tensor=True)
+        assert norms_themselves == []  # Gemma3's q and k, normed with their heads split, included
         for stand_in in natives:
             stand_in.train()  # training mode: the norm's own operators
         reference = model.encode(texts, convert_to_tensor=True)
