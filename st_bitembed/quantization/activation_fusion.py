@@ -54,7 +54,10 @@ class FusedIntermediate(torch.nn.Module):
         """Whether the kernel applies the activation (else the module's own forward runs): at inference, unless hooks
         on the projection or the activation want to see what passes between them."""
         dense, act_fn = self.intermediate.dense, self.intermediate.intermediate_act_fn
-        hooked = any(m._forward_pre_hooks or m._forward_hooks for m in (dense, act_fn))
+        # act_fn is a module (ACT2FN) or, where a config gives one, a plain function, which takes no hooks
+        hooked = any(
+            getattr(m, "_forward_pre_hooks", None) or getattr(m, "_forward_hooks", None) for m in (dense, act_fn)
+        )
         return not self.training and not torch.is_grad_enabled() and isinstance(dense, BitLinear) and not hooked
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

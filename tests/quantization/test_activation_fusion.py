@@ -107,8 +107,13 @@ def test_the_fused_intermediate_gives_what_the_module_gives(minilm_dir, dtype, t
 
 
 def test_training_runs_the_module_itself(minilm_dir):
-    model = BitEmbed.from_backbone(str(minilm_dir))
+    model = BitEmbed.from_backbone(str(minilm_dir)).eval()
     intermediate = stand_ins(model)[0]
+    del intermediate.intermediate.intermediate_act_fn  # as built from a config whose hidden_act is a function:
+    intermediate.intermediate.intermediate_act_fn = torch.nn.functional.gelu  # a plain attribute, without hooks
+    with torch.no_grad():
+        hidden = torch.randn(2, 5, intermediate.dense.in_features)
+        assert intermediate.fuses() and within_rounding(intermediate(hidden), intermediate.intermediate(hidden))
     model.train()
     hidden = torch.randn(2, 5, intermediate.dense.in_features, requires_grad=True)
     assert not intermediate.fuses()
