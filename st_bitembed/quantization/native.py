@@ -402,17 +402,23 @@ def native_rms_norm() -> RmsNorm | None:
         return None
 
     def rms_norm(activations: torch.Tensor, scale: torch.Tensor, eps: float, round_before_scale: bool) -> torch.Tensor:
-        # The leading dimensions in memory order: heads split off and moved before the tokens ([B, H, L, D] of a
-        # [B, L, H, D] tensor, Gemma3's q and k norms) are rows of one stride again.
-        order = sorted(range(activations.dim() - 1), key=activations.stride, reverse=True)
-        in_memory_order = activations.permute(*order, activations.dim() - 1)
-        flat = in_memory_order.view(-1, activations.shape[-1])  # raises where the rows do not share one stride
+        features = activations.shape[-1]
+        try:
+            flat, order = activations.view(-1, features), None
+        except RuntimeError:
+            # The leading dimensions in memory order: heads split off and moved before the tokens ([B, H, L, D] of a
+            # [B, L, H, D] tensor, Gemma3's q and k norms) are rows of one stride again.
+            order = sorted(range(activations.dim() - 1), key=activations.stride, reverse=True)
+            flat = activations.permute(*order, activations.dim() - 1).view(-1, features)  # raises if still not rows
         if flat.stride(-1) != 1:
             raise ValueError("rms_norm reads rows of unit stride")
-        out = torch.empty(in_memory_order.shape, dtype=activations.dtype)
-        library.rms_norm(flat.data_ptr(), flat.shape[0], flat.shape[1], flat.stride(0), scale.data_ptr(), eps,
+        out = torch.empty(flat.shape, dtype=activations.dtype)
+        library.rms_norm(flat.data_ptr(), flat.shape[0], features, flat.stride(0), scale.data_ptr(), eps,
                          round_before_scale, activations.dtype == torch.bfloat16, out.data_ptr(),
                          torch.get_num_threads())  # fmt: skip
-        return out.permute(*sorted(range(len(order) + 1), key=[*order, len(order)].__getitem__))
+        if order is None:
+            return out.view(activations.shape)
+        in_memory_order = out.view([activations.shape[dim] for dim in order] + [features])
+        return in_memory_order.permute(*sorted(range(len(order) + 1), key=[*order, len(order)].__getitem__))
 
     return rms_norm
