@@ -198,10 +198,8 @@ class BitLinear(AutoBitLinear):
         activation and the product are taken as the quantizer reads each row and never materialised (a gated MLP's
         down projection: :mod:`~st_bitembed.quantization.mlp_fusion`): the same outputs, except where the
         activation's float32 rounding (an ulp or two from PyTorch's) moves a code at a rounding tie."""
-        operands = None
-        if self.kernel == "int8" and not self.training and not torch.is_grad_enabled():
-            operands = self._operands()
-        if operands is None or operands.native is None:
+        operands = self._native_operands()
+        if operands is None:
             activated = activations if activation is None else TORCH_ACTIVATIONS[activation](activations)
             return self(activated * factor)
         return native_linear(activations, operands.native, factor, activation)[0]
@@ -212,11 +210,9 @@ class BitLinear(AutoBitLinear):
         first projection: :mod:`~st_bitembed.quantization.activation_fusion`), which saves PyTorch's pass over the
         output: the same outputs, except where the activation's float32 rounding (an ulp or two from PyTorch's)
         moves a bf16 value on a rounding boundary."""
-        operands = None
-        if self.kernel == "int8" and not self.training and not torch.is_grad_enabled():
-            operands = self._operands()
+        operands = self._native_operands()
         folded = self.folded_norm is not None and self.folded_norm.let_through(input)
-        if operands is None or operands.native is None or folded:
+        if operands is None or folded:
             return TORCH_ACTIVATIONS[activation](self(input))
         cached = self._activated_projection
         if cached is None or cached[0] is not operands or cached[1] != activation:
@@ -234,6 +230,14 @@ class BitLinear(AutoBitLinear):
             projection = prepare_native_projection(weight, bias, norm_weight * scale, eps, scale, outer_eps)
             self._folded_projection = cached = norm_weight, scale, projection
         return cached[2]
+
+    def _native_operands(self) -> InferenceOperands | None:
+        """The prepared operands where this call runs the native kernel (the int8 kernel at inference, on a device
+        whose GEMM backend is native), else ``None``: the layer's own forward then does what it is asked."""
+        if self.kernel != "int8" or self.training or torch.is_grad_enabled():
+            return None
+        operands = self._operands()
+        return operands if operands.native is not None else None
 
     def _operands(self) -> InferenceOperands:
         """The prepared weight, bias and norm weight of the inference path (and the native kernel's description of
