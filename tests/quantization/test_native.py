@@ -128,7 +128,8 @@ def test_the_native_gemm_ignores_what_the_padding_of_its_input_holds(padding_cod
 
 def test_the_avx2_kernel_is_exact_where_the_default_build_is_the_avx512_one(tmp_path, monkeypatch):
     """On an AVX512-VNNI processor the AVX2 kernel (16-bit sums) is built too, without AVX512, and checked: exact
-    integer products (also at the largest 16-bit sums) and bf16 outputs rounded as PyTorch rounds."""
+    integer products (also at the largest 16-bit sums), bf16 outputs rounded as PyTorch rounds, and an activation
+    applied as the output is written."""
     layout = native_gemm_layout()
     if layout is None or (layout.panel, layout.weight_bits) != (48, 2):
         pytest.skip("the default build here is not the AVX512-VNNI kernel: the AVX2 one is tested in test_kernels")
@@ -152,6 +153,14 @@ def test_the_avx2_kernel_is_exact_where_the_default_build_is_the_avx512_one(tmp_
         in_bfloat16 = ternary_linear(activations, weight, bias, norm_weight)  # four whole panels of 24, one partial
         expected = ternary_linear(activations.float(), weight, bias, norm_weight).bfloat16()
         assert in_bfloat16.dtype == torch.bfloat16 and torch.equal(in_bfloat16, expected)
+        plain, activated = (  # the activation in the output's loop: AVX2 has no 16-lane one
+            native_projections([prepare_native_projection(weight, bias, norm_weight, 1e-6, output_activation=name)])
+            for name in (None, "gelu")
+        )
+        with torch.no_grad():
+            linear, output = native_linear(activations, plain)[0], native_linear(activations, activated)[0]
+        torch.testing.assert_close(output, torch.nn.functional.gelu(linear), rtol=2**-7, atol=4e-5)
+        assert not torch.allclose(linear, output, rtol=2**-7, atol=4e-5)
     finally:
         monkeypatch.undo()
         _clear(library_too=False)

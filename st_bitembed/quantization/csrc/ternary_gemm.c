@@ -160,7 +160,7 @@ static inline __m256i to_bfloat16_lanes(__m512 value) {
 /* out[0:48] = activation((sums - row_sum - 128 * column_sums) * scale (+ bias)): the integer correction is exact, then
  * one multiply; written as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its
  * output is ever made. The activation (enum activation) reads the value as PyTorch holds it (bf16-rounded for a bf16
- * model), as finish_activated_row does. */
+ * model), as finish_row_portable does. */
 #define FINISH_ROW_ACTIVATES 1
 static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
                               const float *bias, int activation, void *out, int out_bfloat16) {
@@ -226,7 +226,7 @@ static inline __m256i to_bfloat16_lanes(__m256 value) {
 }
 
 /* out[0:24] = (sums - 128 * column_sums) * scale (+ bias), as the AVX512 one (row_sum is 0 for 8-bit weights);
- * without an activation (finish_activated_row applies those). */
+ * without an activation (finish_row_portable applies those). */
 #define FINISH_ROW_ACTIVATES 0
 static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
                               const float *bias, int activation, void *out, int out_bfloat16) {
@@ -252,43 +252,32 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
 #endif
 
 #ifdef PANEL
-/* out[0:outs] = activation((sums - row_sum - 128 * column_sums) * scale (+ bias)), the linear output first rounded
- * to bfloat16 for a bf16 model, as PyTorch holds it before its activation's pass: the same arithmetic as
- * finish_row, then the activation of the value PyTorch would read. */
-static inline void finish_activated_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums,
-                                        float scale, const float *bias, int64_t outs, int activation, void *out,
-                                        int out_bfloat16) {
-/* one loop per activation, bias or not and output dtype: each vectorized without a branch */
-#define ACTIVATED_LOOP(ACTIVATE, BIAS, STORE)                                                                  \
-    _Pragma("omp simd") for (int64_t j = 0; j < outs; ++j) {                                                   \
-        const float value = (float)(sums[j] - row_sum - 128 * column_sums[j]) * scale BIAS;                    \
-        STORE(ACTIVATE);                                                                                       \
+/* out[0:outs] = activation((sums - row_sum - 128 * column_sums) * scale (+ bias)) for any outs <= PANEL in either
+ * build (finish_row takes full panels, with an activation where FINISH_ROW_ACTIVATES): the same arithmetic, then the
+ * activation (if any) of the value PyTorch would read, the linear output rounded to bfloat16 for a bf16 model. Each
+ * step is a loop the compiler vectorizes. */
+static inline void finish_row_portable(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
+                                       const float *bias, int64_t outs, int activation, void *out, int out_bfloat16) {
+    float values[PANEL];
+    for (int64_t j = 0; j < outs; ++j) {
+        const float value = (float)(sums[j] - row_sum - 128 * column_sums[j]) * scale;
+        values[j] = bias ? value + bias[j] : value;
     }
-#define PLUS_BIAS +bias[j]
-#define NO_BIAS
-#define BFLOAT16_STORE(ACTIVATE) ((uint16_t *)out)[j] = to_bfloat16(ACTIVATE(from_bfloat16(to_bfloat16(value))))
-#define FLOAT32_STORE(ACTIVATE) ((float *)out)[j] = ACTIVATE(value)
-#define ACTIVATED_LOOPS(ACTIVATE)                                                                              \
-    if (out_bfloat16 && bias) {                                                                                \
-        ACTIVATED_LOOP(ACTIVATE, PLUS_BIAS, BFLOAT16_STORE)                                                    \
-    } else if (out_bfloat16) {                                                                                 \
-        ACTIVATED_LOOP(ACTIVATE, NO_BIAS, BFLOAT16_STORE)                                                      \
-    } else if (bias) {                                                                                         \
-        ACTIVATED_LOOP(ACTIVATE, PLUS_BIAS, FLOAT32_STORE)                                                     \
-    } else {                                                                                                   \
-        ACTIVATED_LOOP(ACTIVATE, NO_BIAS, FLOAT32_STORE)                                                       \
-    }
+    if (activation != ACTIVATION_NONE && out_bfloat16)
+        for (int64_t j = 0; j < outs; ++j) values[j] = from_bfloat16(to_bfloat16(values[j]));
     if (activation == ACTIVATION_GELU) {
-        ACTIVATED_LOOPS(gelu_erf)
-    } else {
-        ACTIVATED_LOOPS(gelu_tanh)
+#pragma omp simd
+        for (int64_t j = 0; j < outs; ++j) values[j] = gelu_erf(values[j]);
+    } else if (activation == ACTIVATION_GELU_TANH) {
+#pragma omp simd
+        for (int64_t j = 0; j < outs; ++j) values[j] = gelu_tanh(values[j]);
     }
-#undef ACTIVATED_LOOPS
-#undef FLOAT32_STORE
-#undef BFLOAT16_STORE
-#undef NO_BIAS
-#undef PLUS_BIAS
-#undef ACTIVATED_LOOP
+    for (int64_t j = 0; j < outs; ++j) {
+        if (out_bfloat16)
+            ((uint16_t *)out)[j] = to_bfloat16(values[j]);
+        else
+            ((float *)out)[j] = values[j];
+    }
 }
 
 /* Rows first_row .. first_row + count - 1 of one panel of a job, from their integer sums ([count][sums_stride];
@@ -306,26 +295,14 @@ static void finish_rows(const struct ternary_gemm_job *job, int64_t first_row, i
         const int64_t offset = (first_row + r) * out_features + first_out;
         const int32_t *row_sums = sums + r * sums_stride;
         const int activation = job->activation;
-        if (outs == PANEL && (activation == ACTIVATION_NONE || FINISH_ROW_ACTIVATES)) {
-            const float *row_bias = bias ? bias + first_out : NULL;
-            void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
+        const float *row_bias = bias ? bias + first_out : NULL;
+        void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
+        if (outs == PANEL && (activation == ACTIVATION_NONE || FINISH_ROW_ACTIVATES))
             finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, activation, row_out,
                        out_bfloat16);
-        } else if (activation != ACTIVATION_NONE) {
-            void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
-            finish_activated_row(row_sums, row_sum, column_sums + first_out, row_scale, bias ? bias + first_out : NULL,
-                                 outs, activation, row_out, out_bfloat16);
-        } else {
-            for (int64_t j = 0; j < outs; ++j) {
-                const int32_t exact = row_sums[j] - row_sum - 128 * column_sums[first_out + j];
-                const float value = (float)exact * row_scale;
-                const float biased = bias ? value + bias[first_out + j] : value;
-                if (out_bfloat16)
-                    ((uint16_t *)out)[offset + j] = to_bfloat16(biased);
-                else
-                    ((float *)out)[offset + j] = biased;
-            }
-        }
+        else
+            finish_row_portable(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, outs, activation,
+                                row_out, out_bfloat16);
     }
 }
 
