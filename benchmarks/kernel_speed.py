@@ -4,10 +4,11 @@ codes, as ``integer_product`` takes them) against
 the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qwen3-0.6B-sized projections; a short
 query through many projections, and q, k and v in one native call against one call each; a Gemma3 MLP's down
 projection with its GELU-tanh in the quantizer against PyTorch's GELU then the quantizer's product, and a MiniLM MLP's
-intermediate projection with its GELU in the kernel's output against PyTorch's GELU after it.
+intermediate projection with its GELU in the kernel's output against PyTorch's GELU after it; a MiniLM block's
+residual add and LayerNorm in one native pass against PyTorch's two.
 
 Usage:
-    python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only]
+    python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only | --norm-only]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from st_bitembed.quantization.native import (
     native_activation_codes,
     native_amx_available,
     native_projections,
+    native_residual_layer_norm,
     set_amx_min_rows,
 )
 
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--query-only", action="store_true", help="only the short query through many projections")
     parser.add_argument("--activation-only", action="store_true", help="only the activations in the kernels")
+    parser.add_argument("--norm-only", action="store_true", help="only the residual add and LayerNorm in one pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.query_only:
@@ -71,6 +74,9 @@ def main() -> None:
     if args.activation_only:
         activation_in_quantizer()
         activation_in_output()
+        return
+    if args.norm_only:
+        residual_norm_in_one_pass()
         return
     compiled = native_activation_codes()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, ms (median)")
@@ -115,6 +121,7 @@ def main() -> None:
     query_through_layers()
     activation_in_quantizer()
     activation_in_output()
+    residual_norm_in_one_pass()
 
 
 def query_through_layers() -> None:
@@ -201,6 +208,26 @@ def activation_in_output() -> None:
     in_pytorch, in_kernel = statistics.median(in_pytorch), statistics.median(in_kernel)
     print(f"MiniLM MLP intermediate projection, 8,192 bf16 tokens: then PyTorch's GELU {in_pytorch:.2f} ms, "
           f"GELU in the kernel's output {in_kernel:.2f} ms")  # fmt: skip
+
+
+def residual_norm_in_one_pass() -> None:
+    """A MiniLM block's end, LayerNorm(output + residual), on 32 x 300 bf16 tokens of 384: PyTorch's add then its
+    LayerNorm vs the native pass; taking turns, medians of 10."""
+    kernel = native_residual_layer_norm()
+    if kernel is None:
+        return
+    generator = torch.Generator().manual_seed(0)
+    norm = torch.nn.LayerNorm(384, eps=1e-12).bfloat16()
+    weight, bias = norm.weight.float(), norm.bias.float()
+    output, residual = (torch.randn(32, 300, 384, generator=generator).bfloat16() for _ in range(2))
+    in_pytorch, native = [], []
+    with torch.no_grad():
+        for _ in range(10):
+            in_pytorch.append(milliseconds(lambda: norm(output + residual), budget=0.2))
+            native.append(milliseconds(lambda: kernel(output, residual, weight, bias, norm.eps), budget=0.2))
+    in_pytorch, native = statistics.median(in_pytorch), statistics.median(native)
+    print(f"MiniLM residual add and LayerNorm, 9,600 bf16 tokens: PyTorch's add then LayerNorm {in_pytorch:.2f} ms, "
+          f"one native pass {native:.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from st_bitembed.hub import check_model_source
 from st_bitembed.modules.quantize import Quantize
 from st_bitembed.modules.subln_transformer import SubLNTransformer
-from st_bitembed.quantization.activation_fusion import fuse_intermediate_activations
 from st_bitembed.quantization.bitlinear import install_bitlinear
 from st_bitembed.quantization.convert import (
     NORM_PLACEMENTS,
@@ -31,9 +30,7 @@ from st_bitembed.quantization.convert import (
     convert_to_bitlinear,
     default_rms_norm_eps,
 )
-from st_bitembed.quantization.mlp_fusion import fuse_gated_mlps
-from st_bitembed.quantization.native_norm import use_native_norms
-from st_bitembed.quantization.norm_folding import fold_model_norms
+from st_bitembed.quantization.inference_fusions import use_fused_inference
 from st_bitembed.tokenization import append_eos_token, pooling_eos_token
 
 if TYPE_CHECKING:
@@ -164,10 +161,7 @@ def convert_backbone(
     rms_norm_eps = default_rms_norm_eps(backbone)
     convert_to_bitlinear(backbone, norm=norm, subln_targets=subln_targets, rms_norm_eps=rms_norm_eps)
     install_bitlinear(backbone)
-    fold_model_norms(backbone)
-    use_native_norms(backbone)
-    fuse_gated_mlps(backbone)
-    fuse_intermediate_activations(backbone)
+    use_fused_inference(backbone)
     backbone.config.quantization_config = bitnet_quantization_config(
         backbone, use_rms_norm=norm == "all", rms_norm_eps=rms_norm_eps
     )

@@ -19,7 +19,6 @@ from st_bitembed.card import BitEmbedModelCardData, write_model_card
 from st_bitembed.conversion import convert_backbone
 from st_bitembed.modules.quantize import Quantize
 from st_bitembed.precisions import Precision, PrecisionName, get_precision
-from st_bitembed.quantization.activation_fusion import fuse_intermediate_activations
 from st_bitembed.quantization.bitlinear import (
     Kernel,
     cast_around_codes,
@@ -27,9 +26,7 @@ from st_bitembed.quantization.bitlinear import (
     install_bitlinear,
     release_latent_weights,
 )
-from st_bitembed.quantization.mlp_fusion import fuse_gated_mlps
-from st_bitembed.quantization.native_norm import use_native_norms
-from st_bitembed.quantization.norm_folding import fold_model_norms
+from st_bitembed.quantization.inference_fusions import use_fused_inference
 from st_bitembed.saving import staged_folder
 
 PLUGIN_NAMESPACE = "st_bitembed."
@@ -121,11 +118,8 @@ class BitEmbed(SentenceTransformer):
             )
         if isinstance(self[0] if len(self) else None, Transformer):
             layers = install_bitlinear(self[0].auto_model)  # integer inference; training runs transformers' forward
-            fold_model_norms(self[0].auto_model)
-            if layers:  # after folding: a norm that folds into BitLinears is not run natively on its own
-                use_native_norms(self[0].auto_model)
-                fuse_gated_mlps(self[0].auto_model)
-                fuse_intermediate_activations(self[0].auto_model)
+            if layers:
+                use_fused_inference(self[0].auto_model)
             if layers == 0 and (has_saved_head or info_file):
                 raise ValueError(
                     f"{model_name_or_path!r} is a BitEmbed model (it has {QUANTIZE_FOLDER}/ or {BITEMBED_INFO_FILE}) "

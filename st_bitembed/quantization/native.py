@@ -7,6 +7,7 @@
   weights with 16-bit accumulators), the GEMM of the ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
 - ``ternary_gemm_amx.c``: the same products on AMX tiles, for batches (:func:`native_amx_available`).
 - ``rms_norm.c``: the model's own RMSNorms that no BitLinear reads, in one pass (``native_norm.py``).
+- ``residual_layer_norm.c``: an encoder block's residual add and LayerNorm, in one pass (``residual_norm.py``).
 - ``ternary_linear.c``: the two in one call (quantizer into a per-thread buffer, then the GEMM), for one projection
   or several of the same input (q, k and v; gate and up) at once: what BitLinear's inference runs on that backend.
 
@@ -40,7 +41,14 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name("csrc") / name
-    for name in ("activation_codes.c", "ternary_gemm.c", "ternary_gemm_amx.c", "ternary_linear.c", "rms_norm.c")
+    for name in (
+        "activation_codes.c",
+        "ternary_gemm.c",
+        "ternary_gemm_amx.c",
+        "ternary_linear.c",
+        "rms_norm.c",
+        "residual_layer_norm.c",
+    )
 )
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("ternary_gemm.h", "bfloat16.h", "activations.h"))
 # No FMA contraction: the kernel must round exactly as the PyTorch path's separate multiply and add do.
@@ -65,6 +73,8 @@ TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2}
 # (activations, float32 scale, eps, round before scale) -> normalised activations
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
+# (activations, residual, float32 weight, float32 bias, eps) -> LayerNorm(activations + residual)
+ResidualLayerNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def _processor_id() -> str:
@@ -124,6 +134,10 @@ def _load(path: Path) -> ctypes.CDLL:
     library.rms_norm.argtypes = [pointer, integer, integer, integer, pointer, real, ctypes.c_int, ctypes.c_int]
     library.rms_norm.argtypes += [pointer, ctypes.c_int]
     library.rms_norm.restype = None
+    library.residual_layer_norm.argtypes = [pointer, pointer, integer, integer, integer, integer, pointer, pointer]
+    library.residual_layer_norm.argtypes += [real, ctypes.c_int, pointer, ctypes.c_int]
+    library.residual_layer_norm.restype = None
+    library.residual_layer_norm_max_cols.argtypes, library.residual_layer_norm_max_cols.restype = [], ctypes.c_int
     layout_functions = (library.ternary_gemm_panel, library.ternary_gemm_tile_rows, library.ternary_gemm_weight_bits)
     for function in layout_functions:
         function.argtypes, function.restype = [], ctypes.c_int
@@ -422,3 +436,40 @@ def native_rms_norm() -> RmsNorm | None:
         return in_memory_order.permute(*sorted(range(len(order) + 1), key=[*order, len(order)].__getitem__))
 
     return rms_norm
+
+
+@functools.cache
+def native_residual_layer_norm() -> ResidualLayerNorm | None:
+    """``csrc/residual_layer_norm.c``: ``LayerNorm(activations + residual)`` over the last dimension, both float32 or
+    both bfloat16 of one shape, each viewable as rows of unit stride (anything else, or more features than the kernel
+    takes: ``ValueError``), with float32 ``weight`` and ``bias``; or ``None`` where the kernels cannot be built.
+    Returns a new contiguous tensor of the activations' shape and dtype."""
+    library = _library()
+    if library is None:
+        return None
+    max_features = library.residual_layer_norm_max_cols()
+
+    def residual_layer_norm(
+        activations: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        features = activations.shape[-1]
+        if activations.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"residual_layer_norm takes float32 or bfloat16 activations, not {activations.dtype}")
+        if residual.shape != activations.shape or residual.dtype != activations.dtype:
+            raise ValueError("The residual must have the activations' shape and dtype")
+        if features > max_features or weight.shape != (features,) or bias.shape != (features,):
+            raise ValueError(f"residual_layer_norm takes up to {max_features} features and a weight and bias of each")
+        try:
+            rows, skip = activations.view(-1, features), residual.view(-1, features)
+        except RuntimeError as error:
+            raise ValueError("residual_layer_norm reads rows of one stride") from error
+        if rows.stride(-1) != 1 or skip.stride(-1) != 1:
+            raise ValueError("residual_layer_norm reads rows of unit stride")
+        out = torch.empty(activations.shape, dtype=activations.dtype)
+        library.residual_layer_norm(rows.data_ptr(), skip.data_ptr(), rows.shape[0], features, rows.stride(0),
+                                    skip.stride(0), weight.data_ptr(), bias.data_ptr(), eps,
+                                    activations.dtype == torch.bfloat16, out.data_ptr(),
+                                    torch.get_num_threads())  # fmt: skip
+        return out
+
+    return residual_layer_norm
