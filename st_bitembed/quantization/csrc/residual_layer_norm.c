@@ -2,9 +2,8 @@
  * LayerNorm(dense(x) + input)), in one pass per row (residual_norm.py).
  *
  * Why: in PyTorch they are two operators, each a pass over a [tokens, hidden] tensor and a fresh one (the add reads
- * two and writes one; the norm reads its input twice and writes once); for MiniLM on 300-token passages they took
- * about a quarter of a BitEmbed batch. Here each row is read once from memory, kept in a float32 buffer, and written
- * once.
+ * two and writes one; the norm reads its input twice and writes once). Here each row is read once from memory, kept
+ * in a float32 buffer, and written once (benchmarks/kernel_speed.py --norm-only).
  *
  * Same arithmetic as PyTorch's, element by element (only the order of the sums differs):
  *   s = x + residual, rounded to bfloat16 as PyTorch's add rounds it, for bf16 input;
