@@ -80,6 +80,22 @@ def activation_name(act_fn: torch.nn.Module, dtype: torch.dtype) -> str | None:
         return next((name for name, f in TORCH_ACTIVATIONS.items() if torch.equal(f(probe), expected)), None)
 
 
+def outputs_at_inference(
+    stand_in: torch.nn.Module, module: torch.nn.Module, *probe: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stand_in``'s and ``module``'s outputs for ``probe`` in eval mode without gradients, every layer's training
+    mode restored afterwards: what a fusion's probe compares before it takes a module."""
+    modes = {layer: layer.training for layer in (stand_in, *module.modules())}
+    stand_in.eval()
+    module.eval()
+    try:
+        with torch.no_grad():
+            return stand_in(*probe), module(*probe)
+    finally:
+        for layer, training in modes.items():
+            layer.training = training
+
+
 def gives_what_the_module_gives(stand_in: torch.nn.Module, module: torch.nn.Module, exact: bool) -> bool:
     """Whether ``stand_in`` gives ``module``'s output on a probe, at inference, in the dtype of the module's first
     BitLinear: exactly (``exact``), or within the output's rounding (a kernel's activation: a code apart at a
@@ -89,15 +105,7 @@ def gives_what_the_module_gives(stand_in: torch.nn.Module, module: torch.nn.Modu
     if weight.device.type != "cpu" or not weight.is_floating_point():
         return False
     probe = torch.randn(2, 3, first.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    modes = {layer: layer.training for layer in (stand_in, *module.modules())}
-    stand_in.eval()
-    module.eval()
-    try:
-        with torch.no_grad():
-            fused, expected = stand_in(probe), module(probe)
-    finally:
-        for layer, training in modes.items():
-            layer.training = training
+    fused, expected = outputs_at_inference(stand_in, module, probe)
     if exact:
         return torch.equal(fused, expected)
     rounding = 1e-2 if weight.dtype == torch.bfloat16 else 1e-3

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear, version_key
+from st_bitembed.quantization.mlp_fusion import outputs_at_inference
 from st_bitembed.quantization.native import native_residual_layer_norm
 
 # Classes whose forward is LayerNorm(dropout(dense(hidden_states)) + input_tensor) (transformers' modeling code).
@@ -103,7 +104,7 @@ def takes_its_norm(module: torch.nn.Module) -> bool:
     )
 
 
-def gives_what_the_module_gives(stand_in: FusedResidualNorm, module: torch.nn.Module) -> bool:
+def agrees_with_the_module(stand_in: FusedResidualNorm, module: torch.nn.Module) -> bool:
     """Whether the stand-in gives the module's output on a probe at inference, in the norm's dtype, within a rounding
     step of that dtype (the sums are added in another order)."""
     weight = module.LayerNorm.weight
@@ -112,15 +113,7 @@ def gives_what_the_module_gives(stand_in: FusedResidualNorm, module: torch.nn.Mo
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 3, module.dense.in_features, generator=generator).to(weight.dtype)
     residual = (torch.randn(2, 3, module.dense.out_features, generator=generator) * 3).to(weight.dtype)
-    modes = {layer: layer.training for layer in (stand_in, *module.modules())}
-    stand_in.eval()
-    module.eval()
-    try:
-        with torch.no_grad():
-            fused, expected = stand_in(hidden, residual), module(hidden, residual)
-    finally:
-        for layer, training in modes.items():
-            layer.training = training
+    fused, expected = outputs_at_inference(stand_in, module, hidden, residual)
     tolerance = 1e-5 if weight.dtype == torch.float32 else 1e-2
     if fused.shape != expected.shape:
         return False
@@ -140,7 +133,7 @@ def fuse_residual_norms(model: torch.nn.Module) -> int:
         if not takes_its_norm(module):
             continue
         stand_in = FusedResidualNorm(module)
-        if gives_what_the_module_gives(stand_in, module):
+        if agrees_with_the_module(stand_in, module):
             model.set_submodule(name, stand_in)
             fused += 1
     return fused
