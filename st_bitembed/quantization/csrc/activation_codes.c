@@ -125,13 +125,13 @@ static inline const float *product_row(const void *x, const void *factor, int ac
         int64_t col = 0;
         for (; col + 16 <= cols; col += 16) {
             const __m512 gate = from_bfloat16_512(a + col);
-            const __m512 activated = activation == ACTIVATION_GELU ? gelu_erf_512(gate) : gelu_tanh_512(gate);
+            const __m512 activated = activate_512(activation, gate);
             const __m512 product = _mm512_mul_ps(bfloat16_rounded_512(activated), from_bfloat16_512(b + col));
             _mm512_storeu_ps(out + col, bfloat16_rounded_512(product));
         }
         for (; col < cols; ++col) {
             const float gate = from_bfloat16(a[col]);
-            const float activated = TO_BFLOAT16(activation == ACTIVATION_GELU ? gelu_erf(gate) : gelu_tanh(gate));
+            const float activated = TO_BFLOAT16(activate(activation, gate));
             out[col] = TO_BFLOAT16(activated * from_bfloat16(b[col]));
         }
         return out;

@@ -53,6 +53,12 @@ static inline float gelu_erf(float x) {
     return x * 0.5f * (1.0f + erf);
 }
 
+/* The function of an activation (enum activation, not ACTIVATION_NONE), for code that applies it a value or 16 at a
+ * time; loops the compiler vectorizes pick their function before the loop. */
+static inline float activate(int activation, float x) {
+    return activation == ACTIVATION_GELU ? gelu_erf(x) : gelu_tanh(x);
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -98,6 +104,11 @@ static inline __m512 gelu_erf_512(__m512 x) {
     const __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 erf = _mm512_mask_sub_ps(erf_magnitude, negative, _mm512_setzero_ps(), erf_magnitude);
     return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+}
+
+/* activate on 16 lanes. */
+static inline __m512 activate_512(int activation, __m512 x) {
+    return activation == ACTIVATION_GELU ? gelu_erf_512(x) : gelu_tanh_512(x);
 }
 #endif
 

@@ -173,7 +173,7 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
         if (bias) value = _mm512_add_ps(value, _mm512_loadu_ps(bias + 16 * j));
         if (activation != ACTIVATION_NONE) {
             if (out_bfloat16) value = bfloat16_rounded_512(value);
-            value = activation == ACTIVATION_GELU ? gelu_erf_512(value) : gelu_tanh_512(value);
+            value = activate_512(activation, value);
         }
         if (out_bfloat16)
             _mm256_storeu_si256((__m256i *)((uint16_t *)out + 16 * j), to_bfloat16_lanes(value));
