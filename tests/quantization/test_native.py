@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -103,6 +106,20 @@ def test_compiled_kernels_are_cached_and_optional(tmp_path, monkeypatch):
         assert native_ternary_gemm() is None  # and the next GEMM backend
     finally:
         _clear()
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() != "x86_64", reason="the kernels are written for x86-64 Linux"
+)
+def test_the_kernels_build_wherever_a_compiler_is_found():
+    """The tests of the native kernels skip where they are not built, which must mean no compiler, never a kernel that
+    no longer compiles: where ``cc`` exists the library builds (a build error here is in csrc/)."""
+    if native._compiler() is None or os.environ.get("ST_BITEMBED_NATIVE", "1") == "0":
+        pytest.skip("no C compiler here (or ST_BITEMBED_NATIVE=0): the PyTorch quantizer and GEMM libraries run")
+    try:
+        native._load(native._build(native._compiler()))  # every function it declares is there
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"csrc/ does not compile:\n{error.stderr.decode(errors='replace')[:3000]}")
 
 
 @pytest.mark.parametrize("padding_code", [0, 255])
@@ -261,16 +278,16 @@ def test_one_call_takes_as_many_projections_as_the_kernel_s_limit_and_no_more():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_tiles_give_the_exact_products_of_the_vnni_kernel(dtype):
     """On a CPU with AMX the native GEMM runs on AMX tiles (ternary_gemm_amx.c: weights streamed for up to 64 rows,
-    unpacked per block beyond): exact, so one projection gives bit for bit the outputs of the AVX512-VNNI path, for
-    any number of rows, odd numbers of panels (an item of one panel), inputs that are not whole tiles (those stay on
-    AVX512-VNNI) and chunked inputs."""
+    one tile of 16 rows through two panels or two tiles through one panel; unpacked per block beyond): exact, so one
+    projection gives bit for bit the outputs of the AVX512-VNNI path, for any number of rows, odd numbers of panels (an
+    item of one panel), inputs that are not whole tiles (those stay on AVX512-VNNI) and chunked inputs."""
     if not native.native_amx_available():
         pytest.skip("no AMX here (or Linux refused the tile state): the AVX512-VNNI / AVX2 kernels are tested above")
     torch.manual_seed(4)
     previous = native.set_amx_min_rows(0)
     try:
-        for rows, in_features, out_features in ((1, 64, 48), (33, 128, 100), (300, 1024, 96), (513, 640, 1000),
-                                                (40, 601, 50)):  # fmt: skip
+        for rows, in_features, out_features in ((1, 64, 48), (20, 256, 150), (33, 128, 100), (64, 192, 48),
+                                                (300, 1024, 96), (513, 640, 1000), (40, 601, 50)):  # fmt: skip
             codes = torch.randint(-127, 128, (rows, in_features)).float()
             weight_codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
             weight = prepare_ternary_weight(weight_codes, torch.tensor(1.0), "native")

@@ -333,7 +333,7 @@ static void block_panel(const struct ternary_gemm_job *job, int64_t rows, int64_
 
 #ifdef AMX
 /* Up to AMX_PANELS panels (from `panel`) of one block of AMX_BLOCK_ROWS rows of a job on AMX tiles
- * (ternary_gemm_amx.c): up to AMX_FEW_ROWS rows in all, the panels' weights streamed, 16 rows at a time; more, the
+ * (ternary_gemm_amx.c): up to AMX_FEW_ROWS rows in all, the panels' weights streamed, 32 rows at a time; more, the
  * panels unpacked to int8 once, then 32 rows at a time; between amx_begin and amx_end. */
 static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel,
                              int out_bfloat16) {
@@ -345,12 +345,17 @@ static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, i
     const uint8_t *packed = (const uint8_t *)job->packed + panel * PACKED_BYTES(k_padded);
     const int64_t sums_stride = count * PANEL;
     if (rows <= AMX_FEW_ROWS) { /* a short query (one block): the weights streamed, unpacked 64 inputs at a time */
-        for (int64_t t = 0; t < rows; t += 16) {
-            amx_few_rows_sums(job->codes + t * job->code_stride, job->code_stride, packed, count, k_padded, sums,
-                              sums_stride);
+        for (int64_t t = 0; t < rows; t += 32) {
+            const int64_t here = rows - t < 32 ? rows - t : 32;
+            const uint8_t *codes = job->codes + t * job->code_stride;
+            if (here <= 16)
+                amx_few_rows_sums(codes, job->code_stride, packed, count, k_padded, sums, sums_stride);
+            else /* two tiles of rows: each panel's weights unpacked once for both */
+                for (int64_t p = 0; p < count; ++p)
+                    amx_few_rows_pair_sums(codes, job->code_stride, packed + p * PACKED_BYTES(k_padded), k_padded,
+                                           sums + p * PANEL, sums_stride);
             for (int64_t p = 0; p < count; ++p)
-                finish_rows(job, t, rows - t < 16 ? rows - t : 16, panel + p, sums + p * PANEL, sums_stride, NULL,
-                            out_bfloat16);
+                finish_rows(job, t, here, panel + p, sums + p * PANEL, sums_stride, NULL, out_bfloat16);
         }
         return;
     }

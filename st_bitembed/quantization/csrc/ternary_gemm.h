@@ -35,5 +35,7 @@ void amx_row_pair_sums(const uint8_t *codes, int64_t code_stride, const int8_t *
                        int64_t k_padded, int32_t *sums, int64_t sums_stride);
 void amx_few_rows_sums(const uint8_t *codes, int64_t code_stride, const uint8_t *panels, int64_t count,
                        int64_t k_padded, int32_t *sums, int64_t sums_stride);
+void amx_few_rows_pair_sums(const uint8_t *codes, int64_t code_stride, const uint8_t *panel, int64_t k_padded,
+                            int32_t *sums, int64_t sums_stride);
 
 #endif

@@ -7,9 +7,11 @@
  * The weights stay at 2 bits in memory; the tiles want int8 weights. Batches (amx_row_pair_sums): each thread unpacks
  * the two panels it works on (96 outputs; the 2-bit layout's panels are 48) into a buffer of its own, once per block
  * of up to AMX_BLOCK_ROWS rows (ternary_gemm.c), which then serves every 32 rows of the block from cache: 2 x 2 tiles
- * of 16 rows x 16 outputs, whose codes stay in L1 while the outputs pass. A short query (amx_few_rows_sums), whose
- * GEMMs read each weight for one or two tiles of codes: the weights are streamed, 64 inputs of the panels unpacked
- * into L1 and used at once. Both beat AVX512-VNNI at every number of rows (benchmarks/kernel_speed.py): with one
+ * of 16 rows x 16 outputs, whose codes stay in L1 while the outputs pass. A short query, whose GEMMs read each weight
+ * for a few tiles of codes: the weights are streamed, 64 inputs of the panels unpacked into L1 and used at once, by
+ * one tile of 16 rows for two panels (amx_few_rows_sums) or by two for one panel (amx_few_rows_pair_sums). The tile
+ * products and the vector unpacking (its stores above all) do not run in parallel on the CPUs measured: for 16 rows
+ * the unpacking takes about as long as the products, so each unpacked weight serves as many rows as the tiles allow. Both beat AVX512-VNNI at every number of rows (benchmarks/kernel_speed.py): with one
  * vpdpbusd per cycle on such a CPU, 16 tokens already make the AVX512-VNNI kernel wait on arithmetic. The products
  * are exact: uint8 codes (signed + 128) x weight codes in {-1, 0, 1}, summed in int32; ternary_gemm.c takes the zero
  * point back out (128 x column sums) and rescales.
@@ -57,6 +59,16 @@ static const struct tile_config tile_config = {
     .bytes_per_row = {64, 64, 64, 64, 64, 64, 64, 64},
     .rows = {16, 16, 16, 16, 16, 16, 16, 16},
 };
+
+/* GCC's _tile_loadd (12 at least) is an asm that does not say it reads memory: the compiler may then drop the
+ * vector stores of the unpacked weights, which nothing else reads, or move them past the tile load (it did, for
+ * amx_few_rows_pair_sums). A compiler barrier on each side keeps them in order; clang's builtin needs none. */
+#define load_tile(tile, base, stride)      \
+    do {                                   \
+        __asm__ volatile("" ::: "memory"); \
+        _tile_loadd(tile, base, stride);   \
+        __asm__ volatile("" ::: "memory"); \
+    } while (0)
 
 void amx_begin(void) { _tile_loadconfig(&tile_config); }
 
@@ -115,10 +127,10 @@ void amx_row_pair_sums(const uint8_t *codes, int64_t code_stride, const int8_t *
         _tile_zero(3);
         for (int64_t k = 0; k < k_padded; k += 64) {
             const int8_t *block = weights + (k / 64) * tiles * 1024;
-            _tile_loadd(4, codes + k, code_stride);
-            _tile_loadd(5, second_codes + k, code_stride);
-            _tile_loadd(6, block + j * 1024, 64);
-            _tile_loadd(7, block + other * 1024, 64);
+            load_tile(4, codes + k, code_stride);
+            load_tile(5, second_codes + k, code_stride);
+            load_tile(6, block + j * 1024, 64);
+            load_tile(7, block + other * 1024, 64);
             _tile_dpbusd(0, 4, 6);
             _tile_dpbusd(1, 4, 7);
             _tile_dpbusd(2, 5, 6);
@@ -135,53 +147,82 @@ void amx_row_pair_sums(const uint8_t *codes, int64_t code_stride, const int8_t *
 
 #define UNPACK_AHEAD 4096 /* bytes of packed weights asked for ahead of the one being unpacked (as ternary_gemm.c) */
 
-/* sums[16][16 * tiles] (row stride sums_stride int32) = codes[16 rows][k_padded] . `count` consecutive 2-bit panels,
- * k_padded a multiple of 64; between amx_begin and amx_end. For a few rows (a short query), where each weight serves
- * one tile of codes: every 64 inputs of the panels are unpacked into an L1 buffer and used at once, the weights read
- * from memory once, and one tile of codes serves the 3 * count products (tiles 0-5: sums, 6: codes, 7: weights). */
-void amx_few_rows_sums(const uint8_t *codes, int64_t code_stride, const uint8_t *panels, int64_t count,
-                       int64_t k_padded, int32_t *sums, int64_t sums_stride) {
-    int8_t block[6 * 1024] __attribute__((aligned(64)));
-    const int64_t panel_bytes = k_padded * 12;
+/* The 64 inputs of one 2-bit panel from `source` (4 groups of 16 inputs, 12 cache lines) as its 3 column tiles in
+ * block, the lines UNPACK_AHEAD bytes further asked for meanwhile. */
+static inline void unpack_panel_step(const uint8_t *source, int8_t *block) {
+    for (int line = 0; line < 12; ++line)
+        _mm_prefetch((const char *)source + UNPACK_AHEAD + 64 * line, _MM_HINT_T0);
+    for (int group = 0; group < 4; ++group) unpack_group(source + group * 192, block + group * 4 * 64);
+}
+
+/* Sums tiles a, b, c += the codes in tile 6 . the 3 column tiles unpacked at `block` (through tile 7). Tile numbers
+ * are literals: the intrinsics paste them into the instruction. */
+#define THREE_PRODUCTS(a, b, c, block)    \
+    do {                                  \
+        load_tile(7, (block), 64);        \
+        _tile_dpbusd(a, 6, 7);            \
+        load_tile(7, (block) + 1024, 64); \
+        _tile_dpbusd(b, 6, 7);            \
+        load_tile(7, (block) + 2048, 64); \
+        _tile_dpbusd(c, 6, 7);            \
+    } while (0)
+
+/* sums[16 rows][48 outputs] at `sums` (stride_bytes between rows) = sums tiles a, b, c. */
+#define STORE_THREE(a, b, c, sums, stride_bytes)     \
+    do {                                             \
+        _tile_stored(a, (sums), (stride_bytes));      \
+        _tile_stored(b, (sums) + 16, (stride_bytes)); \
+        _tile_stored(c, (sums) + 32, (stride_bytes)); \
+    } while (0)
+
+static inline void zero_sums(void) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     _tile_zero(4);
     _tile_zero(5);
+}
+
+/* sums[16][48 * count] (row stride sums_stride int32) = codes[16 rows][k_padded] . `count` (1 or 2) consecutive
+ * 2-bit panels, k_padded a multiple of 64; between amx_begin and amx_end. For a few rows (a short query), where each
+ * weight serves one tile of codes: every 64 inputs of the panels are unpacked into an L1 buffer and used at once, the
+ * weights read from memory once, and one tile of codes serves the 3 * count products (tiles 0-5: sums, 6: codes, 7:
+ * weights). */
+void amx_few_rows_sums(const uint8_t *codes, int64_t code_stride, const uint8_t *panels, int64_t count,
+                       int64_t k_padded, int32_t *sums, int64_t sums_stride) {
+    int8_t block[6 * 1024] __attribute__((aligned(64)));
+    const int64_t panel_bytes = k_padded * 12;
+    zero_sums();
     for (int64_t k = 0; k < k_padded; k += 64) {
-        for (int64_t panel = 0; panel < count; ++panel) {
-            const uint8_t *source = panels + panel * panel_bytes + (k / 16) * 192; /* 4 groups of 16 inputs */
-            for (int line = 0; line < 12; ++line) /* the 4 groups' 12 cache lines */
-                _mm_prefetch((const char *)source + UNPACK_AHEAD + 64 * line, _MM_HINT_T0);
-            for (int group = 0; group < 4; ++group)
-                unpack_group(source + group * 192, block + 3 * panel * 1024 + group * 4 * 64);
-        }
-        _tile_loadd(6, codes + k, code_stride);
-        _tile_loadd(7, block, 64);
-        _tile_dpbusd(0, 6, 7);
-        _tile_loadd(7, block + 1024, 64);
-        _tile_dpbusd(1, 6, 7);
-        _tile_loadd(7, block + 2048, 64);
-        _tile_dpbusd(2, 6, 7);
-        if (count == 2) {
-            _tile_loadd(7, block + 3072, 64);
-            _tile_dpbusd(3, 6, 7);
-            _tile_loadd(7, block + 4096, 64);
-            _tile_dpbusd(4, 6, 7);
-            _tile_loadd(7, block + 5120, 64);
-            _tile_dpbusd(5, 6, 7);
-        }
+        for (int64_t panel = 0; panel < count; ++panel)
+            unpack_panel_step(panels + panel * panel_bytes + (k / 16) * 192, block + 3 * panel * 1024);
+        load_tile(6, codes + k, code_stride);
+        THREE_PRODUCTS(0, 1, 2, block);
+        if (count == 2) THREE_PRODUCTS(3, 4, 5, block + 3072);
     }
     const int64_t stride_bytes = sums_stride * 4;
-    _tile_stored(0, sums, stride_bytes);
-    _tile_stored(1, sums + 16, stride_bytes);
-    _tile_stored(2, sums + 32, stride_bytes);
-    if (count == 2) {
-        _tile_stored(3, sums + 48, stride_bytes);
-        _tile_stored(4, sums + 64, stride_bytes);
-        _tile_stored(5, sums + 80, stride_bytes);
+    STORE_THREE(0, 1, 2, sums, stride_bytes);
+    if (count == 2) STORE_THREE(3, 4, 5, sums + 48, stride_bytes);
+}
+
+/* sums[32][48] (row stride sums_stride int32) = codes[32 rows][k_padded] . one 2-bit panel, as amx_few_rows_sums for
+ * 17 to 32 rows: each 64 inputs of the panel are unpacked once for both tiles of 16 rows, where two calls of
+ * amx_few_rows_sums would unpack every weight twice (tiles 0-5: sums of 2 x 3 blocks, 6: codes, 7: weights). */
+void amx_few_rows_pair_sums(const uint8_t *codes, int64_t code_stride, const uint8_t *panel, int64_t k_padded,
+                            int32_t *sums, int64_t sums_stride) {
+    int8_t block[3 * 1024] __attribute__((aligned(64)));
+    zero_sums();
+    for (int64_t k = 0; k < k_padded; k += 64) {
+        unpack_panel_step(panel + (k / 16) * 192, block);
+        load_tile(6, codes + k, code_stride);
+        THREE_PRODUCTS(0, 1, 2, block);
+        load_tile(6, codes + 16 * code_stride + k, code_stride);
+        THREE_PRODUCTS(3, 4, 5, block);
     }
+    const int64_t stride_bytes = sums_stride * 4;
+    STORE_THREE(0, 1, 2, sums, stride_bytes);
+    STORE_THREE(3, 4, 5, sums + 16 * sums_stride, stride_bytes);
 }
 #else
 int ternary_gemm_amx_available(void) { return 0; }
