@@ -14,6 +14,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -42,8 +43,8 @@ from st_bitembed.quantization.native import (
 SHAPES = ((384, 384), (384, 1536), (640, 2048), (1024, 3072), (3072, 1024))
 TOKENS = (16, 256, 2048)
 # A short query through many layers: more weights than the last-level cache, so each GEMM reads its weights from
-# memory, as a model's forward does.
-QUERY_TOKENS, QUERY_LAYERS, QUERY_SHAPE = 16, 60, (1024, 3072)
+# memory, as a model's forward does; 16 tokens, and the longer queries of 32 and 64 (two and four tiles of AMX rows).
+QUERY_TOKENS, QUERY_LENGTHS, QUERY_LAYERS, QUERY_SHAPE = 16, (16, 32, 64), 60, (1024, 3072)
 
 
 def milliseconds(function, budget: float = 0.5) -> float:
@@ -125,20 +126,31 @@ def main() -> None:
 
 
 def query_through_layers() -> None:
-    """16 tokens through 60 Qwen3-0.6B-sized projections (180 M weights): a BitLinear projection (quantizer and GEMM,
-    on the default backend) vs the bf16 matmul."""
+    """16, 32 and 64 tokens through 60 Qwen3-0.6B-sized projections (180 M weights): a BitLinear projection (quantizer
+    and GEMM, on the default backend) vs the bf16 matmul."""
     in_features, out_features = QUERY_SHAPE
     backend = gemm_backend("cpu")
     layers = [torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8) for _ in range(QUERY_LAYERS)]
     ternary = [prepare_ternary_weight(codes, torch.tensor(1.0), backend) for codes in layers]
     bf16 = [codes.bfloat16() for codes in layers]
     del layers
-    activations, norm_weight = torch.randn(QUERY_TOKENS, in_features).bfloat16(), torch.rand(in_features)
-    bitlinear = milliseconds(lambda: [ternary_linear(activations, weight, None, norm_weight) for weight in ternary])
-    matmul = milliseconds(lambda: [activations @ weight.T for weight in bf16])
-    print(f"\n{QUERY_TOKENS} tokens through {QUERY_LAYERS} projections {in_features} -> {out_features} (bf16 "
-          f"activations): BitLinear ({backend}) {bitlinear:.1f} ms, bf16 matmul {matmul:.1f} ms, "
-          f"{matmul / bitlinear:.2f}x")  # fmt: skip
+    norm_weight = torch.rand(in_features)
+
+    def through_bitlinears(activations: torch.Tensor) -> None:
+        for weight in ternary:
+            ternary_linear(activations, weight, None, norm_weight)
+
+    def through_matmuls(activations: torch.Tensor) -> None:
+        for weight in bf16:
+            activations @ weight.T
+
+    print(f"\nTokens through {QUERY_LAYERS} projections {in_features} -> {out_features} (bf16 activations), ms:")
+    for tokens in QUERY_LENGTHS:
+        activations = torch.randn(tokens, in_features).bfloat16()
+        bitlinear = milliseconds(functools.partial(through_bitlinears, activations))
+        matmul = milliseconds(functools.partial(through_matmuls, activations))
+        print(f"{tokens} tokens: BitLinear ({backend}) {bitlinear:.1f}, bf16 matmul {matmul:.1f}, "
+              f"{matmul / bitlinear:.2f}x")  # fmt: skip
     if backend == "native":
         query_projections_together()
 

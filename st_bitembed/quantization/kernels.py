@@ -10,11 +10,11 @@ The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
 
 - ``"native"`` (CPUs with AVX512-VNNI or AVX2, where a C compiler is found): ``csrc/ternary_gemm.c``. With
   AVX512-VNNI, ``vpdpbusd`` (64 products per instruction) on weights kept at 2 bits (a quarter of int8's bytes: a
-  short query's GEMMs are bound by reading the weights), and on CPUs with AMX-INT8 batches of 64 tokens and more on
-  AMX tiles (``csrc/ternary_gemm_amx.c``: 16,384 products per instruction, the 2-bit weights unpacked per panel into
-  cache); with AVX2, 16-bit
-  accumulators made possible by ternary weights, so each 32 products cost one multiply-add and one add where int8
-  GEMM libraries take three instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer
+  short query's GEMMs are bound by reading the weights), and on CPUs with AMX-INT8 on AMX tiles at any number of
+  tokens (``csrc/ternary_gemm_amx.c``: 16,384 products per instruction; up to 64 tokens the 2-bit weights unpacked 64
+  inputs at a time into L1, beyond that per panel into cache); with AVX2, 16-bit accumulators made possible by
+  ternary weights, so each 32 products cost one multiply-add and one add where int8 GEMM libraries take three
+  instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer
   writes its uint8 input directly and the kernel applies the rescale and bias, so nothing else passes over the
   activations or the output (``benchmarks/kernel_speed.py``); both run in one foreign call per projection, or per
   group of projections of one input (:func:`native_linear`, ``csrc/ternary_linear.c``), which a short query's many

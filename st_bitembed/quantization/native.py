@@ -5,7 +5,7 @@
   this kernel makes one call and one pass.
 - ``ternary_gemm.c``: uint8 activation codes x ternary weights (AVX512-VNNI on 2-bit weights, else AVX2 on int8
   weights with 16-bit accumulators), the GEMM of the ``"native"`` backend (:mod:`st_bitembed.quantization.kernels`).
-- ``ternary_gemm_amx.c``: the same products on AMX tiles, for batches (:func:`native_amx_available`).
+- ``ternary_gemm_amx.c``: the same products on AMX tiles, where the CPU has them (:func:`native_amx_available`).
 - ``rms_norm.c``: the model's own RMSNorms that no BitLinear reads, in one pass (``native_norm.py``).
 - ``residual_layer_norm.c``: an encoder block's residual add and LayerNorm, in one pass (``residual_norm.py``).
 - ``ternary_linear.c``: the two in one call (quantizer into a per-thread buffer, then the GEMM), for one projection
