@@ -29,22 +29,23 @@
 #if defined(__AVX512F__)
 /* Four accumulators of 16 lanes per sum: one register would wait on its previous add (4 cycles) for every 16 values.
  * Lanes past the row are loaded as zeros, which change no sum and no maximum; a NaN product leaves the maximum as it
- * is (vmaxps returns its second operand when either is a NaN), as the comparison in the portable loop does. */
-/* Values col .. col + 15 (those `valid`) into accumulators i. */
-#define TOKEN_SUMS_STEP(i, col, valid)                                                                   \
-    do {                                                                                                 \
-        const __m512 x = _mm512_maskz_loadu_ps((valid), in + (col));                                     \
-        const __m512 weighted = weight ? _mm512_mul_ps(x, _mm512_maskz_loadu_ps((valid), weight + (col))) : x; \
-        maximum##i = _mm512_max_ps(_mm512_abs_ps(weighted), maximum##i);                                  \
-        if (!weight) {                                                                                   \
-            sum##i = _mm512_add_ps(sum##i, _mm512_mul_ps(x, _mm512_setzero_ps()));                       \
-        } else if (rms_weight) {                                                                         \
-            const __m512 scaled = _mm512_mul_ps(x, _mm512_maskz_loadu_ps((valid), rms_weight + (col)));   \
-            sum##i = _mm512_add_ps(sum##i, _mm512_mul_ps(scaled, scaled));                               \
-            raw##i = _mm512_add_ps(raw##i, _mm512_mul_ps(x, x));                                         \
-        } else {                                                                                         \
-            sum##i = _mm512_add_ps(sum##i, _mm512_mul_ps(x, x));                                         \
-        }                                                                                                \
+ * is (vmaxps returns its second operand when either is a NaN), as the comparison in the portable loop does.
+ * TOKEN_SUMS_STEP: values col .. col + 15 (those `valid`) into accumulators i. */
+#define TOKEN_SUMS_STEP(i, col, valid)                                                                 \
+    do {                                                                                               \
+        const __m512 x = _mm512_maskz_loadu_ps((valid), in + (col));                                   \
+        const __m512 weighted = weight ? _mm512_mul_ps(x, _mm512_maskz_loadu_ps((valid), weight + (col))) \
+                                       : x;                                                            \
+        maximum##i = _mm512_max_ps(_mm512_abs_ps(weighted), maximum##i);                                \
+        if (!weight) {                                                                                 \
+            sum##i = _mm512_add_ps(sum##i, _mm512_mul_ps(x, _mm512_setzero_ps()));                     \
+        } else if (rms_weight) {                                                                       \
+            const __m512 scaled = _mm512_mul_ps(x, _mm512_maskz_loadu_ps((valid), rms_weight + (col))); \
+            sum##i = _mm512_add_ps(sum##i, _mm512_mul_ps(scaled, scaled));                             \
+            raw##i = _mm512_add_ps(raw##i, _mm512_mul_ps(x, x));                                       \
+        } else {                                                                                       \
+            sum##i = _mm512_add_ps(sum##i, _mm512_mul_ps(x, x));                                       \
+        }                                                                                              \
     } while (0)
 
 static inline void token_sums(const float *in, int64_t cols, const float *weight, const float *rms_weight,
@@ -64,7 +65,8 @@ static inline void token_sums(const float *in, int64_t cols, const float *weight
         const __mmask16 valid = cols - col >= 16 ? all : (__mmask16)((1u << (cols - col)) - 1);
         TOKEN_SUMS_STEP(0, col, valid);
     }
-    *absmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(maximum0, maximum1), _mm512_max_ps(maximum2, maximum3)));
+    const __m512 maximum = _mm512_max_ps(_mm512_max_ps(maximum0, maximum1), _mm512_max_ps(maximum2, maximum3));
+    *absmax = _mm512_reduce_max_ps(maximum);
     *squares = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum0, sum1), _mm512_add_ps(sum2, sum3)));
     *raw_squares = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(raw0, raw1), _mm512_add_ps(raw2, raw3)));
 }

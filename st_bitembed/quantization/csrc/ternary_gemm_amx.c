@@ -9,10 +9,11 @@
  * of up to AMX_BLOCK_ROWS rows (ternary_gemm.c), which then serves every 32 rows of the block from cache: 2 x 2 tiles
  * of 16 rows x 16 outputs, whose codes stay in L1 while the outputs pass. A short query, whose GEMMs read each weight
  * for a few tiles of codes: the weights are streamed, 64 inputs of the panels unpacked into L1 and used at once, by
- * one tile of 16 rows for two panels (amx_few_rows_sums) or by two for one panel (amx_few_rows_pair_sums). The tile
- * products and the vector unpacking (its stores above all) do not run in parallel on the CPUs measured: for 16 rows
- * the unpacking takes about as long as the products, so each unpacked weight serves as many rows as the tiles allow. Both beat AVX512-VNNI at every number of rows (benchmarks/kernel_speed.py): with one
- * vpdpbusd per cycle on such a CPU, 16 tokens already make the AVX512-VNNI kernel wait on arithmetic. The products
+ * one tile of 16 rows for two panels (amx_few_rows_sums) or by two for one panel (amx_few_rows_pair_sums): in probes
+ * while developing, the tile products and the vector unpacking (its stores above all) did not run in parallel, so
+ * each unpacked weight serves as many rows as the tiles allow. Both paths beat AVX512-VNNI at every number of rows
+ * (benchmarks/kernel_speed.py): with one vpdpbusd per cycle on such a CPU, 16 tokens already make the AVX512-VNNI
+ * kernel wait on arithmetic. The products
  * are exact: uint8 codes (signed + 128) x weight codes in {-1, 0, 1}, summed in int32; ternary_gemm.c takes the zero
  * point back out (128 x column sums) and rescales.
  *
