@@ -247,15 +247,16 @@ class BitLinear(AutoBitLinear):
         its first inference does it here."""
         if self.release_at_inference:
             self.release_latent_weight()
-        norm_weight = self.rms_norm.weight if self.rms_norm is not None else None
-        device = self.weight.device
+        # From the module's own dicts: nn.Module.__getattr__, which `self.weight` goes through, took most of the time.
+        latent, bias, norm = self._parameters["weight"], self._parameters.get("bias"), self._modules.get("rms_norm")
+        norm_weight = norm.weight if norm is not None else None
+        device = latent.device
         backend = gemm_backend(device.type)
-        key = (*version_key(self.weight), *version_key(self.bias), *version_key(norm_weight), device, backend)
+        key = (*version_key(latent), *version_key(bias), *version_key(norm_weight), device, backend)
         cached = self._inference_operands
         if cached is not None and cached[0] == key:
             return cached[1]
         weight = self._inference_weight()
-        bias = self.bias
         if bias is not None and not self.online_quant:  # offline layers compute (x W + b) * scale
             bias = bias * weight.scale
         # Copies, never views: a view would keep the checkpoint's memory map open (finish_latent_weight_release).
