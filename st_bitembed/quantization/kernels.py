@@ -422,12 +422,9 @@ def native_linear(
         flat, flat_factor, activation = activated * flat_factor, None, None
     if flat.dtype not in (torch.float32, torch.bfloat16) or flat.stride(-1) != 1:  # what the quantizer reads
         flat = flat.float().contiguous()
-    outputs = [torch.empty(flat.shape[0], p.out_features, dtype=flat.dtype) for p in projections]
+    # Made in their final shape (the kernel writes rows x out_features of contiguous memory): no view per output
+    shape = activations.shape[:-1]
+    outputs = [torch.empty((*shape, p.out_features), dtype=flat.dtype) for p in projections.members]
     chunk_rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
     native_ternary_linear()(flat, projections, outputs, chunk_rows, flat_factor, activation)
-    shape = activations.shape[:-1]
-    return [
-        output.view(*shape, output.shape[1]) if output.dtype == activations.dtype
-        else output.view(*shape, output.shape[1]).to(activations.dtype)
-        for output in outputs
-    ]  # fmt: skip
+    return outputs if flat.dtype == activations.dtype else [output.to(activations.dtype) for output in outputs]

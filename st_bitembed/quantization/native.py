@@ -365,9 +365,9 @@ def native_projections(projections: Sequence[NativeProjection]) -> ctypes.Array:
 def native_ternary_linear() -> TernaryLinear | None:
     """``csrc/ternary_linear.c``: projections of one input, each its quantizer and GEMM, in one call, where
     :func:`native_ternary_gemm` exists, else ``None``. Activations are 2-D float32 or bfloat16 rows of unit stride;
-    ``projections`` a :func:`native_projections` array (of the same in_features); ``outs`` one contiguous
-    ``[rows, out_features]`` float32 or bfloat16 tensor per projection, all of one dtype; tokens are quantized
-    ``chunk_rows`` at a time. With ``factor`` (of the activations' shape, dtype and strides) the input is
+    ``projections`` a :func:`native_projections` array (of the same in_features); ``outs`` one contiguous float32
+    or bfloat16 tensor of ``rows x out_features`` values per projection (of any shape), all of one dtype; tokens are
+    quantized ``chunk_rows`` at a time. With ``factor`` (of the activations' shape, dtype and strides) the input is
     ``activations * factor``, or ``activation(activations) * factor`` (an :data:`ACTIVATIONS` name), computed row by
     row as the quantizer reads it, never materialised."""
     library = _library()
