@@ -14,11 +14,10 @@ The GEMM runs on the fastest backend the device has (:func:`gemm_backend`):
   tokens (``csrc/ternary_gemm_amx.c``: 16,384 products per instruction; up to 64 tokens the 2-bit weights unpacked 64
   inputs at a time into L1, beyond that per panel into cache); with AVX2, 16-bit accumulators made possible by
   ternary weights, so each 32 products cost one multiply-add and one add where int8 GEMM libraries take three
-  instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer
-  writes its uint8 input directly and the kernel applies the rescale and bias, so nothing else passes over the
-  activations or the output (``benchmarks/kernel_speed.py``); both run in one foreign call per projection, or per
-  group of projections of one input (:func:`native_linear`, ``csrc/ternary_linear.c``), which a short query's many
-  small projections notice.
+  instructions (1.1-1.6x FBGEMM for 16-2,048 rows on a 2-core AVX2 CPU). The quantizer writes its uint8 input
+  directly and the kernel applies the rescale and bias, so nothing else passes over the activations or the output
+  (``benchmarks/kernel_speed.py``); both run in one foreign call per projection, or per group of projections of one
+  input (:func:`native_linear`, ``csrc/ternary_linear.c``), which a short query's many small projections notice.
 - ``"fbgemm"`` (x86 CPUs where the native kernel cannot be built):
   ``torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32``, FBGEMM's
   uint8 x int8 GEMM on weights prepacked once (with their column sums, so the zero point costs nothing per call);

@@ -4,9 +4,9 @@ BERT-style encoders end their attention and their MLP alike: ``LayerNorm(dropout
 (``BertSelfOutput``, ``BertOutput`` and their copies). In PyTorch the add and the norm are two passes over the
 block's activations and two fresh tensors (``benchmarks/kernel_speed.py --norm-only``: 1.6-1.8 ms for a batch of 32
 MiniLM passages against 1.2 ms for the pass here, twelve per batch, a few percent of it). At inference the stand-in
-here runs the projection
-as the module does, then ``csrc/residual_layer_norm.c``: the sum rounded as PyTorch's add rounds it, the norm in one
-pass per row, the same arithmetic but for the order of the sums (within a rounding step of the output's dtype).
+here runs the projection as the module does, then ``csrc/residual_layer_norm.c``: the sum rounded as PyTorch's add
+rounds it, the norm in one pass per row, the same arithmetic but for the order of the sums (within a rounding step
+of the output's dtype).
 
 Only the classes :data:`ENCODER_OUTPUTS` names are taken, whose ``LayerNorm`` is a ``torch.nn.LayerNorm`` with a
 weight and a bias over the last dimension, each after a probe shows the stand-in gives what the module gives. Training,

@@ -64,7 +64,7 @@
 #define ROW_PADDING 32       /* the AMX tiles read 2 x 16 rows of codes */
 #define AMX_BLOCK_ROWS 256   /* rows per unpacking of two panels (ternary_gemm_amx.c) */
 #define AMX_PANELS 2         /* panels per item: 6 column tiles, in 3 pairs */
-#define AMX_FEW_ROWS 64      /* up to this many rows the weights are streamed (amx_few_rows_sums) */
+#define AMX_FEW_ROWS 64      /* up to this many rows the weights are streamed (amx_few_rows_[pair_]sums) */
 #else
 #define ROW_PADDING TILE_ROWS
 #endif

@@ -1,4 +1,4 @@
-/* AMX tiles for ternary_gemm.c's 2-bit weights: the integer products of batches, on CPUs with AMX-INT8.
+/* AMX tiles for ternary_gemm.c's 2-bit weights: the integer products, on CPUs with AMX-INT8.
  *
  * Why: one AMX tile product (tdpbusd) multiplies 16 rows x 64 uint8 codes by 64 x 16 int8 weights, 16,384
  * multiply-adds, where vpdpbusd does 64: per core about four times the integer throughput of AVX512-VNNI, and twice
@@ -13,9 +13,8 @@
  * while developing, the tile products and the vector unpacking (its stores above all) did not run in parallel, so
  * each unpacked weight serves as many rows as the tiles allow. Both paths beat AVX512-VNNI at every number of rows
  * (benchmarks/kernel_speed.py): with one vpdpbusd per cycle on such a CPU, 16 tokens already make the AVX512-VNNI
- * kernel wait on arithmetic. The products
- * are exact: uint8 codes (signed + 128) x weight codes in {-1, 0, 1}, summed in int32; ternary_gemm.c takes the zero
- * point back out (128 x column sums) and rescales.
+ * kernel wait on arithmetic. The products are exact: uint8 codes (signed + 128) x weight codes in {-1, 0, 1}, summed
+ * in int32; ternary_gemm.c takes the zero point back out (128 x column sums) and rescales.
  *
  * The process asks Linux once for the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM)); where that is refused (an older
  * kernel, a hypervisor without AMX), ternary_gemm_amx_available() says so and the AVX512-VNNI kernel runs. */
