@@ -5,10 +5,11 @@ the fp32 and bf16 products (a teacher's GEMMs), for MiniLM-, Gemma3-270M- and Qw
 query through many projections, and q, k and v in one native call against one call each; a Gemma3 MLP's down
 projection with its GELU-tanh in the quantizer against PyTorch's GELU then the quantizer's product, and a MiniLM MLP's
 intermediate projection with its GELU in the kernel's output against PyTorch's GELU after it; a MiniLM block's
-residual add and LayerNorm in one native pass against PyTorch's two.
+residual add and LayerNorm in one native pass against PyTorch's two; a gated MLP with its product written by the gate
+and up projections' GEMM against the product taken by the down projection's quantizer.
 
 Usage:
-    python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only | --norm-only]
+    python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only | --norm-only | --mlp-only]
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--query-only", action="store_true", help="only the short query through many projections")
     parser.add_argument("--activation-only", action="store_true", help="only the activations in the kernels")
     parser.add_argument("--norm-only", action="store_true", help="only the residual add and LayerNorm in one pass")
+    parser.add_argument("--mlp-only", action="store_true", help="only the gated MLPs, product in the GEMM or not")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.query_only:
@@ -78,6 +80,9 @@ def main() -> None:
         return
     if args.norm_only:
         residual_norm_in_one_pass()
+        return
+    if args.mlp_only:
+        gated_mlps()
         return
     compiled = native_activation_codes()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, ms (median)")
@@ -240,6 +245,48 @@ def residual_norm_in_one_pass() -> None:
     in_pytorch, native = statistics.median(in_pytorch), statistics.median(native)
     print(f"MiniLM residual add and LayerNorm, 9,600 bf16 tokens: PyTorch's add then LayerNorm {in_pytorch:.2f} ms, "
           f"one native pass {native:.2f} ms")  # fmt: skip
+
+
+def gated_mlps() -> None:
+    """Qwen3-0.6B's MLP (1,024 -> 2 x 3,072 -> 1,024, SiLU) and Gemma3-270M's (640 -> 2 x 2,048 -> 640, GELU-tanh) on
+    bf16 tokens (a 16- and a 64-token query, 32 x 128 tokens): the gate and up projections in one call, then the
+    product taken by the down projection's quantizer (Qwen3's SiLU in PyTorch first, Gemma3's GELU-tanh in the
+    quantizer), vs the product written by the gated GEMM; taking turns, medians of 10."""
+    if gemm_backend("cpu") != "native":
+        return
+    generator = torch.Generator().manual_seed(0)
+
+    def projection(in_features: int, out_features: int, activation: str | None = None):
+        codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8, generator=generator)
+        weight = prepare_ternary_weight(codes, torch.tensor(0.1), "native")
+        norm_weight = torch.rand(in_features, generator=generator) + 0.5
+        return prepare_native_projection(weight, None, norm_weight, 1e-6, output_activation=activation)
+
+    print("\n| MLP, tokens | product in the down projection's quantizer | written by the gated GEMM | speed-up |")
+    print("|---|---|---|---|")
+    for name, hidden, intermediate, activation in (("Qwen3", 1024, 3072, "silu"), ("Gemma3", 640, 2048, "gelu_tanh")):
+        gate, up = projection(hidden, intermediate), projection(hidden, intermediate)
+        pair, down = native_projections([gate, up]), native_projections([projection(intermediate, hidden)])
+        activated_gate = native_projections([projection(hidden, intermediate, activation), up])
+        activate = TORCH_ACTIVATIONS[activation]
+
+        def in_quantizer(x: torch.Tensor) -> torch.Tensor:
+            gate_output, up_output = native_linear(x, pair)
+            if activation == "silu":  # as the stand-in ran Qwen3: PyTorch's SiLU, the product in the quantizer
+                return native_linear(activate(gate_output), down, up_output)[0]
+            return native_linear(gate_output, down, up_output, activation)[0]
+
+        def in_gemm(x: torch.Tensor) -> torch.Tensor:
+            return native_linear(native_linear(x, activated_gate, gated=True)[0], down)[0]
+
+        for tokens in (16, 64, 4096):
+            x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+            apart, gated = [], []
+            for _ in range(10):
+                apart.append(milliseconds(lambda: in_quantizer(x), budget=0.2))
+                gated.append(milliseconds(lambda: in_gemm(x), budget=0.2))
+            apart, gated = statistics.median(apart), statistics.median(gated)
+            print(f"| {name}, {tokens:,} | {apart:.3f} | {gated:.3f} | {apart / gated:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class BitLinear(AutoBitLinear):
         # every call, checked with one key: (key, operands).
         self._inference_operands: tuple[tuple, InferenceOperands] | None = None
         # The native kernel's description of this layer behind a folded model norm: (norm weight, scale, projection).
-        self._folded_projection: tuple[torch.Tensor, torch.Tensor, NativeProjection] | None = None
+        self._folded_projection: tuple[torch.Tensor, torch.Tensor, str | None, NativeProjection] | None = None
         # The native kernel's description of this layer with an activation on its outputs: (operands, activation,
         # projections).
         self._activated_projection: tuple[InferenceOperands, str, ctypes.Array] | None = None
@@ -221,15 +221,20 @@ class BitLinear(AutoBitLinear):
             self._activated_projection = cached = operands, activation, native_projections([projection])
         return native_linear(input, cached[2])[0]
 
-    def folded_projection(self, scale: torch.Tensor, outer_eps: float) -> NativeProjection:
+    def folded_projection(
+        self, scale: torch.Tensor, outer_eps: float, output_activation: str | None = None
+    ) -> NativeProjection:
         """The native kernel's description of this layer behind a folded model norm of per-channel ``scale`` and
-        epsilon ``outer_eps`` (:mod:`~st_bitembed.quantization.norm_folding`), made again when either changes."""
+        epsilon ``outer_eps`` (:mod:`~st_bitembed.quantization.norm_folding`), with ``output_activation`` applied to
+        its outputs (a gated MLP's gate), made again when any of them changes."""
         weight, bias, norm_weight, eps, _ = self._operands()
         cached = self._folded_projection
-        if cached is None or cached[0] is not norm_weight or cached[1] is not scale:
-            projection = prepare_native_projection(weight, bias, norm_weight * scale, eps, scale, outer_eps)
-            self._folded_projection = cached = norm_weight, scale, projection
-        return cached[2]
+        if cached is None or cached[0] is not norm_weight or cached[1] is not scale or cached[2] != output_activation:
+            projection = prepare_native_projection(
+                weight, bias, norm_weight * scale, eps, scale, outer_eps, output_activation
+            )
+            self._folded_projection = cached = norm_weight, scale, output_activation, projection
+        return cached[3]
 
     def _native_operands(self) -> InferenceOperands | None:
         """The prepared operands where this call runs the native kernel (the int8 kernel at inference, on a device

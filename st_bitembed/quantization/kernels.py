@@ -398,6 +398,7 @@ def native_linear(
     projections: Sequence[NativeProjection],
     factor: torch.Tensor | None = None,
     activation: str | None = None,
+    gated: bool = False,
 ) -> list[torch.Tensor]:
     """:func:`ternary_linear` on the native backend for each of ``projections`` (a
     :func:`~st_bitembed.quantization.native.native_projections` array of :func:`prepare_native_projection` results,
@@ -408,7 +409,10 @@ def native_linear(
     quantizer reads them: a gated MLP's activated gate times its up projection
     (:mod:`~st_bitembed.quantization.mlp_fusion`), never materialised; with ``activation`` too (a
     :data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` name) it is ``activation(activations) * factor``, the
-    gate activated there as well (as PyTorch computes it, up to an ulp or two of float32 in the activation)."""
+    gate activated there as well (as PyTorch computes it, up to an ulp or two of float32 in the activation). With
+    ``gated``, ``projections`` are a gated MLP's gate (made with its ``output_activation``) and up projection, and
+    the one output is ``activation(gate) * up``, multiplied as the GEMM writes them (rounded as PyTorch rounds each
+    step): neither output is ever materialised (:mod:`~st_bitembed.quantization.mlp_fusion`)."""
     flat = activations.reshape(-1, activations.shape[-1])
     flat_factor = None if factor is None else factor.reshape(-1, factor.shape[-1])
     if flat_factor is not None and (
@@ -423,7 +427,8 @@ def native_linear(
         flat = flat.float().contiguous()
     # Made in their final shape (the kernel writes rows x out_features of contiguous memory): no view per output
     shape = activations.shape[:-1]
-    outputs = [torch.empty((*shape, p.out_features), dtype=flat.dtype) for p in projections.members]
+    made = projections.members[-1:] if gated else projections.members
+    outputs = [torch.empty((*shape, p.out_features), dtype=flat.dtype) for p in made]
     chunk_rows = max(1, CHUNK_ELEMENTS // flat.shape[1])
-    native_ternary_linear()(flat, projections, outputs, chunk_rows, flat_factor, activation)
+    native_ternary_linear()(flat, projections, outputs, chunk_rows, flat_factor, activation, gated)
     return outputs if flat.dtype == activations.dtype else [output.to(activations.dtype) for output in outputs]

@@ -1,22 +1,27 @@
-"""A gated MLP's product folded into its down projection's quantizer at inference.
+"""A gated MLP's activation and product folded into its projections' kernels at inference.
 
-Llama-style MLPs compute ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: the product is a tensor as large as the
-gate's, written once and read once by the down projection's quantizer. At inference the stand-in here hands the
-activated gate and the up projection to :meth:`BitLinear.forward_of_product
-<st_bitembed.quantization.bitlinear.BitLinear.forward_of_product>`, whose native quantizer multiplies them row by row
-as it reads them (``csrc/activation_codes.c``), rounded as PyTorch rounds the product: the same outputs, one pass
-and one tensor less per layer.
+Llama-style MLPs compute ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: the gate, its activation, the up
+projection and their product are four tensors as large as the gate, each written once and read once or twice. In a
+decoder layer the MLP's input comes through a folded model norm (:mod:`~st_bitembed.quantization.norm_folding`),
+and there, where the activation is one the kernels compute (one of
+:data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS`: a probe finds which gives exactly the module's
+``act_fn``), the gate and up projections run as one gated GEMM
+(:meth:`FoldedRMSNorm.gated_product <st_bitembed.quantization.norm_folding.FoldedRMSNorm.gated_product>`): each
+item of its parallel loop computes a block of the gate's outputs, activates them and keeps them in a buffer of its
+own, then multiplies the up projection's same outputs by them as it writes them. Only the product is ever written
+(``benchmarks/kernel_speed.py --mlp-only`` times the MLP both ways). The activation is the kernel's (vectorized;
+PyTorch's exp is SLEEF's), an ulp or two of float32 from PyTorch's, which moves a bf16 value only on a rounding
+boundary.
 
-Where the activation is one the quantizer computes too (GELU's tanh form, Gemma3's: a probe finds which of
-:data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` gives exactly the module's ``act_fn``), the gate goes to
-the quantizer as it is and is activated there, row by row: a second tensor as large as the gate's, and PyTorch's pass
-of the activation (the slowest element-wise pass of a Gemma3 forward), saved too. The quantizer's exp is its own
-(vectorized; PyTorch's is SLEEF's), an ulp or two of float32 from PyTorch's activation, which moves a bf16 value only
-on a rounding boundary and a code only at a rounding tie.
+Called on activations no folded norm let through, the stand-in hands the gate (activated there too) and the up
+projection to :meth:`BitLinear.forward_of_product <st_bitembed.quantization.bitlinear.BitLinear.forward_of_product>`,
+whose native quantizer multiplies them row by row as it reads them (``csrc/activation_codes.c``), rounded as PyTorch
+rounds the product; with an activation the kernels do not compute, PyTorch's runs first.
 
 Only the classes :data:`GATED_MLPS` names are taken, each after a probe shows the stand-in gives what the module gives
 (exactly with PyTorch's activation; within rounding with the quantizer's). Training, gradients, other kernels and
-hooks on the down projection (which want to see its input) run the module's own forward. Checkpoints do not change:
+hooks on the down projection (which want to see its input) run the module's own forward; hooks on the gate or up
+projection run the two projections on their own. Checkpoints do not change:
 the stand-in holds the module's own children under their own names.
 """
 
@@ -26,6 +31,7 @@ import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear
 from st_bitembed.quantization.native import TORCH_ACTIVATIONS
+from st_bitembed.quantization.norm_folding import FoldedRMSNorm
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers' modeling code).
 GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP")
@@ -55,20 +61,43 @@ class FusedGatedMLP(torch.nn.Module):
         """Whether the product goes to the down projection's quantizer (else the module's own forward runs): at
         inference, unless hooks on the down projection want to see its input (e.g. calibration's)."""
         down = self.mlp.down_proj
-        hooked = bool(down._forward_pre_hooks or down._forward_hooks)
-        return not self.training and not torch.is_grad_enabled() and isinstance(down, BitLinear) and not hooked
+        return not self.training and not torch.is_grad_enabled() and isinstance(down, BitLinear) and not hooked(down)
+
+    def gated_norm(self, hidden_states: torch.Tensor) -> FoldedRMSNorm | None:
+        """The folded model norm that let ``hidden_states`` through to both the gate and the up projection, where
+        their GEMM can make the product itself (the activation is one the kernels apply, no hooks on either
+        projection), else ``None``."""
+        gate, up = self.mlp.gate_proj, self.mlp.up_proj
+        norm = getattr(gate, "folded_norm", None)
+        if self.activation is None or norm is None or getattr(up, "folded_norm", None) is not norm:
+            return None
+        return norm if norm.let_through(hidden_states) and not hooked(gate) and not hooked(up) else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.fuses():
             return self.mlp(hidden_states)
+        norm = self.gated_norm(hidden_states)
+        if norm is not None:  # the product made by the gate and up projections' GEMM as it writes them
+            product = norm.gated_product(hidden_states, self.mlp.gate_proj, self.mlp.up_proj, self.activation)
+            return self.mlp.down_proj(product)
         gate = self.mlp.gate_proj(hidden_states)
         if self.activation is None:
             gate = self.mlp.act_fn(gate)
         return self.mlp.down_proj.forward_of_product(gate, self.mlp.up_proj(hidden_states), self.activation)
 
     def extra_repr(self) -> str:
-        taken = "its product" if self.activation is None else f"its activation ({self.activation}) and product"
-        return f"{type(self.mlp).__name__}: {taken} taken by down_proj's quantizer at inference"
+        name = type(self.mlp).__name__
+        if self.activation is None:
+            return f"{name}: its product taken by down_proj's quantizer at inference"
+        return (
+            f"{name}: its activation ({self.activation}) and product made by gate_proj and up_proj's GEMM behind a"
+            " folded norm, else taken by down_proj's quantizer, at inference"
+        )
+
+
+def hooked(module: torch.nn.Module) -> bool:
+    """Whether forward hooks on ``module`` want to see its input or output (then its own forward must run)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks)
 
 
 def activation_name(act_fn: torch.nn.Module, dtype: torch.dtype) -> str | None:

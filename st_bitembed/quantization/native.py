@@ -61,16 +61,17 @@ ActivationCodes = Callable[[torch.Tensor, "torch.Tensor | None", float, int], tu
 Uint8ActivationCodes = Callable[..., torch.Tensor]
 # (uint8 codes, rows, packed weight, column sums, out features, steps, scale, bias, out) -> None
 TernaryGemm = Callable[..., None]
-# (activations, projections, outs, chunk rows, factor=None, activation=None) -> None
+# (activations, projections, outs, chunk rows, factor=None, activation=None, gated=False) -> None
 TernaryLinear = Callable[..., None]
-# The activations the kernels apply (to a gated MLP's gate in the quantizer, to an encoder MLP's first projection in
-# the GEMM's output), by name: PyTorch's function (what the kernels' must give) and csrc/activations.h's enum value.
-# Not SiLU: computed in the quantizer it was no faster than PyTorch's own SiLU pass (measured while developing).
+# The activations the kernels apply (to a gated MLP's gate in its own GEMM's output or in the down projection's
+# quantizer, to an encoder MLP's first projection in the GEMM's output), by name: PyTorch's function (what the
+# kernels' must give) and csrc/activations.h's enum value.
 TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "gelu": F.gelu,
+    "silu": F.silu,
 }
-ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2}
+ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2, "silu": 3}
 # (activations, float32 scale, eps, round before scale) -> normalised activations
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 # (activations, residual, float32 weight, float32 bias, eps) -> LayerNorm(activations + residual)
@@ -124,7 +125,7 @@ def _load(path: Path) -> ctypes.CDLL:
     projections, outs = ctypes.POINTER(NativeProjection), ctypes.POINTER(pointer)
     library.ternary_linear.argtypes = [projections, integer, pointer, pointer, ctypes.c_int, integer, integer]
     library.ternary_linear.argtypes += [integer, ctypes.c_int, real]
-    library.ternary_linear.argtypes += [outs, ctypes.c_int, integer, ctypes.c_int]
+    library.ternary_linear.argtypes += [outs, ctypes.c_int, integer, ctypes.c_int, ctypes.c_int]
     library.ternary_linear.restype = ctypes.c_int
     for function in (library.activation_codes, library.ternary_gemm):
         function.restype = None
@@ -369,7 +370,9 @@ def native_ternary_linear() -> TernaryLinear | None:
     or bfloat16 tensor of ``rows x out_features`` values per projection (of any shape), all of one dtype; tokens are
     quantized ``chunk_rows`` at a time. With ``factor`` (of the activations' shape, dtype and strides) the input is
     ``activations * factor``, or ``activation(activations) * factor`` (an :data:`ACTIVATIONS` name), computed row by
-    row as the quantizer reads it, never materialised."""
+    row as the quantizer reads it, never materialised. With ``gated``, ``projections`` are a gated MLP's gate (whose
+    output activation is the MLP's) and up projection, of as many outputs, and ``outs`` one tensor, which receives
+    ``activation(gate) * up``: the GEMM multiplies them as it writes, and neither is ever materialised."""
     library = _library()
     if native_gemm_layout() is None:
         return None
@@ -381,8 +384,13 @@ def native_ternary_linear() -> TernaryLinear | None:
         chunk_rows: int,
         factor: torch.Tensor | None = None,
         activation: str | None = None,
+        gated: bool = False,
     ) -> None:
         rows, cols = activations.shape
+        if gated and (len(projections) != 2 or len(outs) != 1):
+            raise ValueError("A gated call takes a gate and an up projection and one output for their product")
+        if gated and projections[0].out_features != projections[1].out_features:
+            raise ValueError("A gated MLP's gate and up projections must have as many outputs")
         if activation is not None and factor is None:
             raise ValueError("An activation is applied only before a product: give the factor too")
         if factor is not None and (
@@ -396,7 +404,7 @@ def native_ternary_linear() -> TernaryLinear | None:
                                         ACTIVATIONS[activation], rows, cols, activations.stride(0),
                                         activations.dtype == torch.bfloat16, MIN_SCALE, out_pointers,
                                         outs[0].dtype == torch.bfloat16, chunk_rows,
-                                        torch.get_num_threads())  # fmt: skip
+                                        torch.get_num_threads(), gated)  # fmt: skip
         if failed:
             raise MemoryError(f"BitLinear's native kernel could not allocate buffers for {chunk_rows} x {cols} inputs")
 

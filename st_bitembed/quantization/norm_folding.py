@@ -72,6 +72,7 @@ class FoldedRMSNorm(torch.nn.Module):
         self._pending: dict[int, tuple[weakref.ref, tuple, dict[BitLinear, torch.Tensor]]] = {}
         # The consumers' projections as one C array: (their ids, array), made again when one of them changes.
         self._projections: tuple[tuple[int, ...], Any] | None = None
+        self._gated_projections: tuple[tuple[int, ...], Any] | None = None  # the same, for gated_product
         self.train(norm.training)
 
     def folds(self, hidden_states: torch.Tensor) -> bool:
@@ -121,6 +122,20 @@ class FoldedRMSNorm(torch.nn.Module):
         self._pending[thread] = weakref.ref(hidden_states), version, waiting
         return outputs[self.consumers.index(consumer)]
 
+    def gated_product(
+        self, hidden_states: torch.Tensor, gate: BitLinear, up: BitLinear, activation: str
+    ) -> torch.Tensor:
+        """``activation(gate(x)) * up(x)`` for ``hidden_states``, the tensor this norm let through
+        (:meth:`let_through`), ``gate`` and ``up`` two of its consumers: a gated MLP's product
+        (:mod:`~st_bitembed.quantization.mlp_fusion`), in one call of the native kernel, which multiplies them as it
+        writes them: neither projection's output is ever made."""
+        scale = self.channel_scale()
+        projections = [gate.folded_projection(scale, self.eps, activation), up.folded_projection(scale, self.eps)]
+        key = tuple(map(id, projections))
+        if self._gated_projections is None or self._gated_projections[0] != key:
+            self._gated_projections = key, native_projections(projections)  # holds them: their ids stay theirs
+        return native_linear(hidden_states, self._gated_projections[1], gated=True)[0]
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         thread = threading.get_ident()
         self._pending.pop(thread, None)  # outputs of the last input nobody took: not kept any longer
@@ -132,6 +147,7 @@ class FoldedRMSNorm(torch.nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         caches = {"_scale_cache": None, "_let_through": {}, "_pending": {}, "_projections": None}
+        caches["_gated_projections"] = None
         return {**super().__getstate__(), **caches}
 
     def extra_repr(self) -> str:

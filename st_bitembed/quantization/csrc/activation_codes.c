@@ -196,6 +196,8 @@ static inline const float *product_row(const void *x, const void *factor, int ac
         PRODUCT_LOOP(gelu_tanh, TO_BFLOAT16)
     } else if (activation == ACTIVATION_GELU) {
         PRODUCT_LOOP(gelu_erf, TO_BFLOAT16)
+    } else if (activation == ACTIVATION_SILU) {
+        PRODUCT_LOOP(silu, TO_BFLOAT16)
     } else {
         PRODUCT_LOOP(AS_IS, AS_IS) /* a bf16 value widened is already what PyTorch holds */
     }

@@ -1,6 +1,6 @@
 /* The activation functions the kernels apply where PyTorch would make a pass of its own over a tensor: a gated MLP's
- * gate in the down projection's quantizer (activation_codes.c), an encoder MLP's activation in its first projection's
- * output (ternary_gemm.c). Written in operations the compiler vectorizes (a libm call per element would cost more than
+ * gate in its own projection's output or in the down projection's quantizer (ternary_gemm.c, activation_codes.c), an
+ * encoder MLP's activation in its first projection's output (ternary_gemm.c). Written in operations the compiler vectorizes (a libm call per element would cost more than
  * the pass it saves); each within an ulp or two of float32 of PyTorch's function (native.py: TORCH_ACTIVATIONS). */
 #ifndef ST_BITEMBED_ACTIVATIONS_H
 #define ST_BITEMBED_ACTIVATIONS_H
@@ -9,7 +9,7 @@
 #include <string.h>
 
 /* native.py's ACTIVATIONS */
-enum activation { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1, ACTIVATION_GELU = 2 };
+enum activation { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1, ACTIVATION_GELU = 2, ACTIVATION_SILU = 3 };
 
 /* exp(x): Cephes' expf, 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 in two parts and p of degree 7, within
  * about an ulp of expf; x clamped to [-87, 88], where 2^n stays a normal float (enough for the functions below). */
@@ -39,6 +39,9 @@ static inline float gelu_tanh(float x) {
     return x / (1.0f + exp_vectorizable(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
 }
 
+/* SiLU, x sigmoid(x) = x / (1 + exp(-x)): PyTorch's formula. */
+static inline float silu(float x) { return x / (1.0f + exp_vectorizable(-x)); }
+
 /* GELU, 0.5 x (1 + erf(x / sqrt(2))), with erf as PyTorch's vectorized CPU kernel computes it (Abramowitz and Stegun
  * 7.1.26: 1 - t (a1 + t (a2 + ... a5 t)) exp(-z^2), t = 1 / (1 + p |z|), sign of z; within 1.5e-7 of erf). */
 static inline float gelu_erf(float x) {
@@ -56,7 +59,7 @@ static inline float gelu_erf(float x) {
 /* The function of an activation (enum activation, not ACTIVATION_NONE), for code that applies it a value or 16 at a
  * time; loops the compiler vectorizes pick their function before the loop. */
 static inline float activate(int activation, float x) {
-    return activation == ACTIVATION_GELU ? gelu_erf(x) : gelu_tanh(x);
+    return activation == ACTIVATION_GELU ? gelu_erf(x) : activation == ACTIVATION_SILU ? silu(x) : gelu_tanh(x);
 }
 
 #if defined(__AVX512F__)
@@ -89,6 +92,10 @@ static inline __m512 gelu_tanh_512(__m512 x) {
     return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_512(inner)));
 }
 
+static inline __m512 silu_512(__m512 x) {
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
 static inline __m512 gelu_erf_512(__m512 x) {
     const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
     const __m512 magnitude = _mm512_abs_ps(z);
@@ -108,7 +115,8 @@ static inline __m512 gelu_erf_512(__m512 x) {
 
 /* activate on 16 lanes. */
 static inline __m512 activate_512(int activation, __m512 x) {
-    return activation == ACTIVATION_GELU ? gelu_erf_512(x) : gelu_tanh_512(x);
+    return activation == ACTIVATION_GELU ? gelu_erf_512(x) : activation == ACTIVATION_SILU ? silu_512(x)
+                                                                                         : gelu_tanh_512(x);
 }
 #endif
 

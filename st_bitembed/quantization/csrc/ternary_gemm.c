@@ -29,6 +29,7 @@
  * product is exact, then one float multiply and one add, as kernels.ternary_linear computes it in PyTorch; out is
  * float32, or bfloat16 (out_bfloat16: rounded as PyTorch converts float32) for bf16 models. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "activations.h"
@@ -36,6 +37,9 @@
 #include "ternary_gemm.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -157,28 +161,32 @@ static inline __m256i to_bfloat16_lanes(__m512 value) {
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0xffff), rounded));
 }
 
-/* out[0:48] = activation((sums - row_sum - 128 * column_sums) * scale (+ bias)): the integer correction is exact, then
- * one multiply; written as float32, or as bfloat16 (out_bfloat16) for a bf16 model, so that no float32 copy of its
- * output is ever made. The activation (enum activation) reads the value as PyTorch holds it (bf16-rounded for a bf16
- * model), as finish_row_portable does. */
-#define FINISH_ROW_ACTIVATES 1
+/* out[0:48] = activation(v) (* factor), v = (sums - row_sum - 128 * column_sums) * scale (+ bias): the integer
+ * correction is exact, then one multiply. Each value is rounded to bfloat16 wherever PyTorch would hold it so
+ * (bfloat16_values: a bf16 model's, read by the activation or the factor's product, or written as float32), and
+ * written as float32, or as bfloat16 (out_bfloat16), so that no float32 copy of a bf16 model's output is ever made.
+ * activation: an enum activation; factor: NULL, or 48 floats (a gated MLP's activated gate, see struct gating). */
+#define FINISH_ROW_COMPLETE 1 /* finish_row takes activations, factors and every rounding */
 static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
-                              const float *bias, int activation, void *out, int out_bfloat16) {
-    const __m512 factor = _mm512_set1_ps(scale);
+                              const float *bias, int activation, const float *factor, int bfloat16_values, void *out,
+                              int out_bfloat16) {
+    const __m512 multiplier = _mm512_set1_ps(scale);
     for (int j = 0; j < PANEL / 16; ++j) {
         const __m512i zero_point = _mm512_slli_epi32(_mm512_loadu_si512(column_sums + 16 * j), 7);
         const __m512i corrected = _mm512_sub_epi32(_mm512_loadu_si512(sums + 16 * j), _mm512_set1_epi32(row_sum));
         const __m512i exact = _mm512_sub_epi32(corrected, zero_point);
-        __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), factor);
+        __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), multiplier);
         if (bias) value = _mm512_add_ps(value, _mm512_loadu_ps(bias + 16 * j));
-        if (activation != ACTIVATION_NONE) {
-            if (out_bfloat16) value = bfloat16_rounded_512(value);
-            value = activate_512(activation, value);
+        if (bfloat16_values && (activation != ACTIVATION_NONE || factor)) value = bfloat16_rounded_512(value);
+        if (activation != ACTIVATION_NONE) value = activate_512(activation, value);
+        if (factor) {
+            if (bfloat16_values && activation != ACTIVATION_NONE) value = bfloat16_rounded_512(value);
+            value = _mm512_mul_ps(value, _mm512_loadu_ps(factor + 16 * j));
         }
         if (out_bfloat16)
             _mm256_storeu_si256((__m256i *)((uint16_t *)out + 16 * j), to_bfloat16_lanes(value));
         else
-            _mm512_storeu_ps((float *)out + 16 * j, value);
+            _mm512_storeu_ps((float *)out + 16 * j, bfloat16_values ? bfloat16_rounded_512(value) : value);
     }
 }
 #elif defined(__AVX2__)
@@ -226,17 +234,18 @@ static inline __m256i to_bfloat16_lanes(__m256 value) {
 }
 
 /* out[0:24] = (sums - 128 * column_sums) * scale (+ bias), as the AVX512 one (row_sum is 0 for 8-bit weights);
- * without an activation (finish_row_portable applies those). */
-#define FINISH_ROW_ACTIVATES 0
+ * without an activation or a factor, written in the values' own precision (finish_row_portable does the rest). */
+#define FINISH_ROW_COMPLETE 0
 static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
-                              const float *bias, int activation, void *out, int out_bfloat16) {
-    (void)row_sum, (void)activation;
-    const __m256 factor = _mm256_set1_ps(scale);
+                              const float *bias, int activation, const float *factor, int bfloat16_values, void *out,
+                              int out_bfloat16) {
+    (void)row_sum, (void)activation, (void)factor, (void)bfloat16_values;
+    const __m256 multiplier = _mm256_set1_ps(scale);
     __m256 values[PANEL / 8];
     for (int j = 0; j < PANEL / 8; ++j) {
         const __m256i zero_point = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(column_sums + 8 * j)), 7);
         const __m256i exact = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(sums + 8 * j)), zero_point);
-        values[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), factor);
+        values[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), multiplier);
         if (bias) values[j] = _mm256_add_ps(values[j], _mm256_loadu_ps(bias + 8 * j));
         if (!out_bfloat16) _mm256_storeu_ps((float *)out + 8 * j, values[j]);
     }
@@ -252,18 +261,18 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
 #endif
 
 #ifdef PANEL
-/* out[0:outs] = activation((sums - row_sum - 128 * column_sums) * scale (+ bias)) for any outs <= PANEL in either
- * build (finish_row takes full panels, with an activation where FINISH_ROW_ACTIVATES): the same arithmetic, then the
- * activation (if any) of the value PyTorch would read, the linear output rounded to bfloat16 for a bf16 model. Each
- * step is a loop the compiler vectorizes. */
+/* out[0:outs] as finish_row computes it, for any outs <= PANEL in either build (finish_row takes full panels, and
+ * activations and factors where FINISH_ROW_COMPLETE): the same arithmetic and roundings, each step a loop the
+ * compiler vectorizes. */
 static inline void finish_row_portable(const int32_t *sums, int32_t row_sum, const int32_t *column_sums, float scale,
-                                       const float *bias, int64_t outs, int activation, void *out, int out_bfloat16) {
+                                       const float *bias, int64_t outs, int activation, const float *factor,
+                                       int bfloat16_values, void *out, int out_bfloat16) {
     float values[PANEL];
     for (int64_t j = 0; j < outs; ++j) {
         const float value = (float)(sums[j] - row_sum - 128 * column_sums[j]) * scale;
         values[j] = bias ? value + bias[j] : value;
     }
-    if (activation != ACTIVATION_NONE && out_bfloat16)
+    if (bfloat16_values && (activation != ACTIVATION_NONE || factor))
         for (int64_t j = 0; j < outs; ++j) values[j] = from_bfloat16(to_bfloat16(values[j]));
     if (activation == ACTIVATION_GELU) {
 #pragma omp simd
@@ -271,44 +280,80 @@ static inline void finish_row_portable(const int32_t *sums, int32_t row_sum, con
     } else if (activation == ACTIVATION_GELU_TANH) {
 #pragma omp simd
         for (int64_t j = 0; j < outs; ++j) values[j] = gelu_tanh(values[j]);
+    } else if (activation == ACTIVATION_SILU) {
+#pragma omp simd
+        for (int64_t j = 0; j < outs; ++j) values[j] = silu(values[j]);
     }
+    if (factor)
+        for (int64_t j = 0; j < outs; ++j) {
+            const float activated = bfloat16_values && activation != ACTIVATION_NONE
+                                        ? from_bfloat16(to_bfloat16(values[j])) : values[j];
+            values[j] = activated * factor[j];
+        }
     for (int64_t j = 0; j < outs; ++j) {
         if (out_bfloat16)
             ((uint16_t *)out)[j] = to_bfloat16(values[j]);
         else
-            ((float *)out)[j] = values[j];
+            ((float *)out)[j] = bfloat16_values ? from_bfloat16(to_bfloat16(values[j])) : values[j];
     }
 }
 
+/* A gated MLP's gate and up projections in one pass (ternary_gemm_jobs with `gated`): each item runs the gate's
+ * panels, whose activated outputs wait in `gate` as PyTorch would hold them, then the same panels of the up
+ * projection, whose outputs are multiplied by them: activation(gate) * up, the down projection's input, is written
+ * once, and neither the gate nor the up projection is ever in memory as a whole. */
+#define GATE_COLUMNS (2 * PANEL) /* outputs per item: up to two panels (AMX_PANELS) */
+struct gating {
+    float *gate;         /* [the item's rows][GATE_COLUMNS] */
+    int64_t first_row;   /* the item's first row and first panel */
+    int64_t first_panel;
+    int multiply;        /* 0: the gate's panels, written to gate; 1: the up projection's, multiplied by them */
+};
+
 /* Rows first_row .. first_row + count - 1 of one panel of a job, from their integer sums ([count][sums_stride];
- * code_sums: each row's sum of codes for 2-bit weights stored + 1, NULL where the sums are the products already). */
+ * code_sums: each row's sum of codes for 2-bit weights stored + 1, NULL where the sums are the products already).
+ * gating: NULL, or the item of a gated pair this panel belongs to (the gate's outputs then go to gating->gate). */
 static void finish_rows(const struct ternary_gemm_job *job, int64_t first_row, int64_t count, int64_t panel,
-                        const int32_t *sums, int64_t sums_stride, const int32_t *code_sums, int out_bfloat16) {
+                        const int32_t *sums, int64_t sums_stride, const int32_t *code_sums, int out_bfloat16,
+                        const struct gating *gating) {
     const int64_t out_features = job->out_features, first_out = panel * PANEL;
     const int64_t outs = out_features - first_out < PANEL ? out_features - first_out : PANEL;
     const float *bias = job->bias;
     const int32_t *column_sums = job->column_sums;
-    void *out = job->out;
+    const int activation = job->activation;
+    const int to_gate = gating && !gating->multiply;
+    const int row_out_bfloat16 = to_gate ? 0 : out_bfloat16; /* the gate waits in float32 */
     for (int64_t r = 0; r < count; ++r) {
         const float row_scale = job->steps[first_row + r] * job->scale;
         const int32_t row_sum = code_sums ? code_sums[r] : 0;
-        const int64_t offset = (first_row + r) * out_features + first_out;
         const int32_t *row_sums = sums + r * sums_stride;
-        const int activation = job->activation;
         const float *row_bias = bias ? bias + first_out : NULL;
-        void *row_out = out_bfloat16 ? (void *)((uint16_t *)out + offset) : (void *)((float *)out + offset);
-        if (outs == PANEL && (activation == ACTIVATION_NONE || FINISH_ROW_ACTIVATES))
-            finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, activation, row_out,
-                       out_bfloat16);
+        const float *factor = NULL;
+        void *row_out = NULL;
+        if (gating) {
+            float *gate = gating->gate + (first_row + r - gating->first_row) * GATE_COLUMNS +
+                          (panel - gating->first_panel) * PANEL;
+            factor = gating->multiply ? gate : NULL;
+            row_out = gating->multiply ? NULL : gate;
+        }
+        if (!to_gate) {
+            const int64_t offset = (first_row + r) * out_features + first_out;
+            row_out = out_bfloat16 ? (void *)((uint16_t *)job->out + offset) : (void *)((float *)job->out + offset);
+        }
+        const int plain = activation == ACTIVATION_NONE && !factor && row_out_bfloat16 == out_bfloat16;
+        if (outs == PANEL && (plain || FINISH_ROW_COMPLETE))
+            finish_row(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, activation, factor,
+                       out_bfloat16, row_out, row_out_bfloat16);
         else
             finish_row_portable(row_sums, row_sum, column_sums + first_out, row_scale, row_bias, outs, activation,
-                                row_out, out_bfloat16);
+                                factor, out_bfloat16, row_out, row_out_bfloat16);
     }
 }
 
-/* One panel of one block of BLOCK_ROWS rows of a job: its integer product, then its rescaled outputs. */
+/* One panel of one block of BLOCK_ROWS rows of a job: its integer product, then its rescaled outputs (gating: as
+ * finish_rows). */
 static void block_panel(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel,
-                        int out_bfloat16) {
+                        int out_bfloat16, const struct gating *gating) {
     int32_t sums[BLOCK_ROWS * PANEL] __attribute__((aligned(64)));
     const uint8_t *codes = job->codes;
     const int64_t code_stride = job->code_stride, k_padded = job->k_padded;
@@ -327,16 +372,16 @@ static void block_panel(const struct ternary_gemm_job *job, int64_t rows, int64_
             tile(codes + (first_row + t * TILE_ROWS) * code_stride + k, code_stride,
                  (const void *)(weights + PACKED_BYTES(k)), steps_here, sums + t * TILE_ROWS * PANEL);
     }
-    finish_rows(job, first_row, block_rows, panel, sums, PANEL, code_sums, out_bfloat16);
+    finish_rows(job, first_row, block_rows, panel, sums, PANEL, code_sums, out_bfloat16, gating);
 }
 #endif
 
 #ifdef AMX
 /* Up to AMX_PANELS panels (from `panel`) of one block of AMX_BLOCK_ROWS rows of a job on AMX tiles
  * (ternary_gemm_amx.c): up to AMX_FEW_ROWS rows in all, the panels' weights streamed, 32 rows at a time; more, the
- * panels unpacked to int8 once, then 32 rows at a time; between amx_begin and amx_end. */
+ * panels unpacked to int8 once, then 32 rows at a time; between amx_begin and amx_end (gating: as finish_rows). */
 static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel,
-                             int out_bfloat16) {
+                             int out_bfloat16, const struct gating *gating) {
     int32_t sums[32 * AMX_PANELS * PANEL] __attribute__((aligned(64)));
     const int64_t first_row = block * AMX_BLOCK_ROWS, k_padded = job->k_padded;
     const int64_t block_rows = rows - first_row < AMX_BLOCK_ROWS ? rows - first_row : AMX_BLOCK_ROWS;
@@ -355,7 +400,7 @@ static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, i
                     amx_few_rows_pair_sums(codes, job->code_stride, packed + p * PACKED_BYTES(k_padded), k_padded,
                                            sums + p * PANEL, sums_stride);
             for (int64_t p = 0; p < count; ++p)
-                finish_rows(job, t, here, panel + p, sums + p * PANEL, sums_stride, NULL, out_bfloat16);
+                finish_rows(job, t, here, panel + p, sums + p * PANEL, sums_stride, NULL, out_bfloat16, gating);
         }
         return;
     }
@@ -363,7 +408,7 @@ static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, i
     if (!weights) { /* no memory for the unpacked panels: the AVX512-VNNI tiles, which need none */
         for (int64_t p = panel; p < panel + count; ++p)
             for (int64_t start = first_row; start < first_row + block_rows; start += BLOCK_ROWS)
-                block_panel(job, rows, start / BLOCK_ROWS, p, out_bfloat16);
+                block_panel(job, rows, start / BLOCK_ROWS, p, out_bfloat16, gating);
         return;
     }
     for (int64_t t = 0; t < block_rows; t += 32) {
@@ -371,7 +416,7 @@ static void amx_block_panels(const struct ternary_gemm_job *job, int64_t rows, i
                           k_padded, sums, sums_stride);
         for (int64_t p = 0; p < count; ++p)
             finish_rows(job, first_row + t, block_rows - t < 32 ? block_rows - t : 32, panel + p, sums + p * PANEL,
-                        sums_stride, NULL, out_bfloat16);
+                        sums_stride, NULL, out_bfloat16, gating);
     }
 }
 
@@ -393,10 +438,28 @@ int64_t ternary_gemm_set_amx_min_rows(int64_t min_rows) {
 #endif
 }
 
+#ifdef PANEL
+/* One item of ternary_gemm_jobs: up to panels_per_item panels of one block of rows of a job. */
+static void run_item(const struct ternary_gemm_job *job, int64_t rows, int64_t block, int64_t panel, int use_amx,
+                     int out_bfloat16, const struct gating *gating) {
+#ifdef AMX
+    if (use_amx) {
+        amx_block_panels(job, rows, block, panel, out_bfloat16, gating);
+        return;
+    }
+#endif
+    (void)use_amx;
+    block_panel(job, rows, block, panel, out_bfloat16, gating);
+}
+#endif
+
 /* The products of several weights (e.g. q, k and v of one input) in one parallel loop over all their panels: one
- * fork and join instead of one per weight, and threads share out the panels of all of them. */
-void ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64_t rows, int out_bfloat16,
-                       int threads) {
+ * fork and join instead of one per weight, and threads share out the panels of all of them. gated: jobs are a gated
+ * MLP's gate (its activation in jobs[0].activation; jobs[0].out unused) and up projection, of as many outputs, and
+ * jobs[1].out receives activation(gate) * up (struct gating). Returns 0, or -1 for a gated call that is not such a
+ * pair or whose buffer could not be allocated (nothing written then). */
+int ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64_t rows, int out_bfloat16,
+                      int threads, int gated) {
 #ifdef PANEL
     int use_amx = 0;
 #ifdef AMX
@@ -407,18 +470,27 @@ void ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64
     const int64_t block_rows = BLOCK_ROWS, panels_per_item = 1;
 #endif
     const int64_t row_blocks = (rows + block_rows - 1) / block_rows;
-    if (count < 1 || count > TERNARY_GEMM_MAX_JOBS) return;
+    if (count < 1 || count > TERNARY_GEMM_MAX_JOBS) return -1;
+    if (gated && (count != 2 || jobs[0].out_features != jobs[1].out_features)) return -1;
     int64_t items = 0, work = 0, job_items[TERNARY_GEMM_MAX_JOBS];
     for (int64_t j = 0; j < count; ++j) {
         const int64_t panels = (jobs[j].out_features + PANEL - 1) / PANEL;
         job_items[j] = row_blocks * ((panels + panels_per_item - 1) / panels_per_item);
-        items += job_items[j];
+        items += gated && j ? 0 : job_items[j]; /* a gated item runs both jobs */
         work += rows * jobs[j].out_features * jobs[j].k_padded;
     }
+    const int64_t gate_floats = (rows < block_rows ? rows : block_rows) * GATE_COLUMNS; /* per thread */
+    float *gates = gated ? malloc(sizeof(float) * (size_t)(gate_floats * (threads > 1 ? threads : 1))) : NULL;
+    if (gated && !gates) return -1;
 #pragma omp parallel num_threads(threads) if (work >= (1 << 18))
     {
 #ifdef AMX
         if (use_amx) amx_begin(); /* the tile configuration is each thread's own */
+#endif
+#ifdef _OPENMP
+        struct gating gating = {gates ? gates + omp_get_thread_num() * gate_floats : NULL, 0, 0, 0};
+#else
+        struct gating gating = {gates, 0, 0, 0};
 #endif
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
@@ -426,20 +498,26 @@ void ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64
             for (; j < count && rest >= job_items[j]; ++j) rest -= job_items[j];
             const int64_t groups = job_items[j] / row_blocks, block = rest / groups;
             const int64_t panel = (rest % groups) * panels_per_item;
-#ifdef AMX
-            if (use_amx) {
-                amx_block_panels(&jobs[j], rows, block, panel, out_bfloat16);
-                continue;
+            if (gated) {
+                gating.first_row = block * block_rows;
+                gating.first_panel = panel;
+                gating.multiply = 0;
+                run_item(&jobs[0], rows, block, panel, use_amx, out_bfloat16, &gating);
+                gating.multiply = 1;
+                run_item(&jobs[1], rows, block, panel, use_amx, out_bfloat16, &gating);
+            } else {
+                run_item(&jobs[j], rows, block, panel, use_amx, out_bfloat16, NULL);
             }
-#endif
-            block_panel(&jobs[j], rows, block, panel, out_bfloat16);
         }
 #ifdef AMX
         if (use_amx) amx_end();
 #endif
     }
+    free(gates);
+    return 0;
 #else
-    (void)jobs, (void)count, (void)rows, (void)out_bfloat16, (void)threads;
+    (void)jobs, (void)count, (void)rows, (void)out_bfloat16, (void)threads, (void)gated;
+    return -1;
 #endif
 }
 
@@ -448,5 +526,5 @@ void ternary_gemm(const uint8_t *codes, int64_t rows, int64_t code_stride, int64
                   const float *bias, void *out, int out_bfloat16, int threads) {
     const struct ternary_gemm_job job = {codes, code_stride, k_padded, packed, column_sums, out_features, steps,
                                          scale, bias, out, ACTIVATION_NONE};
-    ternary_gemm_jobs(&job, 1, rows, out_bfloat16, threads);
+    ternary_gemm_jobs(&job, 1, rows, out_bfloat16, threads, 0);
 }

@@ -22,8 +22,8 @@ struct ternary_gemm_job {
 /* Jobs per ternary_gemm_jobs call, the projections of one input per ternary_linear call: native.py's MAX_PROJECTIONS */
 #define TERNARY_GEMM_MAX_JOBS 8
 
-void ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64_t rows, int out_bfloat16,
-                       int threads);
+int ternary_gemm_jobs(const struct ternary_gemm_job *jobs, int64_t count, int64_t rows, int out_bfloat16,
+                      int threads, int gated);
 int ternary_gemm_tile_rows(void);
 
 /* ternary_gemm_amx.c: AMX tiles on the 2-bit panels (only where ternary_gemm_amx_available()). */

@@ -38,10 +38,12 @@ static _Thread_local size_t scratch_bytes;
 
 /* The `count` projections of one input x (rows x cols, float32 or bfloat16; activation(x) times factor, of the same
  * dtype and row stride, where factor is not NULL: activation_codes.c) into outs[p] (rows x out_features of projection
- * p, float32 or bfloat16). Returns 0, or -1 when a buffer could not be allocated (outputs then incomplete). */
+ * p, float32 or bfloat16); gated: a gated MLP's gate and up projections (count 2, the gate's output activation its
+ * activation), whose product activation(gate) * up goes to outs[0] (ternary_gemm_jobs). Returns 0, or -1 when a
+ * buffer could not be allocated or a gated call is not such a pair (outputs then incomplete). */
 int ternary_linear(const struct ternary_projection *projections, int64_t count, const void *x, const void *factor,
                    int activation, int64_t rows, int64_t cols, int64_t row_stride, int in_bfloat16, float min_scale,
-                   void *const *outs, int out_bfloat16, int64_t chunk_rows, int threads) {
+                   void *const *outs, int out_bfloat16, int64_t chunk_rows, int threads, int gated) {
     const int64_t tile_rows = ternary_gemm_tile_rows();
     if (tile_rows <= 0 || count < 1 || count > TERNARY_GEMM_MAX_JOBS) return -1;
     if (chunk_rows > rows) chunk_rows = rows;
@@ -75,13 +77,14 @@ int ternary_linear(const struct ternary_projection *projections, int64_t count, 
                                        projection->outer_eps, min_scale, codes, projection->k_padded, steps,
                                        in_bfloat16, threads))
                 return -1;
-            void *out = (char *)outs[p] + (size_t)(start * projection->out_features) * out_size;
+            void *out = gated ? (p ? outs[0] : NULL) : outs[p]; /* a gated pair's product: the up job's output */
+            if (out) out = (char *)out + (size_t)(start * projection->out_features) * out_size;
             jobs[p] = (struct ternary_gemm_job){codes, projection->k_padded, projection->k_padded, projection->packed,
                                                 projection->column_sums, projection->out_features, steps,
                                                 projection->scale, projection->bias, out,
                                                 projection->output_activation};
         }
-        ternary_gemm_jobs(jobs, count, here, out_bfloat16, threads);
+        if (ternary_gemm_jobs(jobs, count, here, out_bfloat16, threads, gated)) return -1;
     }
     return 0;
 }
