@@ -21,8 +21,8 @@ rounds the product; with an activation the kernels do not compute, PyTorch's run
 Only the classes :data:`GATED_MLPS` names are taken, each after a probe shows the stand-in gives what the module gives
 (exactly with PyTorch's activation; within rounding with the quantizer's). Training, gradients, other kernels and
 hooks on the down projection (which want to see its input) run the module's own forward; hooks on the gate or up
-projection run the two projections on their own. Checkpoints do not change:
-the stand-in holds the module's own children under their own names.
+projection run the two projections on their own. Checkpoints do not change: the stand-in holds the module's own
+children under their own names.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class FusedGatedMLP(torch.nn.Module):
         self.train(mlp.training)
 
     def fuses(self) -> bool:
-        """Whether the product goes to the down projection's quantizer (else the module's own forward runs): at
-        inference, unless hooks on the down projection want to see its input (e.g. calibration's)."""
+        """Whether a fused path runs (the gated GEMM, else the down projection's quantizer; otherwise the module's
+        own forward): at inference, unless hooks on the down projection want to see its input (e.g. calibration's)."""
         down = self.mlp.down_proj
         return not self.training and not torch.is_grad_enabled() and isinstance(down, BitLinear) and not hooked(down)
 
