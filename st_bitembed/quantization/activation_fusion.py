@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear
-from st_bitembed.quantization.mlp_fusion import activation_name, gives_what_the_module_gives
+from st_bitembed.quantization.mlp_fusion import activation_name, gives_what_the_module_gives, hooked
 
 # Classes whose forward is intermediate_act_fn(dense(x)) (transformers' modeling code).
 ENCODER_INTERMEDIATES = (
@@ -54,11 +54,8 @@ class FusedIntermediate(torch.nn.Module):
         """Whether the kernel applies the activation (else the module's own forward runs): at inference, unless hooks
         on the projection or the activation want to see what passes between them."""
         dense, act_fn = self.intermediate.dense, self.intermediate.intermediate_act_fn
-        # act_fn is a module (ACT2FN) or, where a config gives one, a plain function, which takes no hooks
-        hooked = any(
-            getattr(m, "_forward_pre_hooks", None) or getattr(m, "_forward_hooks", None) for m in (dense, act_fn)
-        )
-        return not self.training and not torch.is_grad_enabled() and isinstance(dense, BitLinear) and not hooked
+        inference = not self.training and not torch.is_grad_enabled()
+        return inference and isinstance(dense, BitLinear) and not hooked(dense, act_fn)  # act_fn: module or function
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.fuses():

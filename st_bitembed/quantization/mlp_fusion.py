@@ -71,7 +71,7 @@ class FusedGatedMLP(torch.nn.Module):
         norm = getattr(gate, "folded_norm", None)
         if self.activation is None or norm is None or getattr(up, "folded_norm", None) is not norm:
             return None
-        return norm if norm.let_through(hidden_states) and not hooked(gate) and not hooked(up) else None
+        return norm if norm.let_through(hidden_states) and not hooked(gate, up) else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.fuses():
@@ -95,9 +95,10 @@ class FusedGatedMLP(torch.nn.Module):
         )
 
 
-def hooked(module: torch.nn.Module) -> bool:
-    """Whether forward hooks on ``module`` want to see its input or output (then its own forward must run)."""
-    return bool(module._forward_pre_hooks or module._forward_hooks)
+def hooked(*modules: object) -> bool:
+    """Whether forward hooks on any of ``modules`` want to see their input or output (then the module's own forward
+    must run, not a stand-in's fused path); a plain function, which some configs give as an activation, takes none."""
+    return any(getattr(m, "_forward_pre_hooks", None) or getattr(m, "_forward_hooks", None) for m in modules)
 
 
 def activation_name(act_fn: torch.nn.Module, dtype: torch.dtype) -> str | None:

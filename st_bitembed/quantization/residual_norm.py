@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear, version_key
-from st_bitembed.quantization.mlp_fusion import outputs_at_inference
+from st_bitembed.quantization.mlp_fusion import hooked, outputs_at_inference
 from st_bitembed.quantization.native import native_residual_layer_norm
 
 # Classes whose forward is LayerNorm(dropout(dense(hidden_states)) + input_tensor) (transformers' modeling code).
@@ -56,13 +56,12 @@ class FusedResidualNorm(torch.nn.Module):
 
     def applies(self, input_tensor: torch.Tensor) -> bool:
         """Whether the native pass adds ``input_tensor`` and normalises (else the module's own forward runs)."""
-        hooked = any(m._forward_pre_hooks or m._forward_hooks for m in (self.output.dropout, self.output.LayerNorm))
         return (
             not self.training
             and not torch.is_grad_enabled()
             and input_tensor.device.type == "cpu"
             and input_tensor.dtype in (torch.float32, torch.bfloat16)
-            and not hooked
+            and not hooked(self.output.dropout, self.output.LayerNorm)
         )
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 /* The activation functions the kernels apply where PyTorch would make a pass of its own over a tensor: a gated MLP's
  * gate in its own projection's output or in the down projection's quantizer (ternary_gemm.c, activation_codes.c), an
- * encoder MLP's activation in its first projection's output (ternary_gemm.c). Written in operations the compiler vectorizes (a libm call per element would cost more than
- * the pass it saves); each within an ulp or two of float32 of PyTorch's function (native.py: TORCH_ACTIVATIONS). */
+ * encoder MLP's activation in its first projection's output (ternary_gemm.c). Written in operations the compiler
+ * vectorizes (a libm call per element would cost more than the pass it saves); each within an ulp or two of float32
+ * of PyTorch's function (native.py: TORCH_ACTIVATIONS). */
 #ifndef ST_BITEMBED_ACTIVATIONS_H
 #define ST_BITEMBED_ACTIVATIONS_H
 #include <math.h>
