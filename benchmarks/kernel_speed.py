@@ -6,10 +6,12 @@ query through many projections, and q, k and v in one native call against one ca
 projection with its GELU-tanh in the quantizer against PyTorch's GELU then the quantizer's product, and a MiniLM MLP's
 intermediate projection with its GELU in the kernel's output against PyTorch's GELU after it; a MiniLM block's
 residual add and LayerNorm in one native pass against PyTorch's two; a gated MLP with its product written by the gate
-and up projections' GEMM against the product taken by the down projection's quantizer.
+and up projections' GEMM against the product taken by the down projection's quantizer; an encoder's self-attention
+(MiniLM's heads) in one native call against PyTorch's ``scaled_dot_product_attention``.
 
 Usage:
-    python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only | --norm-only | --mlp-only]
+    python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only | --norm-only | --mlp-only |
+        --attention-only]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from st_bitembed.quantization.native import (
     TORCH_ACTIVATIONS,
     native_activation_codes,
     native_amx_available,
+    native_attention,
     native_projections,
     native_residual_layer_norm,
     set_amx_min_rows,
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--activation-only", action="store_true", help="only the activations in the kernels")
     parser.add_argument("--norm-only", action="store_true", help="only the residual add and LayerNorm in one pass")
     parser.add_argument("--mlp-only", action="store_true", help="only the gated MLPs, product in the GEMM or not")
+    parser.add_argument("--attention-only", action="store_true", help="only the encoder self-attention, native or not")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.query_only:
@@ -83,6 +87,9 @@ def main() -> None:
         return
     if args.mlp_only:
         gated_mlps()
+        return
+    if args.attention_only:
+        self_attention()
         return
     compiled = native_activation_codes()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, ms (median)")
@@ -287,6 +294,34 @@ def gated_mlps() -> None:
                 gated.append(milliseconds(lambda: in_gemm(x), budget=0.2))
             apart, gated = statistics.median(apart), statistics.median(gated)
             print(f"| {name}, {tokens:,} | {apart:.3f} | {gated:.3f} | {apart / gated:.2f}x |")
+
+
+def self_attention() -> None:
+    """MiniLM's self-attention (12 heads of 32) on batches of 32 bf16 sequences of 16 to 128 tokens, every other one
+    padded to half its length (a boolean mask, as transformers gives): PyTorch's ``scaled_dot_product_attention``
+    then the heads side by side, as the module runs it, vs the native kernel; taking turns, medians of 10."""
+    kernel = native_attention()
+    if kernel is None:
+        return
+    generator = torch.Generator().manual_seed(0)
+    print("\n| batch x tokens | PyTorch's attention | native | speed-up |\n|---|---|---|---|")
+    for tokens in (16, 32, 48, 64, 128):
+        batch, heads, head_dim = 32, 12, 32
+        projected = torch.randn(3, batch, tokens, heads, head_dim, generator=generator).bfloat16()
+        query, key, value = (x.transpose(1, 2) for x in projected)  # strided views, as the module's are
+        attended = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool)
+        attended[1::2, ..., tokens // 2 :] = False
+
+        def in_pytorch() -> torch.Tensor:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attended)
+            return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+        sdpa, native = [], []
+        for _ in range(10):
+            sdpa.append(milliseconds(in_pytorch, budget=0.2))
+            native.append(milliseconds(lambda: kernel(query, key, value, attended, head_dim**-0.5), budget=0.2))
+        sdpa, native = statistics.median(sdpa), statistics.median(native)
+        print(f"| {batch} x {tokens} | {sdpa:.3f} | {native:.3f} | {sdpa / native:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 - ``ternary_gemm_amx.c``: the same products on AMX tiles, where the CPU has them (:func:`native_amx_available`).
 - ``rms_norm.c``: the model's own RMSNorms that no BitLinear reads, in one pass (``native_norm.py``).
 - ``residual_layer_norm.c``: an encoder block's residual add and LayerNorm, in one pass (``residual_norm.py``).
+- ``attention.c``: an encoder's self-attention over short sequences, one parallel loop over (sequence, head) pairs
+  (``native_attention.py``).
 - ``ternary_linear.c``: the two in one call (quantizer into a per-thread buffer, then the GEMM), for one projection
   or several of the same input (q, k and v; gate and up) at once: what BitLinear's inference runs on that backend.
 
@@ -48,6 +50,7 @@ SOURCES = tuple(
         "ternary_linear.c",
         "rms_norm.c",
         "residual_layer_norm.c",
+        "attention.c",
     )
 )
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("ternary_gemm.h", "bfloat16.h", "activations.h"))
@@ -76,6 +79,8 @@ ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2, "silu": 3}
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 # (activations, residual, float32 weight, float32 bias, eps) -> LayerNorm(activations + residual)
 ResidualLayerNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (query, key, value, mask or None, scale) -> attention output, its heads side by side: [batch, queries, heads * dim]
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 
 
 def _processor_id() -> str:
@@ -139,6 +144,13 @@ def _load(path: Path) -> ctypes.CDLL:
     library.residual_layer_norm.argtypes += [real, ctypes.c_int, pointer, ctypes.c_int]
     library.residual_layer_norm.restype = None
     library.residual_layer_norm_max_cols.argtypes, library.residual_layer_norm_max_cols.restype = [], ctypes.c_int
+    strides = ctypes.POINTER(ctypes.c_int64)
+    library.attention.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer]
+    library.attention.argtypes += [integer, strides, strides, strides, strides, strides, ctypes.c_int, ctypes.c_int]
+    library.attention.argtypes += [real, ctypes.c_int]
+    library.attention.restype = ctypes.c_int
+    for function in (library.attention_available, library.attention_max_keys, library.attention_max_head_dim):
+        function.argtypes, function.restype = [], ctypes.c_int
     layout_functions = (library.ternary_gemm_panel, library.ternary_gemm_tile_rows, library.ternary_gemm_weight_bits)
     for function in layout_functions:
         function.argtypes, function.restype = [], ctypes.c_int
@@ -481,3 +493,72 @@ def native_residual_layer_norm() -> ResidualLayerNorm | None:
         return out
 
     return residual_layer_norm
+
+
+# csrc/attention.c's enum attention_mask_kind, by the mask's dtype (an additive mask has the query's dtype).
+ATTENTION_MASK_KINDS = {None: 0, torch.bool: 1}
+ADDITIVE_MASK = 2
+# csrc/attention.c's LANES: the kernel reads a head's features 16 at a time.
+ATTENTION_FEATURE_GROUP = 16
+
+
+@functools.cache
+def native_attention() -> Attention | None:
+    """``csrc/attention.c``: ``softmax(query @ key^T * scale + mask) @ value`` per sequence and head. The query, key
+    and value: ``[batch, heads, positions, head_dim]`` tensors of one dtype (float32 or bfloat16) whose last dimension
+    is contiguous (any other strides, as a transposed view of a projection's output has); the mask: ``None``, boolean
+    (``True``: attend, as in ``scaled_dot_product_attention``) or additive of the query's dtype, broadcastable to
+    ``[batch, heads, queries, keys]``; anything else, or more keys or features per head than the kernel takes:
+    ``ValueError``. ``None`` where the kernels cannot be built or the CPU lacks AVX-512 (the kernel's only build).
+    Returns a new ``[batch, queries, heads * head_dim]``
+    tensor (the heads side by side, as an attention module's output projection reads them)."""
+    library = _library()
+    if library is None or not library.attention_available():
+        return None
+    max_keys, max_head_dim = library.attention_max_keys(), library.attention_max_head_dim()
+
+    def attention(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        if query.dim() != 4 or query.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"attention takes 4-dim float32 or bfloat16 queries, not {query.dtype} "
+                             f"{tuple(query.shape)}")  # fmt: skip
+        batch, heads, queries, head_dim = query.shape
+        keys = key.shape[2] if key.dim() == 4 else 0
+        if key.shape != (batch, heads, keys, head_dim) or value.shape != key.shape:
+            raise ValueError(f"Keys and values of shape {tuple(key.shape)} and {tuple(value.shape)} do not go with "
+                             f"queries of shape {tuple(query.shape)}")  # fmt: skip
+        if key.dtype != query.dtype or value.dtype != query.dtype:
+            raise ValueError("attention takes queries, keys and values of one dtype")
+        if not 0 < keys <= max_keys or not 0 < head_dim <= max_head_dim or head_dim % ATTENTION_FEATURE_GROUP:
+            raise ValueError(f"attention takes 1 to {max_keys} keys of up to {max_head_dim} features per head, a "
+                             f"multiple of {ATTENTION_FEATURE_GROUP}")  # fmt: skip
+        if any(tensor.stride(-1) != 1 for tensor in (query, key, value)):
+            raise ValueError("attention reads features of unit stride")
+        mask_kind, mask_strides = ATTENTION_MASK_KINDS[None], (0, 0, 0, 0)
+        if mask is not None:
+            if mask.dtype not in (torch.bool, query.dtype) or mask.dim() != 4:
+                raise ValueError(f"attention takes a 4-dim boolean or {query.dtype} mask, not {mask.dtype} "
+                                 f"{tuple(mask.shape)}")  # fmt: skip
+            try:
+                mask = mask.expand(batch, heads, queries, keys)
+            except RuntimeError as error:
+                raise ValueError(f"A mask of shape {tuple(mask.shape)} does not broadcast to the scores") from error
+            mask_kind = ATTENTION_MASK_KINDS.get(mask.dtype, ADDITIVE_MASK)
+            mask_strides = mask.stride()
+        out = torch.empty(batch, queries, heads, head_dim, dtype=query.dtype)
+
+        def strides(values: Sequence[int]) -> ctypes.Array:
+            return (ctypes.c_int64 * len(values))(*values)
+
+        failed = library.attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), _pointer(mask), out.data_ptr(),
+                                   batch, heads, queries, keys, head_dim, strides(query.stride()[:3]),
+                                   strides(key.stride()[:3]), strides(value.stride()[:3]), strides(mask_strides),
+                                   strides((out.stride(0), out.stride(2), out.stride(1))),
+                                   query.dtype == torch.bfloat16, mask_kind, scale,
+                                   torch.get_num_threads())  # fmt: skip
+        if failed:
+            raise MemoryError("attention could not allocate its buffers")
+        return out.view(batch, queries, heads * head_dim)
+
+    return attention
