@@ -297,31 +297,34 @@ def gated_mlps() -> None:
 
 
 def self_attention() -> None:
-    """MiniLM's self-attention (12 heads of 32) on batches of 32 bf16 sequences of 16 to 128 tokens, every other one
-    padded to half its length (a boolean mask, as transformers gives): PyTorch's ``scaled_dot_product_attention``
-    then the heads side by side, as the module runs it, vs the native kernel; taking turns, medians of 10."""
+    """MiniLM's self-attention (12 heads of 32) on batches of 32 sequences of 16 to 384 tokens, bf16 and float32,
+    every other sequence padded to half its length (a boolean mask, as transformers gives): PyTorch's
+    ``scaled_dot_product_attention`` then the heads side by side, as the module runs it, vs the native kernel (bf16 on
+    AMX tiles where the CPU has them); taking turns, medians of 10."""
     kernel = native_attention()
     if kernel is None:
         return
     generator = torch.Generator().manual_seed(0)
-    print("\n| batch x tokens | PyTorch's attention | native | speed-up |\n|---|---|---|---|")
-    for tokens in (16, 32, 48, 64, 128):
-        batch, heads, head_dim = 32, 12, 32
-        projected = torch.randn(3, batch, tokens, heads, head_dim, generator=generator).bfloat16()
-        query, key, value = (x.transpose(1, 2) for x in projected)  # strided views, as the module's are
-        attended = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool)
-        attended[1::2, ..., tokens // 2 :] = False
+    print("\n| dtype, batch x tokens | PyTorch's attention | native | speed-up |\n|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        for tokens in (16, 32, 48, 64, 128, 256, 384):
+            batch, heads, head_dim = 32, 12, 32
+            projected = torch.randn(3, batch, tokens, heads, head_dim, generator=generator).to(dtype)
+            query, key, value = (x.transpose(1, 2) for x in projected)  # strided views, as the module's are
+            attended = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool)
+            attended[1::2, ..., tokens // 2 :] = False
 
-        def in_pytorch() -> torch.Tensor:
-            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attended)
-            return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+            def in_pytorch() -> torch.Tensor:
+                out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attended)
+                return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
-        sdpa, native = [], []
-        for _ in range(10):
-            sdpa.append(milliseconds(in_pytorch, budget=0.2))
-            native.append(milliseconds(lambda: kernel(query, key, value, attended, head_dim**-0.5), budget=0.2))
-        sdpa, native = statistics.median(sdpa), statistics.median(native)
-        print(f"| {batch} x {tokens} | {sdpa:.3f} | {native:.3f} | {sdpa / native:.2f}x |")
+            sdpa, native = [], []
+            for _ in range(10):
+                sdpa.append(milliseconds(in_pytorch, budget=0.2))
+                native.append(milliseconds(lambda: kernel(query, key, value, attended, head_dim**-0.5), budget=0.2))
+            sdpa, native = statistics.median(sdpa), statistics.median(native)
+            name = str(dtype).removeprefix("torch.")
+            print(f"| {name}, {batch} x {tokens} | {sdpa:.3f} | {native:.3f} | {sdpa / native:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -236,6 +236,13 @@ class BitLinear(AutoBitLinear):
             self._folded_projection = cached = norm_weight, scale, output_activation, projection
         return cached[3]
 
+    def native_projection(self) -> NativeProjection | None:
+        """The native kernel's description of this layer where this call would run it (at inference, on a device
+        whose GEMM backend is native, no folded norm in front), for callers that run it with other projections of
+        the same input in one call (:func:`~st_bitembed.quantization.kernels.native_linear`); else ``None``."""
+        operands = self._native_operands()
+        return None if operands is None or self.folded_norm is not None else operands.native.members[0]
+
     def _native_operands(self) -> InferenceOperands | None:
         """The prepared operands where this call runs the native kernel (the int8 kernel at inference, on a device
         whose GEMM backend is native), else ``None``: the layer's own forward then does what it is asked."""

@@ -149,6 +149,7 @@ def _load(path: Path) -> ctypes.CDLL:
     library.attention.argtypes += [integer, strides, strides, strides, strides, strides, ctypes.c_int, ctypes.c_int]
     library.attention.argtypes += [real, ctypes.c_int]
     library.attention.restype = ctypes.c_int
+    library.attention_tiles.argtypes, library.attention_tiles.restype = [integer], ctypes.c_int
     for function in (library.attention_available, library.attention_max_keys, library.attention_max_head_dim):
         function.argtypes, function.restype = [], ctypes.c_int
     layout_functions = (library.ternary_gemm_panel, library.ternary_gemm_tile_rows, library.ternary_gemm_weight_bits)
@@ -493,6 +494,12 @@ def native_residual_layer_norm() -> ResidualLayerNorm | None:
         return out
 
     return residual_layer_norm
+
+
+def native_attention_tiles(head_dim: int) -> bool:
+    """Whether :func:`native_attention` runs bf16 heads of ``head_dim`` features on AMX tiles (else on vectors)."""
+    library = _library()
+    return library is not None and bool(library.attention_tiles(head_dim))
 
 
 # csrc/attention.c's enum attention_mask_kind, by the mask's dtype (an additive mask has the query's dtype).

@@ -1,12 +1,13 @@
-"""An encoder's self-attention over short sequences in one native call at inference.
+"""An encoder's self-attention in one native call at inference.
 
-BERT-style encoders run their attention through ``scaled_dot_product_attention``, whose CPU kernels spend a few
-microseconds of set-up on each (sequence, head) pair whatever its size: for a batch of sentences (32 x ~25 tokens x
-12 heads: 384 pairs of a few thousand multiply-adds each) that set-up is most of the attention's time, a quarter of a
-MiniLM student's encode. At inference the stand-in here runs the module's q, k and v projections as its forward does,
-then ``csrc/attention.c``, one parallel loop over the pairs, which writes the heads side by side as the module's
-output is laid out (no transpose and copy after). Longer sequences, where PyTorch's kernel multiplies in AMX tiles and
-this one does not (:data:`MAX_NATIVE_KEYS`), run the module's own forward.
+BERT-style encoders run their attention through ``scaled_dot_product_attention``, whose CPU kernel makes small GEMM
+calls per (sequence, head, block of queries), each with microseconds of set-up whatever its size: for a batch of
+sentences (32 x ~25 tokens x 12 heads: 384 pairs of a few thousand multiply-adds each) that set-up is most of the
+attention's time, a quarter of a MiniLM student's encode. At inference the stand-in here runs the module's q, k and v
+projections (in one native call where they are BitLinears), then ``csrc/attention.c``: one parallel loop over the
+pairs (bf16 on AMX tiles where the CPU has them), which writes the heads side by side as the module's output is laid
+out (no transpose and copy after). bf16 sequences longer than :data:`MAX_VECTOR_BFLOAT16_KEYS` where the tiles do not
+apply, and any longer than the kernel takes (512), run the module's own forward.
 
 Only the classes :data:`ENCODER_SELF_ATTENTIONS` names are taken, each after a probe shows the stand-in gives what the
 module gives (float32 within 1e-5; bf16 within a rounding step: the kernel rounds as PyTorch's does, but sums in
@@ -17,19 +18,25 @@ stand-in holds the module's own children under their own names.
 
 from __future__ import annotations
 
+import ctypes
+import math
+
 import torch
 
-from st_bitembed.quantization.mlp_fusion import outputs_at_inference
-from st_bitembed.quantization.native import native_attention
+from st_bitembed.quantization.bitlinear import BitLinear
+from st_bitembed.quantization.kernels import native_linear
+from st_bitembed.quantization.mlp_fusion import hooked, outputs_at_inference
+from st_bitembed.quantization.native import native_attention, native_attention_tiles, native_projections
 
 # Classes whose forward is (transformers' modeling code): q, k, v = query / key / value(hidden_states) viewed as
 # [batch, heads, positions, attention_head_size]; attention over them with the mask and self.scaling; heads side by
 # side; returns (output, attention weights).
 ENCODER_SELF_ATTENTIONS = ("BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention",
                            "ElectraSelfAttention")  # fmt: skip
-# The longest sequence the native kernel takes here: beyond it PyTorch's kernel, on AMX tiles, is the faster
-# (`python benchmarks/kernel_speed.py --attention-only`: MiniLM's heads, batch 32).
-MAX_NATIVE_KEYS = 48
+# The longest bf16 sequence handed to the kernel where it runs on vectors, not AMX tiles: PyTorch's kernel, on AMX
+# tiles, was the faster from 64 tokens in probes while developing (MiniLM's heads, batch 32); on tiles, and in float32,
+# the kernel is the faster at every length measured (`python benchmarks/kernel_speed.py --attention-only`).
+MAX_VECTOR_BFLOAT16_KEYS = 48
 # The attention implementations whose masks the kernel reads (boolean, or additive of the activations' dtype).
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -47,6 +54,7 @@ class NativeSelfAttention(torch.nn.Module):
         object.__setattr__(self, "attention", attention)
         for name, child in attention.named_children():
             self.add_module(name, child)
+        self._projections: tuple[tuple, ctypes.Array] | None = None
         self.train(attention.training)
 
     def applies(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
@@ -57,12 +65,32 @@ class NativeSelfAttention(torch.nn.Module):
             and hidden_states.device.type == "cpu"
             and hidden_states.dtype in (torch.float32, torch.bfloat16)
             and hidden_states.dim() == 3
-            and hidden_states.shape[1] <= MAX_NATIVE_KEYS
+            and hidden_states.shape[1] <= self.max_keys(hidden_states.dtype)
             and (attention_mask is None or attention_mask.dim() == 4)
             and all(kwargs.get(name) is None for name in ("cache", "past_key_values", "encoder_hidden_states"))
             and not kwargs.get("output_attentions")
             and self.attention.config._attn_implementation in MASK_IMPLEMENTATIONS
         )
+
+    def projections(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """The query, key and value projections of ``hidden_states``: in one native call where all three are
+        BitLinears that would run the native kernel and no hooks watch them (one foreign call and one parallel loop
+        instead of three; each output exactly its projection's own), else each its own forward."""
+        layers = (self.attention.query, self.attention.key, self.attention.value)
+        members = tuple(layer.native_projection() if isinstance(layer, BitLinear) else None for layer in layers)
+        if any(member is None for member in members) or hooked(*layers):
+            return [layer(hidden_states) for layer in layers]
+        key = tuple(map(id, members))
+        if self._projections is None or self._projections[0] != key:
+            self._projections = key, native_projections(members)  # holds them: their ids stay theirs
+        return native_linear(hidden_states, self._projections[1])
+
+    def max_keys(self, dtype: torch.dtype) -> float:
+        """The longest sequence of ``dtype`` activations handed to the kernel (which refuses any beyond its own
+        maximum: the module runs them)."""
+        if dtype == torch.bfloat16 and not native_attention_tiles(self.attention.attention_head_size):
+            return MAX_VECTOR_BFLOAT16_KEYS
+        return math.inf
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -70,17 +98,17 @@ class NativeSelfAttention(torch.nn.Module):
         if not self.applies(hidden_states, attention_mask, kwargs):
             return self.attention(hidden_states, attention_mask, **kwargs)
         heads_shape = (*hidden_states.shape[:-1], -1, self.attention.attention_head_size)
-        query, key, value = (
-            projection(hidden_states).view(heads_shape).transpose(1, 2)
-            for projection in (self.attention.query, self.attention.key, self.attention.value)
-        )
+        query, key, value = (x.view(heads_shape).transpose(1, 2) for x in self.projections(hidden_states))
         try:
             return native_attention()(query, key, value, attention_mask, self.attention.scaling), None
         except ValueError:  # a size, dtype or mask the kernel does not take: the module's own attention
             return self.attention(hidden_states, attention_mask, **kwargs)
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_projections": None}
+
     def extra_repr(self) -> str:
-        return f"{type(self.attention).__name__}: up to {MAX_NATIVE_KEYS} positions in one native call at inference"
+        return f"{type(self.attention).__name__}: in one native call at inference"
 
 
 def agrees_with_the_module(stand_in: NativeSelfAttention, module: torch.nn.Module) -> bool:

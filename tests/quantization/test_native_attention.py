@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from st_bitembed import BitEmbed
-from st_bitembed.quantization.native import native_attention
-from st_bitembed.quantization.native_attention import MAX_NATIVE_KEYS, NativeSelfAttention, use_native_attention
+from st_bitembed.quantization.native import native_amx_available, native_attention, native_attention_tiles
+from st_bitembed.quantization.native_attention import NativeSelfAttention, use_native_attention
 
 needs_kernel = pytest.mark.skipif(native_attention() is None, reason="the attention kernel needs AVX-512, a compiler")
 
@@ -59,6 +59,14 @@ def test_the_kernel_is_the_attention_formula(dtype, batch, heads, tokens, head_d
 
 
 @needs_kernel
+def test_bf16_heads_run_on_tiles_where_the_cpu_has_them():
+    """The sizes above cover both paths: heads of a multiple of 32 features on tiles (where AMX is), others on
+    vectors."""
+    amx = native_amx_available()
+    assert [native_attention_tiles(d) for d in (16, 32, 48, 64, 256)] == [False, amx, False, amx, amx]
+
+
+@needs_kernel
 def test_the_kernel_refuses_what_it_cannot_read():
     kernel = native_attention()
     query, key, value = projected(2, 2, 8, 32, torch.float32, torch.Generator().manual_seed(0))
@@ -98,18 +106,29 @@ def test_the_stand_in_gives_what_the_module_gives(minilm_dir, dtype, tmp_path):
     module_calls = []  # the module's own forward, run by the stand-in where the kernel does not apply
     attention.attention.register_forward_hook(lambda *_: module_calls.append(1))
     generator = torch.Generator().manual_seed(0)
-    for tokens in (7, MAX_NATIVE_KEYS, MAX_NATIVE_KEYS + 1):
+    longest = attention.max_keys(dtype)  # 48 for bf16 on vectors, else up to the kernel's 512
+    for tokens in (7, 48, 49, 300, 513):
         hidden = torch.randn(3, tokens, 384, generator=generator).to(dtype)
         mask = torch.ones(3, 1, tokens, tokens, dtype=torch.bool)
         mask[1, ..., tokens // 2 :] = False
         module_calls.clear()
         with torch.no_grad():
             out, weights = attention(hidden, mask)
-            assert len(module_calls) == (tokens > MAX_NATIVE_KEYS)
+            assert len(module_calls) == (tokens > min(longest, 512))
             expected, _ = attention.attention(hidden, mask)
         assert weights is None and out.shape == expected.shape == (3, tokens, 384)
         tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: a rounding step (the sums' order differs)
         torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    hidden = torch.randn(2, 9, 384, generator=generator).to(dtype)
+    layers = (attention.query, attention.key, attention.value)
+    with torch.no_grad():  # q, k and v in one native call: each exactly its projection's own output
+        together = attention.projections(hidden)
+        assert all(torch.equal(out, layer(hidden)) for out, layer in zip(together, layers, strict=True))
+        seen = []  # a hook on one of them: each runs its own forward, and the hook sees it
+        handle = attention.key.register_forward_hook(lambda module, args, out: seen.append(out))
+        apart = attention.projections(hidden)
+        handle.remove()
+        assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(apart, together, strict=True))
     texts = ["The cat sits on the mat.", "Ternary weights: -1, 0 and +1, and eight-bit activations."]
     with_stand_ins = model.encode(texts, convert_to_tensor=True)
     model.save(str(tmp_path / "saved"))

@@ -1,13 +1,16 @@
-/* An encoder's scaled dot-product attention over short sequences, one (sequence, head) pair per item of one parallel
- * loop (native_attention.py). Built where the compiler targets AVX-512; elsewhere attention_available() is 0 and
- * PyTorch's attention runs.
+/* An encoder's scaled dot-product attention, one (sequence, head) pair per item of one parallel loop
+ * (native_attention.py). Built where the compiler targets AVX-512; elsewhere attention_available() is 0 and PyTorch's
+ * attention runs.
  *
- * Why: PyTorch's CPU attention (its flash kernel, and the math path alike) spends microseconds of set-up on each
- * (sequence, head) pair, whatever its size; a batch of 32 sentences of ~25 tokens in 12 heads is 384 pairs of a few
- * thousand multiply-adds each, and took about a quarter of a MiniLM student's encode. Here a pair's keys and values
- * are widened to float32 once into the thread's own buffers (the keys transposed, so that scores are vectors over 16
- * keys), and each block of 8 query rows is finished in registers and L1: its scores with 8 accumulators per 16 keys,
- * its softmax, then its weighted values with 4 rows x 4 vectors of features at a time.
+ * Why: PyTorch's CPU attention (its flash kernel, and the math path alike) makes small GEMM calls per (sequence, head,
+ * block of 32 to 256 queries), each with microseconds of set-up whatever its size: for a batch of sentences (32 x ~25
+ * tokens x 12 heads: 384 pairs of a few thousand multiply-adds each) that set-up is most of the attention's time, a
+ * quarter of a MiniLM student's encode; for passages of ~300 tokens, 30% of it. Here each thread lays a pair's keys
+ * and values out once in its own buffers, then finishes each block of queries in registers, tiles and L1:
+ * - bf16 with AMX tiles (head_dim a multiple of 32): 16 queries x 16 keys of scores per tile product, then the
+ *   block's softmax, then 16 queries x 16 features of output per tile product over 32 keys at a time;
+ * - otherwise (float32, or no AMX): 8 queries x 16 keys of scores in 8 vector accumulators, then the softmax, then 4
+ *   queries x up to 64 features of output in vector accumulators.
  *
  * Arithmetic, per query row (as PyTorch's flash kernel, in float32; only the order of the sums differs):
  *   s_j = (q . k_j) * scale, plus the additive mask, or -inf where a boolean mask is false;
@@ -16,39 +19,119 @@
  *   a row whose keys are all masked is 0 (as PyTorch's kernels give). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "activations.h"
 #include "bfloat16.h"
+#include "ternary_gemm.h"
 
 #define ATTENTION_MAX_KEYS 512
 #define ATTENTION_MAX_HEAD_DIM 256
-#define LANES 16      /* keys are padded to whole vectors of 16; head_dim must be a multiple of 16 */
+#define LANES 16      /* keys are padded to whole vectors of 16 (32 for tiles); head_dim must be a multiple of 16 */
 #define QUERY_BLOCK 8 /* query rows whose scores are computed together (8 accumulators per 16 keys) */
 #define VALUE_ROWS 4  /* query rows whose weighted values are summed together, up to 4 vectors of features each */
+#define TILE_ROWS 16  /* query rows per block on AMX tiles */
 
 int attention_max_keys(void) { return ATTENTION_MAX_KEYS; }
 int attention_max_head_dim(void) { return ATTENTION_MAX_HEAD_DIM; }
 
 enum attention_mask_kind { MASK_NONE = 0, MASK_BOOL = 1, MASK_ADDITIVE = 2 };
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
 int attention_available(void) { return 1; }
+
+/* The mask of a query row: kind, where its row starts (elements or bytes) and the stride between its keys. */
+struct row_mask {
+    const void *mask;
+    int kind;
+    int64_t base;
+    int64_t key_stride;
+};
 
 /* 16 values of a float32 or bfloat16 row, widened to float32. */
 static inline __m512 load_16(const void *base, int64_t index, int in_bfloat16) {
     return in_bfloat16 ? from_bfloat16_512((const uint16_t *)base + index) : _mm512_loadu_ps((const float *)base + index);
 }
 
-/* The scores of the QUERY_BLOCK rows of a query block (row r's queries: query_rows[r], float32) against every key,
- * scaled and masked, then turned into unnormalised weights in place; returns each row's sum of weights in totals.
- * Every loop over the rows has a constant count (rows past the queries' end repeat the first), so that the
- * accumulators stay in registers. */
-static void block_weights(const float *query_rows, const float *keys_t, int64_t padded_keys,
-                          int64_t keys, int64_t head_dim, float scale, const void *mask, int mask_kind,
-                          const int64_t *row_mask_bases, int64_t mask_key_stride, int in_bfloat16, float *scores,
-                          float *totals) {
+/* Which of keys [key, key + 16) a row attends to (below `keys` and allowed by a boolean mask), and the additive mask's
+ * values of them (0 elsewhere). */
+static inline __mmask16 attended_keys(const struct row_mask *mask, int64_t key, int64_t keys, int in_bfloat16,
+                                      __m512 *added) {
+    __mmask16 attended = keys - key >= LANES ? 0xffff : (keys > key ? (__mmask16)((1u << (keys - key)) - 1) : 0);
+    *added = _mm512_setzero_ps();
+    if (mask->kind == MASK_BOOL) {
+        const uint8_t *allowed = (const uint8_t *)mask->mask + mask->base + key * mask->key_stride;
+        __mmask16 allowed_bits = 0;
+        if (mask->key_stride == 1 && keys - key >= LANES)
+            allowed_bits = _mm_cmpneq_epi8_mask(_mm_loadu_si128((const __m128i *)allowed), _mm_setzero_si128());
+        else
+            for (int64_t j = 0; j < LANES && key + j < keys; ++j)
+                allowed_bits |= (__mmask16)((allowed[j * mask->key_stride] != 0) << j);
+        attended &= allowed_bits;
+    } else if (mask->kind == MASK_ADDITIVE) {
+        float values[LANES] = {0};
+        for (int64_t j = 0; j < LANES && key + j < keys; ++j) {
+            const int64_t at = mask->base + (key + j) * mask->key_stride;
+            values[j] = in_bfloat16 ? from_bfloat16(((const uint16_t *)mask->mask)[at]) : ((const float *)mask->mask)[at];
+        }
+        *added = _mm512_loadu_ps(values);
+    }
+    return attended;
+}
+
+/* A query row's softmax: its dot products with the keys (row, padded_keys values) scaled and masked, then the
+ * weights exp(s_j - max s) (0 for masked keys and the padding) written over them as float32, rounded to bf16 for
+ * bf16 inputs, or, with weights_bfloat16, as bf16 bits there. Returns the sum of the unrounded weights. */
+static float row_weights(float *row, int64_t padded_keys, int64_t keys, float scale, const struct row_mask *mask,
+                         int in_bfloat16, uint16_t *weights_bfloat16) {
+    __m512 highest = _mm512_set1_ps(-INFINITY);
+    for (int64_t key = 0; key < padded_keys; key += LANES) {
+        __m512 added;
+        __mmask16 attended = attended_keys(mask, key, keys, in_bfloat16, &added);
+        const __m512 score = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(row + key), _mm512_set1_ps(scale)), added);
+        attended &= _mm512_cmp_ps_mask(score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m512 kept = _mm512_mask_blend_ps(attended, _mm512_set1_ps(-INFINITY), score);
+        _mm512_storeu_ps(row + key, kept);
+        highest = _mm512_max_ps(highest, kept);
+    }
+    const float row_max = _mm512_reduce_max_ps(highest);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t key = 0; key < padded_keys; key += LANES) {
+        const __m512 score = _mm512_loadu_ps(row + key);
+        const __mmask16 attended = _mm512_cmp_ps_mask(score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        /* all keys masked: every weight is 0 (and the row's output with them) */
+        const __m512 weight = row_max == -INFINITY
+                                  ? _mm512_setzero_ps()
+                                  : _mm512_maskz_mov_ps(attended, exp_512(_mm512_sub_ps(score, _mm512_set1_ps(row_max))));
+        total = _mm512_add_ps(total, weight);
+        const __m512 held = in_bfloat16 ? bfloat16_rounded_512(weight) : weight;
+        if (weights_bfloat16 != NULL)
+            _mm256_storeu_si256((__m256i *)(weights_bfloat16 + key),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(held), 16)));
+        else
+            _mm512_storeu_ps(row + key, held);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+
+/* 16 float32 outputs times `inverse`, stored in the output's dtype at out + at. */
+static inline void store_outputs(__m512 sums, float inverse, void *out, int64_t at, int in_bfloat16) {
+    const __m512 result = _mm512_mul_ps(sums, _mm512_set1_ps(inverse));
+    if (in_bfloat16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(bfloat16_rounded_512(result)), 16)));
+    else
+        _mm512_storeu_ps((float *)out + at, result);
+}
+
+/* --- vector path ------------------------------------------------------------------------------------------------ */
+
+/* The dot products of a block's QUERY_BLOCK rows (query_rows, float32) with every key (keys_t: [head_dim][padded]),
+ * into scores (QUERY_BLOCK rows of padded_keys). Constant row counts keep the accumulators in registers. */
+static void block_scores(const float *query_rows, const float *keys_t, int64_t padded_keys, int64_t head_dim,
+                         float *scores) {
     for (int64_t key = 0; key < padded_keys; key += LANES) {
         __m512 sums[QUERY_BLOCK];
         for (int r = 0; r < QUERY_BLOCK; ++r) sums[r] = _mm512_setzero_ps();
@@ -57,55 +140,13 @@ static void block_weights(const float *query_rows, const float *keys_t, int64_t 
             for (int r = 0; r < QUERY_BLOCK; ++r)
                 sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(query_rows[r * head_dim + d]), column, sums[r]);
         }
-        const __mmask16 real_keys = keys - key >= LANES ? 0xffff : (__mmask16)((1u << (keys - key)) - 1);
-        for (int r = 0; r < QUERY_BLOCK; ++r) {
-            __m512 row = _mm512_mul_ps(sums[r], _mm512_set1_ps(scale));
-            __mmask16 attended = real_keys;
-            if (mask_kind == MASK_BOOL) {
-                const uint8_t *allowed = (const uint8_t *)mask + row_mask_bases[r] + key * mask_key_stride;
-                __mmask16 allowed_bits = 0;
-                if (mask_key_stride == 1 && keys - key >= LANES)
-                    allowed_bits = _mm_cmpneq_epi8_mask(_mm_loadu_si128((const __m128i *)allowed), _mm_setzero_si128());
-                else
-                    for (int64_t j = 0; j < LANES && key + j < keys; ++j)
-                        allowed_bits |= (__mmask16)((allowed[j * mask_key_stride] != 0) << j);
-                attended &= allowed_bits;
-            } else if (mask_kind == MASK_ADDITIVE) {
-                float added[LANES] = {0};
-                for (int64_t j = 0; j < LANES && key + j < keys; ++j)
-                    added[j] = in_bfloat16 ? from_bfloat16(((const uint16_t *)mask)[row_mask_bases[r] + (key + j) *
-                                                                                     mask_key_stride])
-                                           : ((const float *)mask)[row_mask_bases[r] + (key + j) * mask_key_stride];
-                row = _mm512_add_ps(row, _mm512_loadu_ps(added));
-                attended &= _mm512_cmp_ps_mask(row, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            }
-            _mm512_storeu_ps(scores + r * padded_keys + key, _mm512_mask_blend_ps(attended, _mm512_set1_ps(-INFINITY), row));
-        }
-    }
-    for (int r = 0; r < QUERY_BLOCK; ++r) {
-        float *row = scores + r * padded_keys;
-        __m512 highest = _mm512_set1_ps(-INFINITY);
-        for (int64_t key = 0; key < padded_keys; key += LANES) highest = _mm512_max_ps(highest, _mm512_loadu_ps(row + key));
-        const float row_max = _mm512_reduce_max_ps(highest);
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t key = 0; key < padded_keys; key += LANES) {
-            const __m512 score = _mm512_loadu_ps(row + key);
-            const __mmask16 attended = _mm512_cmp_ps_mask(score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            /* all keys masked: every weight is 0 (and the row's output with them) */
-            const __m512 weight = row_max == -INFINITY
-                                      ? _mm512_setzero_ps()
-                                      : _mm512_maskz_mov_ps(attended, exp_512(_mm512_sub_ps(score, _mm512_set1_ps(row_max))));
-            /* bf16: the weights rounded as PyTorch's kernel rounds them for its bf16 product (their sum is not) */
-            _mm512_storeu_ps(row + key, in_bfloat16 ? bfloat16_rounded_512(weight) : weight);
-            total = _mm512_add_ps(total, weight);
-        }
-        totals[r] = _mm512_reduce_add_ps(total);
+        for (int r = 0; r < QUERY_BLOCK; ++r) _mm512_storeu_ps(scores + r * padded_keys + key, sums[r]);
     }
 }
 
-/* Output rows [first, first + VALUE_ROWS) of a query block, features [feature, feature + vectors * LANES): the
- * weights (scores, rows of padded_keys) times the values, over the totals; only rows below `rows` are written.
- * Inlined with `vectors` a constant, so that the VALUE_ROWS x vectors accumulators stay in registers. */
+/* Output rows [first, first + VALUE_ROWS) of a block, features [feature, feature + vectors * LANES): the weights
+ * (scores, rows of padded_keys) times the values, over the totals; only rows below `rows` are written. Inlined with
+ * `vectors` a constant, so that the VALUE_ROWS x vectors accumulators stay in registers. */
 static inline __attribute__((always_inline)) void value_rows(const float *scores, int64_t first, int64_t rows,
                                                              const float *totals, const float *values,
                                                              int64_t padded_keys, int64_t keys, int64_t head_dim,
@@ -125,41 +166,184 @@ static inline __attribute__((always_inline)) void value_rows(const float *scores
     }
     for (int r = 0; r < VALUE_ROWS; ++r) {
         if (first + r >= rows) break;
-        const __m512 inverse = _mm512_set1_ps(totals[first + r] > 0.0f ? 1.0f / totals[first + r] : 0.0f);
-        for (int v = 0; v < vectors; ++v) {
-            const __m512 result = _mm512_mul_ps(sums[r][v], inverse);
-            const int64_t at = row_out_bases[first + r] + feature + v * LANES;
-            if (in_bfloat16) {
-                const __m512i bits = _mm512_castps_si512(bfloat16_rounded_512(result));
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-            } else {
-                _mm512_storeu_ps((float *)out + at, result);
-            }
-        }
+        const float inverse = totals[first + r] > 0.0f ? 1.0f / totals[first + r] : 0.0f;
+        for (int v = 0; v < vectors; ++v)
+            store_outputs(sums[r][v], inverse, out, row_out_bases[first + r] + feature + v * LANES, in_bfloat16);
     }
 }
 
-/* Output rows [0, rows) of a query block: value_rows over groups of VALUE_ROWS rows and up to 4 vectors of
- * features. */
-static void block_outputs(const float *scores, int64_t rows, const float *totals, const float *values,
-                          int64_t padded_keys, int64_t keys, int64_t head_dim, void *out, const int64_t *row_out_bases,
-                          int in_bfloat16) {
-    for (int64_t first = 0; first < rows; first += VALUE_ROWS)
-        for (int64_t feature = 0; feature < head_dim; feature += 4 * LANES) {
-            const int64_t left = (head_dim - feature) / LANES;
-            if (left >= 4)
-                value_rows(scores, first, rows, totals, values, padded_keys, keys, head_dim, feature, 4, out,
-                           row_out_bases, in_bfloat16);
-            else if (left == 3)
-                value_rows(scores, first, rows, totals, values, padded_keys, keys, head_dim, feature, 3, out,
-                           row_out_bases, in_bfloat16);
-            else if (left == 2)
-                value_rows(scores, first, rows, totals, values, padded_keys, keys, head_dim, feature, 2, out,
-                           row_out_bases, in_bfloat16);
-            else
-                value_rows(scores, first, rows, totals, values, padded_keys, keys, head_dim, feature, 1, out,
-                           row_out_bases, in_bfloat16);
+/* One pair on vectors. buffer: 2 * padded_keys * head_dim + QUERY_BLOCK * (head_dim + padded_keys) floats. */
+static void vector_pair(const void *query, const void *key, const void *value, int64_t queries, int64_t keys,
+                        int64_t head_dim, int64_t query_base, int64_t query_stride, int64_t key_base,
+                        int64_t key_stride, int64_t value_base, int64_t value_stride, struct row_mask mask,
+                        int64_t mask_query_stride, void *out, int64_t out_base, int64_t out_stride, int in_bfloat16,
+                        float scale, float *buffer) {
+    const int64_t padded_keys = (keys + LANES - 1) / LANES * LANES;
+    float *keys_t = buffer, *values = keys_t + padded_keys * head_dim;
+    float *query_rows = values + padded_keys * head_dim, *scores = query_rows + QUERY_BLOCK * head_dim;
+    for (int64_t j = 0; j < padded_keys; ++j)
+        for (int64_t d = 0; d < head_dim; d += LANES) {
+            float widened[LANES];
+            _mm512_storeu_ps(widened, j < keys ? load_16(key, key_base + j * key_stride + d, in_bfloat16)
+                                               : _mm512_setzero_ps());
+            for (int lane = 0; lane < LANES; ++lane) keys_t[(d + lane) * padded_keys + j] = widened[lane];
         }
+    for (int64_t j = 0; j < keys; ++j)
+        for (int64_t d = 0; d < head_dim; d += LANES)
+            _mm512_storeu_ps(values + j * head_dim + d, load_16(value, value_base + j * value_stride + d, in_bfloat16));
+    for (int64_t first = 0; first < queries; first += QUERY_BLOCK) {
+        const int64_t rows = queries - first < QUERY_BLOCK ? queries - first : QUERY_BLOCK;
+        int64_t out_bases[QUERY_BLOCK];
+        float totals[QUERY_BLOCK];
+        for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
+            const int64_t i = first + (r < rows ? r : 0); /* rows past the end repeat the first */
+            for (int64_t d = 0; d < head_dim; d += LANES)
+                _mm512_storeu_ps(query_rows + r * head_dim + d,
+                                 load_16(query, query_base + i * query_stride + d, in_bfloat16));
+            out_bases[r] = out_base + i * out_stride;
+        }
+        block_scores(query_rows, keys_t, padded_keys, head_dim, scores);
+        for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
+            struct row_mask row_mask = mask;
+            row_mask.base += (first + (r < rows ? r : 0)) * mask_query_stride;
+            totals[r] = row_weights(scores + r * padded_keys, padded_keys, keys, scale, &row_mask, in_bfloat16, NULL);
+        }
+        for (int64_t group = 0; group < rows; group += VALUE_ROWS)
+            for (int64_t feature = 0; feature < head_dim; feature += 4 * LANES) {
+                const int64_t left = (head_dim - feature) / LANES;
+                if (left >= 4)
+                    value_rows(scores, group, rows, totals, values, padded_keys, keys, head_dim, feature, 4, out,
+                               out_bases, in_bfloat16);
+                else if (left == 3)
+                    value_rows(scores, group, rows, totals, values, padded_keys, keys, head_dim, feature, 3, out,
+                               out_bases, in_bfloat16);
+                else if (left == 2)
+                    value_rows(scores, group, rows, totals, values, padded_keys, keys, head_dim, feature, 2, out,
+                               out_bases, in_bfloat16);
+                else
+                    value_rows(scores, group, rows, totals, values, padded_keys, keys, head_dim, feature, 1, out,
+                               out_bases, in_bfloat16);
+            }
+    }
+}
+
+static size_t vector_buffer_floats(int64_t keys, int64_t head_dim) {
+    const int64_t padded_keys = (keys + LANES - 1) / LANES * LANES;
+    return (size_t)(2 * padded_keys * head_dim + QUERY_BLOCK * (head_dim + padded_keys));
+}
+
+/* --- AMX path (bf16) -------------------------------------------------------------------------------------------- */
+
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
+#define ATTENTION_AMX 1
+/* Tiles (amx_begin's configuration: 16 rows of 64 bytes each): scores 0 and 3 (two blocks of keys) from queries 1
+ * and keys 2 and 5; outputs 3 and 6 (two blocks of features) from weights 4 and values 5 and 7. */
+
+/* Keys padded to 32 for the tiles: buffer bytes of a pair (uint16 unless said): keys as tiles
+ * ([padded / 16][head_dim / 32][16 pairs of features][16 keys x 2]), values as tiles ([padded / 32][head_dim / 16][16
+ * pairs of keys][16 features x 2]), a block's queries ([16][head_dim]), scores (float [16][padded]), weights
+ * ([16][padded]) and two tiles of outputs side by side (float [16][32]). */
+static size_t amx_buffer_bytes(int64_t keys, int64_t head_dim) {
+    const int64_t padded = (keys + 31) / 32 * 32;
+    return (size_t)(2 * (2 * padded * head_dim + TILE_ROWS * head_dim + TILE_ROWS * padded) +
+                    4 * (TILE_ROWS * padded + TILE_ROWS * 2 * LANES));
+}
+
+static void amx_pair(const uint16_t *query, const uint16_t *key, const uint16_t *value, int64_t queries,
+                     int64_t keys, int64_t head_dim, int64_t query_base, int64_t query_stride, int64_t key_base,
+                     int64_t key_stride, int64_t value_base, int64_t value_stride, struct row_mask mask,
+                     int64_t mask_query_stride, uint16_t *out, int64_t out_base, int64_t out_stride, float scale,
+                     uint8_t *buffer) {
+    const int64_t padded = (keys + 31) / 32 * 32, chunks = head_dim / 32, feature_blocks = head_dim / LANES;
+    uint16_t *key_tiles = (uint16_t *)buffer, *value_tiles = key_tiles + padded * head_dim;
+    uint16_t *query_rows = value_tiles + padded * head_dim, *weights = query_rows + TILE_ROWS * head_dim;
+    float *scores = (float *)(weights + TILE_ROWS * padded), *outputs = scores + TILE_ROWS * padded;
+    /* keys: tile (block of 16 keys, chunk of 32 features), row p, key j holds features 2p, 2p + 1 of key j */
+    for (int64_t block = 0; block < padded / LANES; ++block)
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+            uint32_t *tile = (uint32_t *)(key_tiles + (block * chunks + chunk) * 512);
+            for (int64_t j = 0; j < LANES; ++j) {
+                const int64_t k = block * LANES + j;
+                uint32_t pairs[LANES] = {0};
+                if (k < keys) memcpy(pairs, key + key_base + k * key_stride + chunk * 32, 64);
+                for (int p = 0; p < LANES; ++p) tile[p * LANES + j] = pairs[p];
+            }
+        }
+    /* values: tile (block of 32 keys, 16 features), row p holds keys 2p and 2p + 1 of each feature, interleaved */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t block = 0; block < padded / 32; ++block)
+        for (int64_t feature_block = 0; feature_block < feature_blocks; ++feature_block) {
+            uint16_t *tile = value_tiles + (block * feature_blocks + feature_block) * 512;
+            for (int p = 0; p < LANES; ++p) {
+                const int64_t even = block * 32 + 2 * p, odd = even + 1;
+                const __m256i first = even < keys ? _mm256_loadu_si256((const __m256i *)(value + value_base + even *
+                                                                       value_stride + feature_block * LANES))
+                                                  : _mm256_setzero_si256();
+                const __m256i second = odd < keys ? _mm256_loadu_si256((const __m256i *)(value + value_base + odd *
+                                                                       value_stride + feature_block * LANES))
+                                                  : _mm256_setzero_si256();
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+                _mm512_storeu_si512(tile + p * 32, _mm512_permutexvar_epi16(interleave, both));
+            }
+        }
+    for (int64_t first = 0; first < queries; first += TILE_ROWS) {
+        const int64_t rows = queries - first < TILE_ROWS ? queries - first : TILE_ROWS;
+        for (int64_t r = 0; r < TILE_ROWS; ++r) {
+            if (r < rows) memcpy(query_rows + r * head_dim, query + query_base + (first + r) * query_stride, 2 * head_dim);
+            else memset(query_rows + r * head_dim, 0, 2 * head_dim);
+        }
+        for (int64_t block = 0; block < padded / LANES; block += 2) { /* two blocks of keys: two sums in flight */
+            _tile_zero(0);
+            _tile_zero(3);
+            for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+                load_tile(1, query_rows + chunk * 32, 2 * head_dim);
+                load_tile(2, key_tiles + (block * chunks + chunk) * 512, 64);
+                _tile_dpbf16ps(0, 1, 2);
+                load_tile(5, key_tiles + ((block + 1) * chunks + chunk) * 512, 64);
+                _tile_dpbf16ps(3, 1, 5);
+            }
+            _tile_stored(0, scores + block * LANES, 4 * padded);
+            _tile_stored(3, scores + (block + 1) * LANES, 4 * padded);
+        }
+        __asm__ volatile("" ::: "memory"); /* the tile stores happen before the scores are read (see load_tile) */
+        float totals[TILE_ROWS];
+        for (int64_t r = 0; r < rows; ++r) {
+            struct row_mask row_mask = mask;
+            row_mask.base += (first + r) * mask_query_stride;
+            totals[r] = row_weights(scores + r * padded, padded, keys, scale, &row_mask, 1, weights + r * padded);
+        }
+        for (int64_t r = rows; r < TILE_ROWS; ++r) memset(weights + r * padded, 0, 2 * padded);
+        for (int64_t feature_block = 0; feature_block < feature_blocks; feature_block += 2) { /* two sums in flight */
+            _tile_zero(3);
+            _tile_zero(6);
+            for (int64_t block = 0; block < padded / 32; ++block) {
+                load_tile(4, weights + block * 32, 2 * padded);
+                load_tile(5, value_tiles + (block * feature_blocks + feature_block) * 512, 64);
+                _tile_dpbf16ps(3, 4, 5);
+                load_tile(7, value_tiles + (block * feature_blocks + feature_block + 1) * 512, 64);
+                _tile_dpbf16ps(6, 4, 7);
+            }
+            _tile_stored(3, outputs, 128);
+            _tile_stored(6, outputs + LANES, 128);
+            __asm__ volatile("" ::: "memory");
+            for (int64_t r = 0; r < rows; ++r)
+                for (int half = 0; half < 2; ++half)
+                    store_outputs(_mm512_loadu_ps(outputs + r * 2 * LANES + half * LANES),
+                                  totals[r] > 0.0f ? 1.0f / totals[r] : 0.0f, out,
+                                  out_base + (first + r) * out_stride + (feature_block + half) * LANES, 1);
+        }
+    }
+}
+#endif
+
+/* Whether bf16 attention over heads of head_dim features runs on AMX tiles here. */
+int attention_tiles(int64_t head_dim) {
+#if defined(ATTENTION_AMX)
+    return head_dim % 32 == 0 && head_dim <= ATTENTION_MAX_HEAD_DIM && ternary_gemm_amx_available();
+#else
+    return 0;
+#endif
 }
 
 /* out[b, h, i, :] = attention of query row i of head h of sequence b over that head's keys and values.
@@ -174,56 +358,50 @@ int attention(const void *query, const void *key, const void *value, const void 
     if (keys < 1 || keys > ATTENTION_MAX_KEYS || head_dim < LANES || head_dim > ATTENTION_MAX_HEAD_DIM ||
         head_dim % LANES != 0)
         return -1;
-    const int64_t padded_keys = (keys + LANES - 1) / LANES * LANES;
     const int64_t pairs = batch * heads;
+#if defined(ATTENTION_AMX)
+    const int use_amx = in_bfloat16 && attention_tiles(head_dim);
+    const size_t buffer_bytes = use_amx ? amx_buffer_bytes(keys, head_dim) : 4 * vector_buffer_floats(keys, head_dim);
+#else
+    const size_t buffer_bytes = 4 * vector_buffer_floats(keys, head_dim);
+#endif
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (pairs * queries * keys * head_dim >= (1 << 16))
     {
-        /* keys transposed ([head_dim][padded_keys]), values ([keys][head_dim]), a block's queries and scores */
-        const size_t floats = (size_t)(2 * padded_keys * head_dim + QUERY_BLOCK * (head_dim + padded_keys));
-        float *buffer = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        void *buffer = aligned_alloc(64, (buffer_bytes + 63) / 64 * 64);
         if (buffer == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
         if (!failed) {
-            float *keys_t = buffer, *values = keys_t + padded_keys * head_dim;
-            float *query_rows = values + padded_keys * head_dim, *scores = query_rows + QUERY_BLOCK * head_dim;
+#if defined(ATTENTION_AMX)
+            if (use_amx) amx_begin(); /* the tile configuration is each thread's own */
+#endif
 #pragma omp for schedule(static)
             for (int64_t pair = 0; pair < pairs; ++pair) {
                 const int64_t b = pair / heads, h = pair % heads;
+                const struct row_mask row_mask = {mask, mask_kind, b * mask_strides[0] + h * mask_strides[1],
+                                                  mask_strides[3]};
+                const int64_t query_base = b * query_strides[0] + h * query_strides[1];
                 const int64_t key_base = b * key_strides[0] + h * key_strides[1];
                 const int64_t value_base = b * value_strides[0] + h * value_strides[1];
-                for (int64_t j = 0; j < padded_keys; ++j)
-                    for (int64_t d = 0; d < head_dim; d += LANES) {
-                        float widened[LANES];
-                        _mm512_storeu_ps(widened, j < keys ? load_16(key, key_base + j * key_strides[2] + d, in_bfloat16)
-                                                           : _mm512_setzero_ps());
-                        for (int lane = 0; lane < LANES; ++lane) keys_t[(d + lane) * padded_keys + j] = widened[lane];
-                    }
-                for (int64_t j = 0; j < keys; ++j)
-                    for (int64_t d = 0; d < head_dim; d += LANES)
-                        _mm512_storeu_ps(values + j * head_dim + d,
-                                         load_16(value, value_base + j * value_strides[2] + d, in_bfloat16));
-                for (int64_t first = 0; first < queries; first += QUERY_BLOCK) {
-                    const int64_t rows = queries - first < QUERY_BLOCK ? queries - first : QUERY_BLOCK;
-                    int64_t mask_bases[QUERY_BLOCK], out_bases[QUERY_BLOCK];
-                    float totals[QUERY_BLOCK];
-                    for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
-                        const int64_t i = first + (r < rows ? r : 0); /* rows past the end repeat the first */
-                        const int64_t query_base = b * query_strides[0] + h * query_strides[1] + i * query_strides[2];
-                        for (int64_t d = 0; d < head_dim; d += LANES)
-                            _mm512_storeu_ps(query_rows + r * head_dim + d, load_16(query, query_base + d, in_bfloat16));
-                        mask_bases[r] = b * mask_strides[0] + h * mask_strides[1] + i * mask_strides[2];
-                        out_bases[r] = b * out_strides[0] + h * out_strides[1] + i * out_strides[2];
-                    }
-                    block_weights(query_rows, keys_t, padded_keys, keys, head_dim, scale, mask, mask_kind,
-                                  mask_bases, mask_strides[3], in_bfloat16, scores, totals);
-                    block_outputs(scores, rows, totals, values, padded_keys, keys, head_dim, out, out_bases,
-                                  in_bfloat16);
+                const int64_t out_base = b * out_strides[0] + h * out_strides[1];
+#if defined(ATTENTION_AMX)
+                if (use_amx) {
+                    amx_pair(query, key, value, queries, keys, head_dim, query_base, query_strides[2], key_base,
+                             key_strides[2], value_base, value_strides[2], row_mask, mask_strides[2], out, out_base,
+                             out_strides[2], scale, buffer);
+                    continue;
                 }
+#endif
+                vector_pair(query, key, value, queries, keys, head_dim, query_base, query_strides[2], key_base,
+                            key_strides[2], value_base, value_strides[2], row_mask, mask_strides[2], out, out_base,
+                            out_strides[2], in_bfloat16, scale, buffer);
             }
+#if defined(ATTENTION_AMX)
+            if (use_amx) amx_end();
+#endif
         }
         free(buffer);
     }
@@ -233,6 +411,8 @@ int attention(const void *query, const void *key, const void *value, const void 
 #else
 
 int attention_available(void) { return 0; }
+
+int attention_tiles(int64_t head_dim) { return 0; }
 
 int attention(const void *query, const void *key, const void *value, const void *mask, void *out, int64_t batch,
               int64_t heads, int64_t queries, int64_t keys, int64_t head_dim, const int64_t *query_strides,

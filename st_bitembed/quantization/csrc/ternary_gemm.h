@@ -30,6 +30,20 @@ int ternary_gemm_tile_rows(void);
 int ternary_gemm_amx_available(void);
 void amx_begin(void);
 void amx_end(void);
+
+#if defined(__AMX_TILE__)
+#include <immintrin.h>
+/* GCC's _tile_loadd (12 at least) is an asm that does not say it reads memory: the compiler may then drop the
+ * vector stores of the unpacked weights, which nothing else reads, or move them past the tile load (it did, for
+ * amx_few_rows_pair_sums). A compiler barrier on each side keeps them in order; clang's builtin needs none. (Its
+ * _tile_stored likewise: attention.c reads what it stores only after a barrier.) */
+#define load_tile(tile, base, stride)      \
+    do {                                   \
+        __asm__ volatile("" ::: "memory"); \
+        _tile_loadd(tile, base, stride);   \
+        __asm__ volatile("" ::: "memory"); \
+    } while (0)
+#endif
 const int8_t *amx_unpack_panels(const uint8_t *panels, int64_t count, int64_t k_padded);
 void amx_row_pair_sums(const uint8_t *codes, int64_t code_stride, const int8_t *weights, int64_t tiles,
                        int64_t k_padded, int32_t *sums, int64_t sums_stride);

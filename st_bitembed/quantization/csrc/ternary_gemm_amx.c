@@ -60,16 +60,6 @@ static const struct tile_config tile_config = {
     .rows = {16, 16, 16, 16, 16, 16, 16, 16},
 };
 
-/* GCC's _tile_loadd (12 at least) is an asm that does not say it reads memory: the compiler may then drop the
- * vector stores of the unpacked weights, which nothing else reads, or move them past the tile load (it did, for
- * amx_few_rows_pair_sums). A compiler barrier on each side keeps them in order; clang's builtin needs none. */
-#define load_tile(tile, base, stride)      \
-    do {                                   \
-        __asm__ volatile("" ::: "memory"); \
-        _tile_loadd(tile, base, stride);   \
-        __asm__ volatile("" ::: "memory"); \
-    } while (0)
-
 void amx_begin(void) { _tile_loadconfig(&tile_config); }
 
 void amx_end(void) { _tile_release(); }
