@@ -22,7 +22,7 @@ def use_fused_inference(backbone: torch.nn.Module) -> None:
     BitLinears that read them first (a folded norm is not run on its own), then the other RMSNorms in one native pass,
     the gated MLPs' products in their down projections' quantizers, the encoder MLPs' activations in their first
     projections' kernels, the encoder blocks' residual adds and LayerNorms in one native pass, and the encoders'
-    self-attention over short sequences in one native call. Taking them again changes nothing."""
+    self-attention in one native call. Taking them again changes nothing."""
     fold_model_norms(backbone)
     use_native_norms(backbone)
     fuse_gated_mlps(backbone)

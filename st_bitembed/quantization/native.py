@@ -8,7 +8,7 @@
 - ``ternary_gemm_amx.c``: the same products on AMX tiles, where the CPU has them (:func:`native_amx_available`).
 - ``rms_norm.c``: the model's own RMSNorms that no BitLinear reads, in one pass (``native_norm.py``).
 - ``residual_layer_norm.c``: an encoder block's residual add and LayerNorm, in one pass (``residual_norm.py``).
-- ``attention.c``: an encoder's self-attention over short sequences, one parallel loop over (sequence, head) pairs
+- ``attention.c``: an encoder's self-attention, one parallel loop over (sequence, head) pairs
   (``native_attention.py``).
 - ``ternary_linear.c``: the two in one call (quantizer into a per-thread buffer, then the GEMM), for one projection
   or several of the same input (q, k and v; gate and up) at once: what BitLinear's inference runs on that backend.
@@ -517,8 +517,8 @@ def native_attention() -> Attention | None:
     (``True``: attend, as in ``scaled_dot_product_attention``) or additive of the query's dtype, broadcastable to
     ``[batch, heads, queries, keys]``; anything else, or more keys or features per head than the kernel takes:
     ``ValueError``. ``None`` where the kernels cannot be built or the CPU lacks AVX-512 (the kernel's only build).
-    Returns a new ``[batch, queries, heads * head_dim]``
-    tensor (the heads side by side, as an attention module's output projection reads them)."""
+    Returns a new ``[batch, queries, heads * head_dim]`` tensor (the heads side by side, as an attention module's
+    output projection reads them)."""
     library = _library()
     if library is None or not library.attention_available():
         return None
