@@ -106,12 +106,18 @@ static float row_weights(float *row, int64_t padded_keys, int64_t keys, float sc
                                   ? _mm512_setzero_ps()
                                   : _mm512_maskz_mov_ps(attended, exp_512(_mm512_sub_ps(score, _mm512_set1_ps(row_max))));
         total = _mm512_add_ps(total, weight);
-        const __m512 held = in_bfloat16 ? bfloat16_rounded_512(weight) : weight;
-        if (weights_bfloat16 != NULL)
+        if (weights_bfloat16 != NULL) {
+#if defined(__AVX512BF16__)
+            /* one instruction, rounding half to even as PyTorch converts; it takes denormals as 0, and a weight is 0 or
+             * at least exp(-87) (exp_512's clamp), a normal float */
+            _mm256_storeu_si256((__m256i *)(weights_bfloat16 + key), (__m256i)_mm512_cvtneps_pbh(weight));
+#else
             _mm256_storeu_si256((__m256i *)(weights_bfloat16 + key),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(held), 16)));
-        else
-            _mm512_storeu_ps(row + key, held);
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(bfloat16_rounded_512(weight)), 16)));
+#endif
+        } else {
+            _mm512_storeu_ps(row + key, in_bfloat16 ? bfloat16_rounded_512(weight) : weight);
+        }
     }
     return _mm512_reduce_add_ps(total);
 }
@@ -249,6 +255,30 @@ static size_t amx_buffer_bytes(int64_t keys, int64_t head_dim) {
                     4 * (TILE_ROWS * padded + TILE_ROWS * 2 * LANES));
 }
 
+/* 16 rows of 16 32-bit values transposed in registers: rows[p] then holds value p of every row. */
+static inline void transpose_16x16(__m512i rows[LANES]) {
+    __m512i pairs[LANES], quads[LANES];
+    for (int i = 0; i < LANES; i += 2) { /* in each 128-bit lane: values 0, 1 (lo) or 2, 3 (hi) of rows i, i + 1 */
+        pairs[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+        pairs[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+    }
+    for (int g = 0; g < LANES; g += 4) /* quads[g + c], lane l: value 4 l + c of rows g .. g + 3 */
+        for (int half = 0; half < 2; ++half) {
+            quads[g + 2 * half] = _mm512_unpacklo_epi64(pairs[g + half], pairs[g + 2 + half]);
+            quads[g + 2 * half + 1] = _mm512_unpackhi_epi64(pairs[g + half], pairs[g + 2 + half]);
+        }
+    for (int c = 0; c < 4; ++c) { /* value 4 l + c of all rows: lane l of quads[c], [4 + c], [8 + c], [12 + c] */
+        const __m512i even = _mm512_shuffle_i32x4(quads[c], quads[4 + c], 0x88);
+        const __m512i odd = _mm512_shuffle_i32x4(quads[c], quads[4 + c], 0xdd);
+        const __m512i even_high = _mm512_shuffle_i32x4(quads[8 + c], quads[12 + c], 0x88);
+        const __m512i odd_high = _mm512_shuffle_i32x4(quads[8 + c], quads[12 + c], 0xdd);
+        rows[c] = _mm512_shuffle_i32x4(even, even_high, 0x88);
+        rows[8 + c] = _mm512_shuffle_i32x4(even, even_high, 0xdd);
+        rows[4 + c] = _mm512_shuffle_i32x4(odd, odd_high, 0x88);
+        rows[12 + c] = _mm512_shuffle_i32x4(odd, odd_high, 0xdd);
+    }
+}
+
 static void amx_pair(const uint16_t *query, const uint16_t *key, const uint16_t *value, int64_t queries,
                      int64_t keys, int64_t head_dim, int64_t query_base, int64_t query_stride, int64_t key_base,
                      int64_t key_stride, int64_t value_base, int64_t value_stride, struct row_mask mask,
@@ -258,16 +288,18 @@ static void amx_pair(const uint16_t *query, const uint16_t *key, const uint16_t 
     uint16_t *key_tiles = (uint16_t *)buffer, *value_tiles = key_tiles + padded * head_dim;
     uint16_t *query_rows = value_tiles + padded * head_dim, *weights = query_rows + TILE_ROWS * head_dim;
     float *scores = (float *)(weights + TILE_ROWS * padded), *outputs = scores + TILE_ROWS * padded;
-    /* keys: tile (block of 16 keys, chunk of 32 features), row p, key j holds features 2p, 2p + 1 of key j */
+    /* keys: tile (block of 16 keys, chunk of 32 features), row p, key j holds features 2p, 2p + 1 of key j: the
+     * block's rows as 16 x 16 pairs of features, transposed */
     for (int64_t block = 0; block < padded / LANES; ++block)
         for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-            uint32_t *tile = (uint32_t *)(key_tiles + (block * chunks + chunk) * 512);
+            __m512i rows[LANES];
             for (int64_t j = 0; j < LANES; ++j) {
                 const int64_t k = block * LANES + j;
-                uint32_t pairs[LANES] = {0};
-                if (k < keys) memcpy(pairs, key + key_base + k * key_stride + chunk * 32, 64);
-                for (int p = 0; p < LANES; ++p) tile[p * LANES + j] = pairs[p];
+                rows[j] = k < keys ? _mm512_loadu_si512(key + key_base + k * key_stride + chunk * 32) : _mm512_setzero_si512();
             }
+            transpose_16x16(rows);
+            uint16_t *tile = key_tiles + (block * chunks + chunk) * 512;
+            for (int p = 0; p < LANES; ++p) _mm512_storeu_si512(tile + p * 32, rows[p]);
         }
     /* values: tile (block of 32 keys, 16 features), row p holds keys 2p and 2p + 1 of each feature, interleaved */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
