@@ -59,6 +59,28 @@ def test_the_kernel_is_the_attention_formula(dtype, batch, heads, tokens, head_d
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 48])  # bf16: tiles (where AMX is) and vectors
+def test_a_nan_spoils_its_own_sequence_and_head_only(dtype, head_dim):
+    """Damaged input: a NaN in one attended key makes every output of its (sequence, head) NaN, as PyTorch's attention
+    gives, and leaves the others as they were; a key masked out is never read."""
+    query, key, value = projected(3, 2, 20, head_dim, dtype, torch.Generator().manual_seed(1))
+    padding = torch.ones(3, 1, 1, 20, dtype=torch.bool)
+    padding[2, ..., 15:] = False
+    kernel = native_attention()
+    clean = kernel(query, key, value, padding, head_dim**-0.5).view(3, 20, 2, head_dim)
+    damaged = key.clone()
+    damaged[0, 1, 7, 3] = float("nan")  # attended
+    damaged[2, 0, 17, 0] = float("nan")  # masked out
+    out = kernel(query, damaged, value, padding, head_dim**-0.5).view(3, 20, 2, head_dim)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, damaged, value, attn_mask=padding)
+    assert out[0, :, 1].isnan().all() and expected[0, 1].isnan().all()
+    spoiled = torch.zeros(3, 2, dtype=torch.bool)
+    spoiled[0, 1] = True
+    assert torch.equal(out.transpose(1, 2)[~spoiled], clean.transpose(1, 2)[~spoiled])
+
+
+@needs_kernel
 def test_bf16_heads_run_on_tiles_where_the_cpu_has_them():
     """The sizes above cover both paths: heads of a multiple of 32 features on tiles (where AMX is), others on
     vectors."""

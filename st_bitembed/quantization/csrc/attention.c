@@ -87,20 +87,24 @@ static inline __mmask16 attended_keys(const struct row_mask *mask, int64_t key, 
 static float row_weights(float *row, int64_t padded_keys, int64_t keys, float scale, const struct row_mask *mask,
                          int in_bfloat16, uint16_t *weights_bfloat16) {
     __m512 highest = _mm512_set1_ps(-INFINITY);
+    __mmask16 unordered = 0;
     for (int64_t key = 0; key < padded_keys; key += LANES) {
         __m512 added;
         __mmask16 attended = attended_keys(mask, key, keys, in_bfloat16, &added);
         const __m512 score = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(row + key), _mm512_set1_ps(scale)), added);
-        attended &= _mm512_cmp_ps_mask(score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        attended &= _mm512_cmp_ps_mask(score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ); /* a NaN stays attended */
+        unordered |= _mm512_mask_cmp_ps_mask(attended, score, score, _CMP_UNORD_Q);
         const __m512 kept = _mm512_mask_blend_ps(attended, _mm512_set1_ps(-INFINITY), score);
         _mm512_storeu_ps(row + key, kept);
         highest = _mm512_max_ps(highest, kept);
     }
-    const float row_max = _mm512_reduce_max_ps(highest);
+    /* a NaN score (a NaN or an infinity in the row's query or an attended key) makes every weight and output of the
+     * row NaN, as PyTorch's softmax does: never a finite row that silently left a key out */
+    const float row_max = unordered ? NAN : _mm512_reduce_max_ps(highest);
     __m512 total = _mm512_setzero_ps();
     for (int64_t key = 0; key < padded_keys; key += LANES) {
         const __m512 score = _mm512_loadu_ps(row + key);
-        const __mmask16 attended = _mm512_cmp_ps_mask(score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __mmask16 attended = _mm512_cmp_ps_mask(score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
         /* all keys masked: every weight is 0 (and the row's output with them) */
         const __m512 weight = row_max == -INFINITY
                                   ? _mm512_setzero_ps()
