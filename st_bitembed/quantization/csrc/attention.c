@@ -116,8 +116,7 @@ static float row_weights(float *row, int64_t padded_keys, int64_t keys, float sc
              * at least exp(-87) (exp_512's clamp), a normal float */
             _mm256_storeu_si256((__m256i *)(weights_bfloat16 + key), (__m256i)_mm512_cvtneps_pbh(weight));
 #else
-            _mm256_storeu_si256((__m256i *)(weights_bfloat16 + key),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(bfloat16_rounded_512(weight)), 16)));
+            store_bfloat16_512(weights_bfloat16 + key, weight);
 #endif
         } else {
             _mm512_storeu_ps(row + key, in_bfloat16 ? bfloat16_rounded_512(weight) : weight);
@@ -130,8 +129,7 @@ static float row_weights(float *row, int64_t padded_keys, int64_t keys, float sc
 static inline void store_outputs(__m512 sums, float inverse, void *out, int64_t at, int in_bfloat16) {
     const __m512 result = _mm512_mul_ps(sums, _mm512_set1_ps(inverse));
     if (in_bfloat16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(bfloat16_rounded_512(result)), 16)));
+        store_bfloat16_512((uint16_t *)out + at, result);
     else
         _mm512_storeu_ps((float *)out + at, result);
 }

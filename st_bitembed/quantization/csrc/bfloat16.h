@@ -35,6 +35,12 @@ static inline __m512 bfloat16_rounded_512(__m512 value) {
     const __m512 kept = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, value, _CMP_ORD_Q), value, kept); /* a NaN stays */
 }
+
+/* 16 floats stored as bfloat16, rounded as PyTorch converts them. */
+static inline void store_bfloat16_512(uint16_t *out, __m512 value) {
+    const __m512i bits = _mm512_castps_si512(bfloat16_rounded_512(value));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
 #endif
 
 #endif
