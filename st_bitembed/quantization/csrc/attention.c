@@ -111,13 +111,8 @@ static float row_weights(float *row, int64_t padded_keys, int64_t keys, float sc
                                   : _mm512_maskz_mov_ps(attended, exp_512(_mm512_sub_ps(score, _mm512_set1_ps(row_max))));
         total = _mm512_add_ps(total, weight);
         if (weights_bfloat16 != NULL) {
-#if defined(__AVX512BF16__)
-            /* one instruction, rounding half to even as PyTorch converts; it takes denormals as 0, and a weight is 0 or
-             * at least exp(-87) (exp_512's clamp), a normal float */
-            _mm256_storeu_si256((__m256i *)(weights_bfloat16 + key), (__m256i)_mm512_cvtneps_pbh(weight));
-#else
+            /* a weight is 0 or at least exp(-87) (exp_512's clamp): a normal float, rounded as PyTorch rounds it */
             store_bfloat16_512(weights_bfloat16 + key, weight);
-#endif
         } else {
             _mm512_storeu_ps(row + key, in_bfloat16 ? bfloat16_rounded_512(weight) : weight);
         }

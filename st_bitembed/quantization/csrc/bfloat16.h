@@ -36,10 +36,16 @@ static inline __m512 bfloat16_rounded_512(__m512 value) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, value, _CMP_ORD_Q), value, kept); /* a NaN stays */
 }
 
-/* 16 floats stored as bfloat16, rounded as PyTorch converts them. */
+/* 16 floats stored as bfloat16, rounded half to even as PyTorch converts them: one instruction with AVX512-BF16,
+ * which takes a denormal float (|x| < 1.2e-38) as 0; the kernels' outputs are 0 or normal floats unless their inputs
+ * are that small themselves. */
 static inline void store_bfloat16_512(uint16_t *out, __m512 value) {
+#if defined(__AVX512BF16__)
+    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(value));
+#else
     const __m512i bits = _mm512_castps_si512(bfloat16_rounded_512(value));
     _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+#endif
 }
 #endif
 

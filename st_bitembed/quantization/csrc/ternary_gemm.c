@@ -152,15 +152,6 @@ static void row_sums(const uint8_t *codes, int64_t rows, int64_t code_stride, in
     }
 }
 
-/* The bfloat16 bits of 16 floats (as to_bfloat16), narrowed to 16 bits each. */
-static inline __m256i to_bfloat16_lanes(__m512 value) {
-    const __m512i bits = _mm512_castps_si512(value);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, lsb), _mm512_set1_epi32(0x7fff)), 16);
-    const __mmask16 ordered = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
-    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0xffff), rounded));
-}
-
 /* out[0:48] = activation(v) (* factor), v = (sums - row_sum - 128 * column_sums) * scale (+ bias): the integer
  * correction is exact, then one multiply. Each value is rounded to bfloat16 wherever PyTorch would hold it so
  * (bfloat16_values: a bf16 model's, read by the activation or the factor's product, or written as float32), and
@@ -184,7 +175,7 @@ static inline void finish_row(const int32_t *sums, int32_t row_sum, const int32_
             value = _mm512_mul_ps(value, _mm512_loadu_ps(factor + 16 * j));
         }
         if (out_bfloat16)
-            _mm256_storeu_si256((__m256i *)((uint16_t *)out + 16 * j), to_bfloat16_lanes(value));
+            store_bfloat16_512((uint16_t *)out + 16 * j, value);
         else
             _mm512_storeu_ps((float *)out + 16 * j, bfloat16_values ? bfloat16_rounded_512(value) : value);
     }
