@@ -12,8 +12,10 @@ Methods: float32 exact (faiss ``IndexFlatIP``); binary only (sentence-transforme
 faiss ``IndexBinaryFlat``); sentence-transformers' binary -> int8 rescoring (its int8 codes with ranges calibrated on
 the calibration sentences, float query x int8 codes, as its documentation does), and BitEmbed's
 :class:`~st_bitembed.index.NestedCodeIndex` on one int8 or int4 store, the binary first pass derived from it: an exact
-Hamming scan (faiss ``IndexBinaryFlat``) or an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``;
-its build time is printed). Each rescoring method reads each of ``--rescore-multipliers`` x 10 candidates.
+Hamming scan (faiss ``IndexBinaryFlat``), an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``)
+or inverted lists (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus size)``, searched with each of
+``--probes`` clusters per query); build times are printed. Each rescoring method reads each of
+``--rescore-multipliers`` x 10 candidates.
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
@@ -21,7 +23,8 @@ from one encoding pass.
 
 Usage (offline, from the repository root):
     python tools/offline_kit.py -- python benchmarks/nested_search.py --model output/minilm-cpu-final/model
-        [--corpus-size 1000000] [--queries 1000] [--rescore-multipliers 4,16,64] [--parts search,cost] [--threads 2]
+        [--corpus-size 1000000] [--queries 1000] [--rescore-multipliers 4,16,64] [--probes 16,64]
+        [--parts search,cost] [--threads 2]
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def timed(function):
 
 
 def compare_search(
-    model, calibration: np.ndarray, corpus: np.ndarray, queries: np.ndarray, multipliers: list[int]
+    model, calibration: np.ndarray, corpus: np.ndarray, queries: np.ndarray, multipliers: list[int], probes: list[int]
 ) -> None:
     import faiss
     from sentence_transformers.util import quantize_embeddings
@@ -134,14 +137,16 @@ def compare_search(
     binary_index = faiss.IndexBinaryFlat(dimension)
     binary_index.add(quantize_embeddings(corpus, "ubinary"))
     int8_corpus = quantize_embeddings(corpus, "int8", calibration_embeddings=calibration)
+    clusters = max(1, round(len(corpus) ** 0.5))
+    first_passes = {"scan": {"exact": True}, "HNSW": {"exact": False}, "IVF": {"exact": False, "clusters": clusters}}
     nested = {}
     for store in ("int8", "int4"):
         codes = head.quantize(torch_tensor(corpus), store, pack=True)
-        for exact in (True, False):
-            nested[store, exact] = NestedCodeIndex(head, store, backend="faiss", exact=exact)
-            _, seconds = timed(lambda: nested[store, exact].add(codes))
-            if not exact:
-                print(f"HNSW first pass over the {store} store's bits built in {seconds:.0f} s")
+        for first_pass, options in first_passes.items():
+            index = nested[store, first_pass] = NestedCodeIndex(head, store, backend="faiss", **options)
+            _, seconds = timed(lambda: (index.add(codes), index.first_pass_bytes_per_vector))  # IVF: trains here
+            if first_pass != "scan":
+                print(f"{first_pass} first pass over the {store} store's bits built in {seconds:.0f} s")
 
     def binary_only() -> list[list[int]]:
         return binary_index.search(quantize_embeddings(queries, "ubinary"), top_k)[1].tolist()
@@ -151,8 +156,8 @@ def compare_search(
         scores = np.einsum("qd,qkd->qk", queries, int8_corpus[ids].astype(np.float32))
         return np.take_along_axis(ids, np.argsort(-scores, axis=1, kind="stable")[:, :top_k], axis=1).tolist()
 
-    def nested_search(store: str, exact: bool, multiplier: int) -> list[list[int]]:
-        hits = nested[store, exact].search(queries, top_k=top_k, rescore_multiplier=multiplier)
+    def nested_search(index, multiplier: int, probes: int | None = None) -> list[list[int]]:
+        hits = index.search(queries, top_k=top_k, rescore_multiplier=multiplier, probes=probes)
         return [[hit["corpus_id"] for hit in row] for row in hits]
 
     rows = [
@@ -167,15 +172,17 @@ def compare_search(
                 *_recall_and_time(lambda: binary_then_int8(multiplier), recall),
             )
         )
-        for (store, exact), index in nested.items():
-            first_pass = "binary scan" if exact else "binary HNSW"
-            rows.append(
-                (
-                    f"BitEmbed nested store: {first_pass} -> {store} rescoring (x{multiplier})",
-                    round(index.bytes_per_vector + index.first_pass_bytes_per_vector),
-                    *_recall_and_time(lambda: nested_search(store, exact, multiplier), recall),
+        for (store, first_pass), index in nested.items():
+            bytes_per_vector = round(index.bytes_per_vector + index.first_pass_bytes_per_vector)
+            for probe in sorted({min(p, clusters) for p in probes}) if first_pass == "IVF" else [None]:
+                searched = f"binary {first_pass}" + (f" ({clusters} clusters, {probe} probed)" if probe else "")
+                rows.append(
+                    (
+                        f"BitEmbed nested store: {searched} -> {store} rescoring (x{multiplier})",
+                        bytes_per_vector,
+                        *_recall_and_time(lambda: nested_search(index, multiplier, probe), recall),
+                    )
                 )
-            )
     print(f"\n{len(corpus):,} vectors x {dimension}, {len(queries):,} queries, top 10\n")
     print("| method | bytes/vector | recall@10 of float32 exact | queries/s | x float32 exact |")
     print("|---|---|---|---|---|")
@@ -221,6 +228,7 @@ def main() -> None:
     parser.add_argument("--corpus-size", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rescore-multipliers", default="4,16,64", help="candidates per hit, comma-separated")
+    parser.add_argument("--probes", default="16,64", help="clusters scanned per query by the IVF first pass")
     parser.add_argument("--parts", default="search", help="search, cost (nesting's cost on the kit's tasks) or both")
     parser.add_argument("--cache-dir", default=".cache/nested-search", help="encoded embeddings are kept here")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -240,12 +248,13 @@ def main() -> None:
     calibration = embeddings(model, "calibration", calibration_sentences(), cache)
     print(f"torch {torch.__version__}, faiss {faiss.__version__}, {args.threads} threads; model {args.model}")
     multipliers = [int(m) for m in args.rescore_multipliers.split(",")]
+    probes = [int(p) for p in args.probes.split(",")]
     if "search" in args.parts:
         print("\n## SciFact (real embeddings)")
-        compare_search(model, calibration, *scifact(model, cache), multipliers)
+        compare_search(model, calibration, *scifact(model, cache), multipliers, probes)
         print("\n## Large corpus (real embeddings, then Gaussian vectors with their mean and covariance)")
         corpus, queries = large_corpus(model, cache, args.corpus_size, args.queries)
-        compare_search(model, calibration, corpus, queries, multipliers)
+        compare_search(model, calibration, corpus, queries, multipliers, probes)
     if "cost" in args.parts:
         nesting_cost(model, calibration, KIT_TASKS)
 

@@ -1,6 +1,6 @@
 """One store, every precision: a search index over a nested Quantize head's codes, with a binary first pass in memory
-(an exact Hamming scan, or an approximate HNSW graph) and rescoring from the stored int8 / int4 codes (in memory, or
-memory-mapped from disk)."""
+(an exact Hamming scan, or an approximate HNSW graph or inverted lists) and rescoring from the stored int8 / int4 codes
+(in memory, or memory-mapped from disk)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,17 @@ FirstPassBackend = Literal["faiss", "usearch", "torch"]
 INDEX_FILE = "index.json"
 STORE_FILE = "codes.bin"
 HEAD_FOLDER = "quantize"
-# An HNSW first pass is saved beside the store (a graph takes minutes to build for millions of codes; a scan's codes
-# are read back from the store in seconds).
+# An approximate first pass is saved beside the store (a graph takes minutes to build for millions of codes, inverted
+# lists their k-means; a scan's codes are read back from the store in seconds).
 GRAPH_FILES = {"faiss": "first_pass.faiss", "usearch": "first_pass.usearch"}
 # Neighbours per node of the HNSW graph: sentence-transformers' approximate binary search uses 16 too.
 HNSW_NEIGHBORS = 16
+# Clusters an inverted-list first pass scans per query unless asked (search's ``probes``): with sqrt(N) clusters, 64
+# scanned recalled as much as a scan on SciFact's real embeddings, and 6% of a 1M corpus is scanned per query
+# (benchmarks/nested_search.py, README).
+DEFAULT_PROBES = 64
+# Codes per cluster the k-means of an inverted-list first pass is trained on (faiss's own cap: more are sampled down).
+_TRAINING_CODES_PER_CLUSTER = 256
 # Rows truncated, added or rescored at a time (bounded memory for corpora larger than it).
 _ROWS_PER_BLOCK = 65_536
 # Queries compared at a time by the torch first pass (its XOR intermediate is queries x corpus x bytes).
@@ -44,8 +50,13 @@ class NestedCodeIndex:
     the store, which may stay on disk (``path``: appended to by :meth:`add`, memory-mapped when searched).
 
     The first pass scans every binary code (``exact=True``: its candidates are the nearest in Hamming distance, at a
-    cost that grows with the corpus) or walks an HNSW graph built on the same bits (``exact=False``: approximate, for
-    large corpora; sentence-transformers' ``exact=False`` builds the same graphs). The graph is saved with the index.
+    cost that grows with the corpus) or is approximate, for large corpora (``exact=False``): an HNSW graph on the same
+    bits (sentence-transformers' ``exact=False`` builds the same graphs), or, with ``clusters``, faiss's inverted
+    lists (``IndexBinaryIVF``): the codes are split into that many k-means clusters and a query scans the codes of its
+    ``probes`` nearest clusters. The lists hold each code with an 8-byte id, where a graph adds about 144 bytes of
+    links per vector at 16 neighbours, so that the first pass and an int4 store of 384 dimensions fit in 1/6 of
+    float32's bytes. Their clusters are trained on the whole store at the first search (or save), not on the first
+    chunk added; codes added later join the trained lists. An approximate first pass is saved with the index.
 
     Args:
         quantizer: The model's nested Quantize head (``model.quantizer``); it defines what the codes stand for.
@@ -55,7 +66,9 @@ class NestedCodeIndex:
         backend: The first pass: faiss (``IndexBinaryFlat``, or ``IndexBinaryHNSW``), usearch
             (``Index(metric="hamming", dtype="b1")``; both optional: ``pip install st_bitembed[search]``) or popcount
             in torch (exact only).
-        exact: Scan every code (``True``) or search an HNSW graph (``False``; faiss or usearch).
+        exact: Scan every code (``True``) or search an approximate first pass (``False``; faiss or usearch).
+        clusters: With ``exact=False``, inverted lists over this many clusters instead of an HNSW graph (faiss
+            only); a common choice is 4 to 16 x the square root of the corpus size.
 
     Example:
         ::
@@ -79,6 +92,7 @@ class NestedCodeIndex:
         path: str | Path | None = None,
         backend: FirstPassBackend = "faiss",
         exact: bool = True,
+        clusters: int | None = None,
     ) -> None:
         if not quantizer.nested:
             raise ValueError(
@@ -92,6 +106,11 @@ class NestedCodeIndex:
             raise ValueError(f"Unknown first-pass backend {backend!r}; choose faiss, usearch or torch.")
         if backend == "torch" and not exact:
             raise ValueError("The torch first pass scans every code (exact=True); HNSW needs faiss or usearch.")
+        if clusters is not None and (exact or backend != "faiss" or clusters < 1):
+            raise ValueError(
+                f"clusters={clusters} asks for inverted lists, an approximate first pass of faiss: give "
+                "exact=False, backend='faiss' and at least 1 cluster (or clusters=None for a scan or an HNSW graph)."
+            )
         self.quantizer = quantizer.cpu().eval()
         self.store_precision = store_precision
         self.backend = backend
@@ -100,7 +119,8 @@ class NestedCodeIndex:
         self.count = 0
         self._memory_store: list[np.ndarray] = []
         self.exact = exact
-        self._first_pass = _FirstPass(backend, self.dimension, exact)
+        self.clusters = clusters
+        self._first_pass = _FirstPass(backend, self.dimension, exact, clusters)
         if self.path is not None:
             if (self.path / STORE_FILE).exists():
                 raise FileExistsError(
@@ -118,7 +138,8 @@ class NestedCodeIndex:
     @property
     def first_pass_bytes_per_vector(self) -> float:
         """Bytes per vector the first pass holds in memory: the binary codes (``dimension / 8``), and an HNSW
-        graph's links (about 3x the codes' bytes at 384 dimensions)."""
+        graph's links (about 3x the codes' bytes at 384 dimensions) or the inverted lists' ids and centroids."""
+        self._train_first_pass()
         return self._first_pass.bytes_per_vector(self.count)
 
     def add(self, codes: np.ndarray | torch.Tensor) -> None:
@@ -133,7 +154,8 @@ class NestedCodeIndex:
             )
         for start in range(0, len(codes), _ROWS_PER_BLOCK):
             block = codes[start : start + _ROWS_PER_BLOCK]
-            self._first_pass.add(self._binary(block), first_id=self.count)
+            if not self._first_pass.needs_training:  # untrained inverted lists take the store's codes when trained
+                self._first_pass.add(self._binary(block), first_id=self.count)
             if self.path is not None:
                 with open(self.path / STORE_FILE, "ab") as file:
                     file.write(block.tobytes())
@@ -143,6 +165,23 @@ class NestedCodeIndex:
 
     def _binary(self, codes: np.ndarray) -> np.ndarray:
         return self.quantizer.truncate(codes, self.store_precision, "ubinary", dimension=self.dimension)
+
+    def _train_first_pass(self) -> None:
+        """Inverted lists not trained yet: their clusters from an evenly spread sample of the store's codes, then every
+        stored code added to them (block by block: the store may be larger than memory)."""
+        if not self._first_pass.needs_training or self.count == 0:
+            return
+        if self.count < self.clusters:
+            raise ValueError(
+                f"Inverted lists of {self.clusters} clusters need at least as many codes, and the index holds "
+                f"{self.count}: add more codes first, or choose fewer clusters (e.g. 4 x sqrt(corpus size))."
+            )
+        store = self._store()
+        sample = min(self.count, self.clusters * _TRAINING_CODES_PER_CLUSTER)
+        rows = np.unique(np.linspace(0, self.count - 1, sample).astype(np.int64))
+        self._first_pass.train(self._binary(np.asarray(store[rows])))
+        for start in range(0, self.count, _ROWS_PER_BLOCK):
+            self._first_pass.add(self._binary(np.asarray(store[start : start + _ROWS_PER_BLOCK])), first_id=start)
 
     def _store(self) -> np.ndarray:
         """The stored codes, ``[count, bytes per vector]``: memory-mapped from disk, or in memory."""
@@ -162,6 +201,7 @@ class NestedCodeIndex:
         top_k: int = 10,
         rescore_multiplier: int = 4,
         ef_search: int | None = None,
+        probes: int | None = None,
     ) -> list[list[dict[str, int | float]]]:
         """Top-``top_k`` corpus entries per query, best first, as ``sentence_transformers.util.semantic_search``
         returns them (``{"corpus_id", "score"}``).
@@ -174,12 +214,16 @@ class NestedCodeIndex:
                 (scores ``1 - 2 * hamming / dim``).
             ef_search: For an HNSW first pass, how many nodes its search keeps in view (at least the number of
                 candidates, the default): more finds the Hamming-nearest candidates more surely, and takes longer.
+            probes: For inverted lists, how many of the clusters nearest to a query are scanned (default
+                :data:`DEFAULT_PROBES`, at most all of them, which is an exact scan): more finds the Hamming-nearest
+                candidates more surely, and takes longer.
         """
         queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries.cpu())
         is_float = queries.is_floating_point()
         query_bits = self.quantizer.quantize(queries, "ubinary").numpy() if is_float else self._binary(queries.numpy())
         candidates = min(self.count, top_k * max(rescore_multiplier, 1))
-        hamming, ids = self._first_pass.search(query_bits, candidates, ef_search)
+        self._train_first_pass()
+        hamming, ids = self._first_pass.search(query_bits, candidates, ef_search, probes)
         if rescore_multiplier == 0:
             return _hits(1 - 2 * hamming.float() / self.dimension, ids, top_k)
         query_vectors = F.normalize(queries.float() if is_float else self._dequantize(queries.numpy()), dim=-1)
@@ -213,36 +257,47 @@ class NestedCodeIndex:
             self._store().tofile(target / STORE_FILE)
         (target / HEAD_FOLDER).mkdir(exist_ok=True)
         self.quantizer.save(str(target / HEAD_FOLDER))
-        for stale in GRAPH_FILES.values():  # a graph saved before no longer describes the store
+        for stale in GRAPH_FILES.values():  # a first pass saved before no longer describes the store
             (target / stale).unlink(missing_ok=True)
-        if not self.exact:
+        if self.count >= (self.clusters or 0):  # fewer codes than clusters: trained at a search once there are more
+            self._train_first_pass()
+        if not self.exact and not self._first_pass.needs_training:
             self._first_pass.save(target / GRAPH_FILES[self.backend])
         description = {
             "store_precision": self.store_precision,
             "dimension": self.dimension,
             "count": self.count,
             "exact": self.exact,
+            "clusters": self.clusters,
         }
         (target / INDEX_FILE).write_text(json.dumps(description, indent=2))
         return target
 
     @classmethod
-    def load(cls, path: str | Path, backend: FirstPassBackend = "faiss", exact: bool | None = None) -> NestedCodeIndex:
-        """Open a saved index: the store stays on disk (memory-mapped); an HNSW first pass saved by this backend is
-        read back, any other first pass is built from the store.
+    def load(
+        cls,
+        path: str | Path,
+        backend: FirstPassBackend = "faiss",
+        exact: bool | None = None,
+        clusters: int | None = None,
+    ) -> NestedCodeIndex:
+        """Open a saved index: the store stays on disk (memory-mapped); an approximate first pass saved by this
+        backend is read back, any other first pass is built from the store.
 
         Args:
             path: The index's folder.
             backend: As for the constructor.
             exact: The first pass: as the index was saved (``None``), or another (built from the store).
+            clusters: With ``exact`` given, as for the constructor.
         """
         path = Path(path)
         if not (path / INDEX_FILE).exists():
             raise FileNotFoundError(f"{path} has no {INDEX_FILE}: it is not a saved NestedCodeIndex.")
         description = json.loads((path / INDEX_FILE).read_text())
-        exact = description.get("exact", True) if exact is None else exact
+        if exact is None:  # as saved (indexes saved before inverted lists existed have no "clusters")
+            exact, clusters = description.get("exact", True), description.get("clusters")
         head = Quantize.load(str(path / HEAD_FOLDER))
-        index = cls(head, description["store_precision"], backend=backend, exact=exact)
+        index = cls(head, description["store_precision"], backend=backend, exact=exact, clusters=clusters)
         index.path, index.count = path, description["count"]
         store = index._store()
         if store.nbytes != (path / STORE_FILE).stat().st_size:
@@ -251,9 +306,11 @@ class NestedCodeIndex:
                 f"{index.count} vectors of {index.bytes_per_vector} bytes: the index was not saved after its last "
                 "add(), or the file is damaged."
             )
-        graph = path / GRAPH_FILES.get(backend, "")
-        if not exact and graph.is_file():
-            index._first_pass.read(graph, index.count)
+        saved_first_pass = path / GRAPH_FILES.get(backend, "")
+        if not exact and saved_first_pass.is_file() and clusters == description.get("clusters"):
+            index._first_pass.read(saved_first_pass, index.count)
+            return index
+        if index._first_pass.needs_training:  # trained from the store at the first search
             return index
         for start in range(0, index.count, _ROWS_PER_BLOCK):
             index._first_pass.add(index._binary(np.asarray(store[start : start + _ROWS_PER_BLOCK])), first_id=start)
@@ -262,22 +319,36 @@ class NestedCodeIndex:
 
 class _FirstPass:
     """Hamming search over packed sign bits (ubinary bytes): a scan of every code (faiss ``IndexBinaryFlat``, usearch's
-    exact search, torch popcount) or an HNSW graph (faiss ``IndexBinaryHNSW``, usearch's ``Index``)."""
+    exact search, torch popcount), an HNSW graph (faiss ``IndexBinaryHNSW``, usearch's ``Index``) or inverted lists
+    (faiss ``IndexBinaryIVF``, with ``clusters``: to be trained before codes are added)."""
 
-    def __init__(self, backend: FirstPassBackend, dimension: int, exact: bool) -> None:
-        self.backend, self.exact = backend, exact
+    def __init__(self, backend: FirstPassBackend, dimension: int, exact: bool, clusters: int | None = None) -> None:
+        self.backend, self.exact, self.clusters = backend, exact, clusters
         self.bits = -(-dimension // 8) * 8  # the packed codes' whole bytes
         self._blocks: list[torch.Tensor] = []  # the torch backend's codes
         if backend == "faiss":
             import faiss
 
-            self._index: Any = (
-                faiss.IndexBinaryFlat(self.bits) if exact else faiss.IndexBinaryHNSW(self.bits, HNSW_NEIGHBORS)
-            )
+            if clusters is not None:
+                self._index: Any = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(self.bits), self.bits, clusters)
+                # faiss warns on stderr below 39 training codes per cluster; the console stays quiet (the index
+                # refuses fewer codes than clusters, where k-means cannot run)
+                self._index.cp.min_points_per_centroid = 1
+            else:
+                self._index = (
+                    faiss.IndexBinaryFlat(self.bits) if exact else faiss.IndexBinaryHNSW(self.bits, HNSW_NEIGHBORS)
+                )
         elif backend == "usearch":
             from usearch.index import Index
 
             self._index = Index(ndim=self.bits, metric="hamming", dtype="b1", connectivity=HNSW_NEIGHBORS)
+
+    @property
+    def needs_training(self) -> bool:
+        return self.clusters is not None and not self._index.is_trained
+
+    def train(self, bits: np.ndarray) -> None:
+        self._index.train(bits)
 
     def add(self, bits: np.ndarray, first_id: int) -> None:
         if self.backend == "faiss":
@@ -287,12 +358,16 @@ class _FirstPass:
         else:
             self._blocks.append(torch.from_numpy(bits.copy()))
 
-    def search(self, queries: np.ndarray, k: int, ef_search: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hamming distances and ids, each ``[Q, k]``, nearest first (ties: the lower id, when exact); an HNSW
+    def search(
+        self, queries: np.ndarray, k: int, ef_search: int | None = None, probes: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hamming distances and ids, each ``[Q, k]``, nearest first (ties: the lower id, when exact); an approximate
         search that finds fewer than ``k`` codes pads with id -1."""
         explored = max(k, ef_search or 0)
         if self.backend == "faiss":
-            if not self.exact:
+            if self.clusters is not None:
+                self._index.nprobe = min(self.clusters, probes or DEFAULT_PROBES)
+            elif not self.exact:
                 self._index.hnsw.efSearch = explored
             distances, ids = self._index.search(queries, k)
         elif self.backend == "usearch":

@@ -200,3 +200,75 @@ def test_hnsw_first_pass_is_saved_and_read_back(corpus_and_head, tmp_path, backe
 def test_torch_has_no_hnsw_first_pass(corpus_and_head):
     with pytest.raises(ValueError, match="HNSW needs faiss or usearch"):
         NestedCodeIndex(corpus_and_head[2], "int4", backend="torch", exact=False)
+
+
+faiss_only = pytest.mark.skipif("faiss" not in backends(), reason="inverted lists are faiss's (pip install faiss-cpu)")
+
+
+def hamming_scores(results: list[list[dict]]) -> np.ndarray:
+    return np.array([[hit["score"] for hit in hits] for hits in results])
+
+
+@faiss_only
+def test_inverted_lists_train_on_the_whole_store_and_scan_their_probed_clusters(corpus_and_head, capfd):
+    queries, corpus, head = corpus_and_head
+    codes = head.quantize(corpus, "int4", pack=True)
+    scan = NestedCodeIndex(head, "int4")
+    lists = NestedCodeIndex(head, "int4", exact=False, clusters=20)
+    for start in range(0, len(codes), 100):  # in chunks, the first too small to train 20 clusters on
+        scan.add(codes[start : start + 100])
+        lists.add(codes[start : start + 100])
+    assert lists._first_pass.needs_training  # not trained on the first chunk: on the whole store, at first search
+    expected = hamming_scores(scan.search(queries, top_k=40, rescore_multiplier=0))
+    # Every cluster probed is a scan: the same Hamming distances (ids differ among equal ones: 64 bits leave ties).
+    every = hamming_scores(lists.search(queries, top_k=40, rescore_multiplier=0, probes=20))
+    np.testing.assert_allclose(every, expected)
+    assert lists._first_pass._index.ntotal == len(corpus)
+    rescored = lists.search(queries, top_k=10, rescore_multiplier=50, probes=20)
+    assert ids(rescored) == ids(quantized_semantic_search(queries, codes, "int4", head, top_k=10))
+    # Fewer clusters: approximate, never nearer than the scan, nearer the more are probed (random codes have no
+    # clusters to speak of: real embeddings lose far less, README).
+    few, more = (hamming_scores(lists.search(queries, top_k=40, rescore_multiplier=0, probes=n)) for n in (4, 10))
+    assert (few <= expected + 1e-6).all() and (more <= expected + 1e-6).all()
+    assert few.mean() < more.mean() < expected.mean()
+    lists.add(codes[:10])  # once trained, codes join the lists
+    assert lists._first_pass._index.ntotal == lists.count == len(corpus) + 10
+    assert capfd.readouterr().err == ""  # 25 codes per cluster: faiss would warn on stderr
+
+
+@faiss_only
+def test_inverted_lists_are_saved_read_back_and_smaller_than_a_graph(corpus_and_head, tmp_path):
+    queries, corpus, head = corpus_and_head
+    codes = head.quantize(corpus, "int8")
+    index = NestedCodeIndex(head, "int8", path=tmp_path / "index", exact=False, clusters=16)
+    index.add(codes)
+    index.save()  # trains the lists
+    assert (tmp_path / "index" / "first_pass.faiss").is_file()
+    loaded = NestedCodeIndex.load(tmp_path / "index")
+    assert (loaded.exact, loaded.clusters) == (False, 16) and not loaded._first_pass.needs_training
+    assert ids(loaded.search(queries, top_k=10, probes=3)) == ids(index.search(queries, top_k=10, probes=3))
+    # Asked for a graph, the same folder builds one from the store (the lists are not read as one).
+    graph = NestedCodeIndex.load(tmp_path / "index", exact=False)
+    assert graph.clusters is None and graph._first_pass._index.ntotal == len(corpus)
+    # Each code (8 bytes at 64 dimensions) with its 8-byte id, and the centroids: less than the graph's links.
+    assert 16 <= loaded.first_pass_bytes_per_vector < 18 < graph.first_pass_bytes_per_vector
+
+
+def test_inverted_lists_need_faiss_an_approximate_first_pass_and_enough_codes(corpus_and_head, tmp_path):
+    queries, corpus, head = corpus_and_head
+    with pytest.raises(ValueError, match="clusters=8 asks for inverted lists"):
+        NestedCodeIndex(head, "int4", exact=True, clusters=8)
+    with pytest.raises(ValueError, match="clusters=8 asks for inverted lists"):
+        NestedCodeIndex(head, "int4", backend="torch", clusters=8)
+    if "faiss" in backends():
+        index = NestedCodeIndex(head, "int4", exact=False, clusters=100)
+        index.add(head.quantize(corpus[:50], "int4", pack=True))
+        index.save(tmp_path / "early")  # a checkpoint of a growing index: saved without lists, trained later
+        assert not (tmp_path / "early" / "first_pass.faiss").exists()
+        with pytest.raises(ValueError, match="need at least as many codes, and the index holds 50"):
+            index.search(queries)
+        loaded = NestedCodeIndex.load(tmp_path / "early")
+        loaded.add(head.quantize(corpus[50:], "int4", pack=True))
+        assert ids(loaded.search(queries, top_k=10, rescore_multiplier=50, probes=100)) == ids(
+            quantized_semantic_search(queries, head.quantize(corpus, "int4", pack=True), "int4", head, top_k=10)
+        )
