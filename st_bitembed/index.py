@@ -26,7 +26,7 @@ GRAPH_FILES = {"faiss": "first_pass.faiss", "usearch": "first_pass.usearch"}
 # Neighbours per node of the HNSW graph: sentence-transformers' approximate binary search uses 16 too.
 HNSW_NEIGHBORS = 16
 # Clusters an inverted-list first pass scans per query unless asked (search's ``probes``): with sqrt(N) clusters, 64
-# scanned recalled as much as a scan on SciFact's real embeddings, and 6% of a 1M corpus is scanned per query
+# scanned recalled within 0.001 of a scan on SciFact's real embeddings, and 6% of a 1M corpus is scanned per query
 # (benchmarks/nested_search.py, README).
 DEFAULT_PROBES = 64
 # Codes per cluster the k-means of an inverted-list first pass is trained on (faiss's own cap: more are sampled down).
@@ -168,7 +168,7 @@ class NestedCodeIndex:
 
     def _train_first_pass(self) -> None:
         """Inverted lists not trained yet: their clusters from an evenly spread sample of the store's codes, then every
-        stored code added to them (block by block: the store may be larger than memory)."""
+        stored code added to them."""
         if not self._first_pass.needs_training or self.count == 0:
             return
         if self.count < self.clusters:
@@ -180,6 +180,10 @@ class NestedCodeIndex:
         sample = min(self.count, self.clusters * _TRAINING_CODES_PER_CLUSTER)
         rows = np.unique(np.linspace(0, self.count - 1, sample).astype(np.int64))
         self._first_pass.train(self._binary(np.asarray(store[rows])))
+        self._add_store_to_first_pass(store)
+
+    def _add_store_to_first_pass(self, store: np.ndarray) -> None:
+        """Every stored code's bits into the first pass, block by block (the store may be larger than memory)."""
         for start in range(0, self.count, _ROWS_PER_BLOCK):
             self._first_pass.add(self._binary(np.asarray(store[start : start + _ROWS_PER_BLOCK])), first_id=start)
 
@@ -310,10 +314,8 @@ class NestedCodeIndex:
         if not exact and saved_first_pass.is_file() and clusters == description.get("clusters"):
             index._first_pass.read(saved_first_pass, index.count)
             return index
-        if index._first_pass.needs_training:  # trained from the store at the first search
-            return index
-        for start in range(0, index.count, _ROWS_PER_BLOCK):
-            index._first_pass.add(index._binary(np.asarray(store[start : start + _ROWS_PER_BLOCK])), first_id=start)
+        if not index._first_pass.needs_training:  # (inverted lists: trained from the store at the first search)
+            index._add_store_to_first_pass(store)
         return index
 
 
