@@ -6,8 +6,9 @@ sentences (32 x ~25 tokens x 12 heads: 384 pairs of a few thousand multiply-adds
 attention's time, a quarter of a MiniLM student's encode. At inference the stand-in here runs the module's q, k and v
 projections (in one native call where they are BitLinears), then ``csrc/attention.c``: one parallel loop over the
 pairs (bf16 on AMX tiles where the CPU has them), which writes the heads side by side as the module's output is laid
-out (no transpose and copy after). bf16 sequences longer than :data:`MAX_VECTOR_BFLOAT16_KEYS` where the tiles do not
-apply, and any longer than the kernel takes (512), run the module's own forward.
+out (no transpose and copy after). On a CPU with AMX, bf16 sequences longer than :data:`MAX_VECTOR_BFLOAT16_KEYS` whose
+heads the kernel's tiles do not take run the module's own forward (PyTorch's kernel is then on tiles); so does any
+sequence longer than the kernel takes (512).
 
 Only the classes :data:`ENCODER_SELF_ATTENTIONS` names are taken, each after a probe shows the stand-in gives what the
 module gives (float32 within 1e-5; bf16 within a rounding step: the kernel rounds as PyTorch's does, but sums in
@@ -26,16 +27,22 @@ import torch
 from st_bitembed.quantization.bitlinear import BitLinear
 from st_bitembed.quantization.kernels import native_linear
 from st_bitembed.quantization.mlp_fusion import hooked, outputs_at_inference
-from st_bitembed.quantization.native import native_attention, native_attention_tiles, native_projections
+from st_bitembed.quantization.native import (
+    native_amx_available,
+    native_attention,
+    native_attention_tiles,
+    native_projections,
+)
 
 # Classes whose forward is (transformers' modeling code): q, k, v = query / key / value(hidden_states) viewed as
 # [batch, heads, positions, attention_head_size]; attention over them with the mask and self.scaling; heads side by
 # side; returns (output, attention weights).
 ENCODER_SELF_ATTENTIONS = ("BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention",
                            "ElectraSelfAttention")  # fmt: skip
-# The longest bf16 sequence handed to the kernel where it runs on vectors, not AMX tiles: PyTorch's kernel, on AMX
-# tiles, was the faster from 64 tokens in probes while developing (MiniLM's heads, batch 32); on tiles, and in float32,
-# the kernel is the faster at every length measured (`python benchmarks/kernel_speed.py --attention-only`).
+# The longest bf16 sequence handed to the kernel's vectors on a CPU with AMX tiles, which PyTorch's kernel then uses:
+# PyTorch's was the faster from 64 tokens in probes while developing (MiniLM's heads, batch 32). The kernel's own
+# tiles, float32, and bf16 on CPUs without AMX (where PyTorch's bf16 attention has no tiles either) are the faster at
+# every length measured (`python benchmarks/kernel_speed.py --attention-only`).
 MAX_VECTOR_BFLOAT16_KEYS = 48
 # The attention implementations whose masks the kernel reads (boolean, or additive of the activations' dtype).
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -88,7 +95,8 @@ class NativeSelfAttention(torch.nn.Module):
     def max_keys(self, dtype: torch.dtype) -> float:
         """The longest sequence of ``dtype`` activations handed to the kernel (which refuses any beyond its own
         maximum: the module runs them)."""
-        if dtype == torch.bfloat16 and not native_attention_tiles(self.attention.attention_head_size):
+        on_vectors = not native_attention_tiles(self.attention.attention_head_size)
+        if dtype == torch.bfloat16 and on_vectors and native_amx_available():  # PyTorch's kernel on the tiles
             return MAX_VECTOR_BFLOAT16_KEYS
         return math.inf
 
