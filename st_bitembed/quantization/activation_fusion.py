@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear
-from st_bitembed.quantization.mlp_fusion import activation_name, gives_what_the_module_gives, hooked
+from st_bitembed.quantization.mlp_fusion import activation_name, gives_what_the_module_gives
+from st_bitembed.quantization.stand_in import StandIn, hooked
 
 # Classes whose forward is intermediate_act_fn(dense(x)) (transformers' modeling code).
 ENCODER_INTERMEDIATES = (
@@ -32,7 +33,7 @@ ENCODER_INTERMEDIATES = (
 )
 
 
-class FusedIntermediate(torch.nn.Module):
+class FusedIntermediate(StandIn):
     """Stands in for an encoder MLP's first half at inference (see the module docstring).
 
     Attributes:
@@ -42,20 +43,18 @@ class FusedIntermediate(torch.nn.Module):
             ``intermediate_act_fn``, which the kernel applies.
     """
 
+    held_as = "intermediate"
+    intermediate: torch.nn.Module
+
     def __init__(self, intermediate: torch.nn.Module, activation: str) -> None:
-        super().__init__()
-        object.__setattr__(self, "intermediate", intermediate)
+        super().__init__(intermediate)
         self.activation = activation
-        for name, child in intermediate.named_children():
-            self.add_module(name, child)
-        self.train(intermediate.training)
 
     def fuses(self) -> bool:
         """Whether the kernel applies the activation (else the module's own forward runs): at inference, unless hooks
         on the projection or the activation want to see what passes between them."""
         dense, act_fn = self.intermediate.dense, self.intermediate.intermediate_act_fn
-        inference = not self.training and not torch.is_grad_enabled()
-        return inference and isinstance(dense, BitLinear) and not hooked(dense, act_fn)  # act_fn: module or function
+        return self.at_inference() and isinstance(dense, BitLinear) and not hooked(dense, act_fn)  # act_fn: a callable
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.fuses():

@@ -1,8 +1,8 @@
 """The stand-ins a converted or loaded backbone gets for inference, in the one order they depend on.
 
-Each stand-in keeps the module it replaces (and its parameters, under their own names) and runs it whenever its own
-path does not apply (training, gradients, hooks, devices or dtypes its kernels do not take): checkpoints and training
-do not change.
+Each stand-in (a :class:`~st_bitembed.quantization.stand_in.StandIn`) keeps the module it replaces (and its children
+and parameters, under their own names) and runs it whenever its own path does not apply (training, gradients, hooks,
+devices or dtypes its kernels do not take): checkpoints and training do not change.
 """
 
 from __future__ import annotations

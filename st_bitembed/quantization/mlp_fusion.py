@@ -32,12 +32,13 @@ import torch
 from st_bitembed.quantization.bitlinear import BitLinear
 from st_bitembed.quantization.native import TORCH_ACTIVATIONS
 from st_bitembed.quantization.norm_folding import FoldedRMSNorm
+from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers' modeling code).
 GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP")
 
 
-class FusedGatedMLP(torch.nn.Module):
+class FusedGatedMLP(StandIn):
     """Stands in for a gated MLP at inference (see the module docstring).
 
     Attributes:
@@ -47,21 +48,18 @@ class FusedGatedMLP(torch.nn.Module):
             the quantizer then applies; ``None``: ``act_fn`` runs in PyTorch.
     """
 
+    held_as = "mlp"
+    mlp: torch.nn.Module
+
     def __init__(self, mlp: torch.nn.Module, activation: str | None = None) -> None:
-        super().__init__()
-        object.__setattr__(self, "mlp", mlp)
+        super().__init__(mlp)
         self.activation = activation
-        for name, child in mlp.named_children():
-            self.add_module(name, child)
-        for name, parameter in mlp.named_parameters(recurse=False):
-            self.register_parameter(name, parameter)
-        self.train(mlp.training)
 
     def fuses(self) -> bool:
         """Whether a fused path runs (the gated GEMM, else the down projection's quantizer; otherwise the module's
         own forward): at inference, unless hooks on the down projection want to see its input (e.g. calibration's)."""
         down = self.mlp.down_proj
-        return not self.training and not torch.is_grad_enabled() and isinstance(down, BitLinear) and not hooked(down)
+        return self.at_inference() and isinstance(down, BitLinear) and not hooked(down)
 
     def gated_norm(self, hidden_states: torch.Tensor) -> FoldedRMSNorm | None:
         """The folded model norm that let ``hidden_states`` through to both the gate and the up projection, where
@@ -95,12 +93,6 @@ class FusedGatedMLP(torch.nn.Module):
         )
 
 
-def hooked(*modules: object) -> bool:
-    """Whether forward hooks on any of ``modules`` want to see their input or output (then the module's own forward
-    must run, not a stand-in's fused path); a plain function, which some configs give as an activation, takes none."""
-    return any(getattr(m, "_forward_pre_hooks", None) or getattr(m, "_forward_hooks", None) for m in modules)
-
-
 def activation_name(act_fn: torch.nn.Module, dtype: torch.dtype) -> str | None:
     """The :data:`~st_bitembed.quantization.native.TORCH_ACTIVATIONS` name of the function ``act_fn`` computes
     (bit for bit, on a probe in ``dtype`` that spans its range), or ``None``."""
@@ -108,22 +100,6 @@ def activation_name(act_fn: torch.nn.Module, dtype: torch.dtype) -> str | None:
     with torch.no_grad():
         expected = act_fn(probe)
         return next((name for name, f in TORCH_ACTIVATIONS.items() if torch.equal(f(probe), expected)), None)
-
-
-def outputs_at_inference(
-    stand_in: torch.nn.Module, module: torch.nn.Module, *probe: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``stand_in``'s and ``module``'s outputs for ``probe`` in eval mode without gradients, every layer's training
-    mode restored afterwards: what a fusion's probe compares before it takes a module."""
-    modes = {layer: layer.training for layer in (stand_in, *module.modules())}
-    stand_in.eval()
-    module.eval()
-    try:
-        with torch.no_grad():
-            return stand_in(*probe), module(*probe)
-    finally:
-        for layer, training in modes.items():
-            layer.training = training
 
 
 def gives_what_the_module_gives(stand_in: torch.nn.Module, module: torch.nn.Module, exact: bool) -> bool:

@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import ctypes
 import math
+from typing import Any
 
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear
 from st_bitembed.quantization.kernels import native_linear
-from st_bitembed.quantization.mlp_fusion import hooked, outputs_at_inference
 from st_bitembed.quantization.native import (
     native_amx_available,
     native_attention,
     native_attention_tiles,
     native_projections,
 )
+from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference
 
 # Classes whose forward is (transformers' modeling code): q, k, v = query / key / value(hidden_states) viewed as
 # [batch, heads, positions, attention_head_size]; attention over them with the mask and self.scaling; heads side by
@@ -48,7 +49,7 @@ MAX_VECTOR_BFLOAT16_KEYS = 48
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-class NativeSelfAttention(torch.nn.Module):
+class NativeSelfAttention(StandIn):
     """Stands in for an encoder's self-attention at inference (see the module docstring).
 
     Attributes:
@@ -56,19 +57,17 @@ class NativeSelfAttention(torch.nn.Module):
             kernel does not apply.
     """
 
-    def __init__(self, attention: torch.nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "attention", attention)
-        for name, child in attention.named_children():
-            self.add_module(name, child)
-        self._projections: tuple[tuple, ctypes.Array] | None = None
-        self.train(attention.training)
+    held_as = "attention"
+    attention: torch.nn.Module
+    _projections: tuple[tuple, ctypes.Array] | None  # (the projections' ids, their C array)
+
+    def empty_caches(self) -> dict[str, Any]:
+        return {"_projections": None}
 
     def applies(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
         """Whether the kernel computes this call's attention (else the module's own forward runs)."""
         return (
-            not self.training
-            and not torch.is_grad_enabled()
+            self.at_inference()
             and hidden_states.device.type == "cpu"
             and hidden_states.dtype in (torch.float32, torch.bfloat16)
             and hidden_states.dim() == 3
@@ -111,9 +110,6 @@ class NativeSelfAttention(torch.nn.Module):
             return native_attention()(query, key, value, attention_mask, self.attention.scaling), None
         except ValueError:  # a size, dtype or mask the kernel does not take: the module's own attention
             return self.attention(hidden_states, attention_mask, **kwargs)
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_projections": None}
 
     def extra_repr(self) -> str:
         return f"{type(self.attention).__name__}: in one native call at inference"

@@ -21,6 +21,7 @@ from transformers.integrations.bitnet import AutoBitLinear
 from st_bitembed.quantization.bitlinear import version_key
 from st_bitembed.quantization.native import native_rms_norm
 from st_bitembed.quantization.norm_folding import FoldedRMSNorm, norm_epsilon
+from st_bitembed.quantization.stand_in import StandIn
 
 # Norm class -> (what its weight is added to, whether it rounds the normalised values to the activations' dtype
 # before the weight): Llama-style norms compute weight * (x * r).to(dtype), Gemma's ((x * r) * (1 + weight)).to(dtype).
@@ -30,7 +31,7 @@ NORM_STYLES: dict[str, tuple[float, bool]] = {
 }
 
 
-class NativeRMSNorm(torch.nn.Module):
+class NativeRMSNorm(StandIn):
     """Stands in for a model RMSNorm at inference (see the module docstring).
 
     Attributes:
@@ -41,22 +42,23 @@ class NativeRMSNorm(torch.nn.Module):
         eps: The norm's epsilon.
     """
 
+    held_as = "norm"
+    norm: torch.nn.Module
+    _scale_cache: tuple[tuple, torch.Tensor] | None
+
     def __init__(self, norm: torch.nn.Module, weight_offset: float, round_before_scale: bool) -> None:
-        super().__init__()
-        object.__setattr__(self, "norm", norm)
-        for name, parameter in norm.named_parameters(recurse=False):
-            self.register_parameter(name, parameter)
+        super().__init__(norm)
         self.weight_offset = weight_offset
         self.round_before_scale = round_before_scale
         self.eps = float(norm_epsilon(norm))
-        self._scale_cache: tuple[tuple, torch.Tensor] | None = None
-        self.train(norm.training)
+
+    def empty_caches(self) -> dict[str, Any]:
+        return {"_scale_cache": None}
 
     def applies(self, hidden_states: torch.Tensor) -> bool:
         """Whether the native pass computes this norm of ``hidden_states`` (else the norm itself runs)."""
         return (
-            not self.training
-            and not torch.is_grad_enabled()
+            self.at_inference()
             and hidden_states.device.type == "cpu"
             and hidden_states.dtype in (torch.float32, torch.bfloat16)
             and hidden_states.stride(-1) == 1
@@ -78,9 +80,6 @@ class NativeRMSNorm(torch.nn.Module):
             except (RuntimeError, ValueError):  # rows without one common stride: the norm's own operators
                 pass
         return self.norm(hidden_states)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_scale_cache": None}
 
     def extra_repr(self) -> str:
         return f"{type(self.norm).__name__} in one native pass at inference"

@@ -25,6 +25,7 @@ import torch
 from st_bitembed.quantization.bitlinear import BitLinear, version_key
 from st_bitembed.quantization.kernels import gemm_backend, native_linear
 from st_bitembed.quantization.native import native_projections
+from st_bitembed.quantization.stand_in import StandIn
 
 _ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
@@ -42,7 +43,7 @@ NORM_WEIGHT_OFFSETS = {"LlamaRMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen2RMSNorm
 NORM_WEIGHT_OFFSETS["Gemma3RMSNorm"] = 1.0
 
 
-class FoldedRMSNorm(torch.nn.Module):
+class FoldedRMSNorm(StandIn):
     """Stands in for a model RMSNorm whose output only BitLinears read (see the module docstring).
 
     It holds the norm's parameters under their own names (the state dict does not change) and runs the norm itself
@@ -57,30 +58,32 @@ class FoldedRMSNorm(torch.nn.Module):
         consumers: The BitLinears that read its output.
     """
 
+    held_as = "norm"
+    norm: torch.nn.Module
+    _scale_cache: tuple[tuple, torch.Tensor] | None
+    _let_through: dict[int, weakref.ref]  # thread -> the tensor it last let through (while it lives)
+    # thread -> (that tensor, its version, consumer -> its output not yet taken): what project() computed for the
+    # consumers that have not asked yet.
+    _pending: dict[int, tuple[weakref.ref, tuple, dict[BitLinear, torch.Tensor]]]
+    # The consumers' projections as one C array: (their ids, array), made again when one of them changes.
+    _projections: tuple[tuple[int, ...], Any] | None
+    _gated_projections: tuple[tuple[int, ...], Any] | None  # the same, for gated_product
+
     def __init__(self, norm: torch.nn.Module, weight_offset: float, consumers: tuple[BitLinear, ...]) -> None:
-        super().__init__()
-        object.__setattr__(self, "norm", norm)
-        for name, parameter in norm.named_parameters(recurse=False):
-            self.register_parameter(name, parameter)
+        super().__init__(norm)
         self.weight_offset = weight_offset
         self.eps = float(norm_epsilon(norm))
         object.__setattr__(self, "consumers", consumers)
-        self._scale_cache: tuple[tuple, torch.Tensor] | None = None
-        self._let_through: dict[int, weakref.ref] = {}  # thread -> the tensor it last let through (while it lives)
-        # thread -> (that tensor, its version, consumer -> its output not yet taken): what project() computed for
-        # the consumers that have not asked yet.
-        self._pending: dict[int, tuple[weakref.ref, tuple, dict[BitLinear, torch.Tensor]]] = {}
-        # The consumers' projections as one C array: (their ids, array), made again when one of them changes.
-        self._projections: tuple[tuple[int, ...], Any] | None = None
-        self._gated_projections: tuple[tuple[int, ...], Any] | None = None  # the same, for gated_product
-        self.train(norm.training)
+
+    def empty_caches(self) -> dict[str, Any]:
+        return {"_scale_cache": None, "_let_through": {}, "_pending": {}, "_projections": None,
+                "_gated_projections": None}  # fmt: skip
 
     def folds(self, hidden_states: torch.Tensor) -> bool:
         """Whether the projections behind can fold this norm for these activations (it then returns them as they
         are, and they fold it for that tensor: :meth:`let_through`)."""
         return (
-            not self.training
-            and not torch.is_grad_enabled()
+            self.at_inference()
             and hidden_states.device.type == "cpu"
             and hidden_states.dtype in (torch.float32, torch.bfloat16)
             and gemm_backend("cpu") == "native"
@@ -144,11 +147,6 @@ class FoldedRMSNorm(torch.nn.Module):
             return hidden_states
         self._let_through.pop(thread, None)
         return self.norm(hidden_states)
-
-    def __getstate__(self) -> dict[str, Any]:
-        caches = {"_scale_cache": None, "_let_through": {}, "_pending": {}, "_projections": None}
-        caches["_gated_projections"] = None
-        return {**super().__getstate__(), **caches}
 
     def extra_repr(self) -> str:
         return f"folds {type(self.norm).__name__} into {len(self.consumers)} BitLinears"

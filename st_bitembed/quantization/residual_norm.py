@@ -17,11 +17,13 @@ children under their own names.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear, version_key
-from st_bitembed.quantization.mlp_fusion import hooked, outputs_at_inference
 from st_bitembed.quantization.native import native_residual_layer_norm
+from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference
 
 # Classes whose forward is LayerNorm(dropout(dense(hidden_states)) + input_tensor) (transformers' modeling code).
 ENCODER_OUTPUTS = (
@@ -37,7 +39,7 @@ ENCODER_OUTPUTS = (
 )
 
 
-class FusedResidualNorm(torch.nn.Module):
+class FusedResidualNorm(StandIn):
     """Stands in for an encoder block's output projection, residual add and LayerNorm at inference (see the module
     docstring).
 
@@ -46,19 +48,17 @@ class FusedResidualNorm(torch.nn.Module):
             pass does not apply.
     """
 
-    def __init__(self, output: torch.nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "output", output)
-        for name, child in output.named_children():
-            self.add_module(name, child)
-        self._affine_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.train(output.training)
+    held_as = "output"
+    output: torch.nn.Module
+    _affine_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None
+
+    def empty_caches(self) -> dict[str, Any]:
+        return {"_affine_cache": None}
 
     def applies(self, input_tensor: torch.Tensor) -> bool:
         """Whether the native pass adds ``input_tensor`` and normalises (else the module's own forward runs)."""
         return (
-            not self.training
-            and not torch.is_grad_enabled()
+            self.at_inference()
             and input_tensor.device.type == "cpu"
             and input_tensor.dtype in (torch.float32, torch.bfloat16)
             and not hooked(self.output.dropout, self.output.LayerNorm)
@@ -81,9 +81,6 @@ class FusedResidualNorm(torch.nn.Module):
             return native_residual_layer_norm()(projected, input_tensor, *self.affine(), self.output.LayerNorm.eps)
         except ValueError:  # a layout or size the kernel does not take: the module's formula (dropout is off)
             return self.output.LayerNorm(projected + input_tensor)
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_affine_cache": None}
 
     def extra_repr(self) -> str:
         return f"{type(self.output).__name__}: residual add and LayerNorm in one native pass at inference"
