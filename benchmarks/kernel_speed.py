@@ -38,9 +38,11 @@ from st_bitembed.quantization.native import (
     native_activation_codes,
     native_amx_available,
     native_attention,
+    native_attention_tiles,
     native_projections,
     native_residual_layer_norm,
     set_amx_min_rows,
+    set_attention_bfloat16_pairs,
 )
 
 # (in_features, out_features) of real projections: MiniLM attention / MLP, Gemma3-270M MLP, Qwen3-0.6B MLP.
@@ -300,12 +302,16 @@ def self_attention() -> None:
     """MiniLM's self-attention (12 heads of 32) on batches of 32 sequences of 16 to 384 tokens, bf16 and float32,
     every other sequence padded to half its length (a boolean mask, as transformers gives): PyTorch's
     ``scaled_dot_product_attention`` then the heads side by side, as the module runs it, vs the native kernel (bf16 on
-    AMX tiles where the CPU has them); taking turns, medians of 10."""
+    AMX tiles where the CPU has them, else as bf16 pairs where it has AVX512-BF16, and, in a column of its own there,
+    widened to float32); taking turns, medians of 10."""
     kernel = native_attention()
     if kernel is None:
         return
+    pairs = set_attention_bfloat16_pairs(True) >= 0 and not native_attention_tiles(32)
+    widened_column = " native, bf16 widened |" if pairs else ""
+    print(f"\n| dtype, batch x tokens | PyTorch's attention | native |{widened_column} speed-up |")
+    print("|---" * (4 + pairs) + "|")
     generator = torch.Generator().manual_seed(0)
-    print("\n| dtype, batch x tokens | PyTorch's attention | native | speed-up |\n|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float32):
         for tokens in (16, 32, 48, 64, 128, 256, 384):
             batch, heads, head_dim = 32, 12, 32
@@ -318,13 +324,23 @@ def self_attention() -> None:
                 out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attended)
                 return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
-            sdpa, native = [], []
+            def in_kernel(bfloat16_pairs: bool = True) -> torch.Tensor:
+                set_attention_bfloat16_pairs(bfloat16_pairs)
+                return kernel(query, key, value, attended, head_dim**-0.5)
+
+            sdpa, native, widened = [], [], []
             for _ in range(10):
                 sdpa.append(milliseconds(in_pytorch, budget=0.2))
-                native.append(milliseconds(lambda: kernel(query, key, value, attended, head_dim**-0.5), budget=0.2))
+                native.append(milliseconds(in_kernel, budget=0.2))
+                if pairs and dtype == torch.bfloat16:
+                    widened.append(milliseconds(lambda: in_kernel(bfloat16_pairs=False), budget=0.2))
+            set_attention_bfloat16_pairs(True)
             sdpa, native = statistics.median(sdpa), statistics.median(native)
             name = str(dtype).removeprefix("torch.")
-            print(f"| {name}, {batch} x {tokens} | {sdpa:.3f} | {native:.3f} | {sdpa / native:.2f}x |")
+            cells = [f"{sdpa:.3f}", f"{native:.3f}"]
+            if pairs:
+                cells.append(f"{statistics.median(widened):.3f}" if widened else "-")
+            print(f"| {name}, {batch} x {tokens} | {' | '.join(cells)} | {sdpa / native:.2f}x |")
 
 
 if __name__ == "__main__":

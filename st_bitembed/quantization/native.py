@@ -150,6 +150,8 @@ def _load(path: Path) -> ctypes.CDLL:
     library.attention.argtypes += [real, ctypes.c_int]
     library.attention.restype = ctypes.c_int
     library.attention_tiles.argtypes, library.attention_tiles.restype = [integer], ctypes.c_int
+    library.attention_set_bfloat16_pairs.argtypes = [ctypes.c_int]
+    library.attention_set_bfloat16_pairs.restype = ctypes.c_int
     for function in (library.attention_available, library.attention_max_keys, library.attention_max_head_dim):
         function.argtypes, function.restype = [], ctypes.c_int
     layout_functions = (library.ternary_gemm_panel, library.ternary_gemm_tile_rows, library.ternary_gemm_weight_bits)
@@ -500,6 +502,14 @@ def native_attention_tiles(head_dim: int) -> bool:
     """Whether :func:`native_attention` runs bf16 heads of ``head_dim`` features on AMX tiles (else on vectors)."""
     library = _library()
     return library is not None and bool(library.attention_tiles(head_dim))
+
+
+def set_attention_bfloat16_pairs(enabled: bool) -> int:
+    """Sets whether :func:`native_attention` multiplies bf16 heads off the AMX tiles as bf16 pairs (AVX512-BF16's
+    vdpbf16ps, the default where the CPU has it) or as float32 values widened from them, and returns the previous
+    setting (1 or 0; -1 where the build has no pairs). For tests and benchmarks of either path."""
+    library = _library()
+    return -1 if library is None else library.attention_set_bfloat16_pairs(int(enabled))
 
 
 # csrc/attention.c's enum attention_mask_kind, by the mask's dtype (an additive mask has the query's dtype).

@@ -7,7 +7,12 @@ import torch
 
 from st_bitembed import BitEmbed
 from st_bitembed.quantization import native_attention as native_attention_module
-from st_bitembed.quantization.native import native_amx_available, native_attention, native_attention_tiles
+from st_bitembed.quantization.native import (
+    native_amx_available,
+    native_attention,
+    native_attention_tiles,
+    set_attention_bfloat16_pairs,
+)
 from st_bitembed.quantization.native_attention import (
     MAX_VECTOR_BFLOAT16_KEYS,
     NativeSelfAttention,
@@ -40,13 +45,30 @@ def projected(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.d
 SIZES = [(3, 2, 1, 16), (2, 3, 5, 32), (4, 12, 25, 32), (2, 2, 33, 48), (1, 2, 17, 256), (2, 1, 300, 64)]
 
 
+@pytest.fixture
+def bfloat16_path(request):
+    """bf16 heads off the tiles multiplied as bf16 pairs (AVX512-BF16, the default where the CPU has it) or widened to
+    float32 (elsewhere): both paths, where the CPU has the pairs."""
+    pairs = request.param == "bf16 pairs"
+    previous = set_attention_bfloat16_pairs(pairs)
+    if previous < 0 and pairs:
+        pytest.skip("no AVX512-BF16 here: bf16 heads off the tiles are widened to float32 (the other case)")
+    yield request.param
+    if previous >= 0:
+        set_attention_bfloat16_pairs(bool(previous))
+
+
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("dtype", "bfloat16_path"),
+    [(torch.float32, "widened"), (torch.bfloat16, "bf16 pairs"), (torch.bfloat16, "widened")],
+    indirect=["bfloat16_path"],
+)
 @pytest.mark.parametrize(("batch", "heads", "tokens", "head_dim"), SIZES)
-def test_the_kernel_is_the_attention_formula(dtype, batch, heads, tokens, head_dim):
+def test_the_kernel_is_the_attention_formula(dtype, batch, heads, tokens, head_dim, bfloat16_path):
     """Every mask the kernel takes (none; boolean padding, broadcast over heads and queries; boolean per head and
     query, with rows that attend to nothing; additive), against the formula in float64: float32 within 1e-4, bf16
-    within a rounding step of the output."""
+    within a rounding step of the output, on both paths of bf16 heads off the tiles."""
     generator = torch.Generator().manual_seed(tokens)
     query, key, value = projected(batch, heads, tokens, head_dim, dtype, generator)
     lengths = torch.randint(1, tokens + 1, (batch,), generator=generator)
@@ -192,7 +214,7 @@ def test_long_bf16_sequences_leave_the_vectors_only_for_pytorch_on_amx_tiles(min
 def test_other_implementations_and_training_run_the_module_itself(minilm_dir):
     model = BitEmbed.from_backbone(str(minilm_dir))
     attention = self_attentions(model)[0]
-    hidden = torch.randn(2, 5, 384, requires_grad=True)
+    hidden = torch.randn(2, 5, 384, generator=torch.Generator().manual_seed(0), requires_grad=True)
     model.train()
     assert not attention.applies(hidden, None, {})
     out, _ = attention(hidden, None)
@@ -204,7 +226,10 @@ def test_other_implementations_and_training_run_the_module_itself(minilm_dir):
         assert attention.applies(hidden, None, {})
         assert not attention.applies(hidden, None, {"output_attentions": True})
         backbone.set_attn_implementation("eager")  # an additive mask, which the kernel reads too
-        additive = torch.zeros(2, 1, 1, 5).masked_fill(torch.tensor([True, False]).view(2, 1, 1, 1), -1e4)
+        # padding as transformers masks it: -1e4 on the padded keys only (shifting every key of a row by -1e4 would
+        # round its float32 scores to steps of 1e-3, where the sums' order shows)
+        additive = torch.zeros(2, 1, 1, 5)
+        additive[0, ..., 3:] = -1e4
         assert attention.applies(hidden, additive, {})
         torch.testing.assert_close(attention(hidden, additive)[0], attention.attention(hidden, additive)[0])
         backbone.set_attn_implementation("flex_attention")  # masks the kernel does not read

@@ -9,8 +9,10 @@
  * and values out once in its own buffers, then finishes each block of queries in registers, tiles and L1:
  * - bf16 with AMX tiles (head_dim a multiple of 32): 16 queries x 16 keys of scores per tile product, then the
  *   block's softmax, then 16 queries x 16 features of output per tile product over 32 keys at a time;
- * - otherwise (float32, or no AMX): 8 queries x 16 keys of scores in 8 vector accumulators, then the softmax, then 4
- *   queries x up to 64 features of output in vector accumulators.
+ * - bf16 otherwise, with AVX512-BF16: the same blocks on vectors as below, each vdpbf16ps multiplying 16 pairs of
+ *   bf16 values (two features of a key, or two keys' weights and values) into float32 sums;
+ * - otherwise (float32, or bf16 without AVX512-BF16): 8 queries x 16 keys of scores in 8 vector accumulators, then the
+ *   softmax, then 4 queries x up to 64 features of output in vector accumulators.
  *
  * Arithmetic, per query row (as PyTorch's flash kernel, in float32; only the order of the sums differs):
  *   s_j = (q . k_j) * scale, plus the additive mask, or -inf where a boolean mask is false;
@@ -175,15 +177,10 @@ static inline __attribute__((always_inline)) void value_rows(const float *scores
     }
 }
 
-/* One pair on vectors. buffer: 2 * padded_keys * head_dim + QUERY_BLOCK * (head_dim + padded_keys) floats. */
-static void vector_pair(const void *query, const void *key, const void *value, int64_t queries, int64_t keys,
-                        int64_t head_dim, int64_t query_base, int64_t query_stride, int64_t key_base,
-                        int64_t key_stride, int64_t value_base, int64_t value_stride, struct row_mask mask,
-                        int64_t mask_query_stride, void *out, int64_t out_base, int64_t out_stride, int in_bfloat16,
-                        float scale, float *buffer) {
-    const int64_t padded_keys = (keys + LANES - 1) / LANES * LANES;
-    float *keys_t = buffer, *values = keys_t + padded_keys * head_dim;
-    float *query_rows = values + padded_keys * head_dim, *scores = query_rows + QUERY_BLOCK * head_dim;
+/* A pair's keys ([head_dim][padded_keys], float32) and values ([keys][head_dim]) as the vectors read them. */
+static void lay_out_floats(const void *key, const void *value, int64_t keys, int64_t padded_keys, int64_t head_dim,
+                           int64_t key_base, int64_t key_stride, int64_t value_base, int64_t value_stride,
+                           int in_bfloat16, float *keys_t, float *values) {
     for (int64_t j = 0; j < padded_keys; ++j)
         for (int64_t d = 0; d < head_dim; d += LANES) {
             float widened[LANES];
@@ -194,40 +191,203 @@ static void vector_pair(const void *query, const void *key, const void *value, i
     for (int64_t j = 0; j < keys; ++j)
         for (int64_t d = 0; d < head_dim; d += LANES)
             _mm512_storeu_ps(values + j * head_dim + d, load_16(value, value_base + j * value_stride + d, in_bfloat16));
+}
+
+#if defined(__AVX512BF16__)
+/* bf16 pairs, where the CPU has AVX512-BF16 but the tiles do not apply (no AMX, or heads of 16 or 48 features):
+ * vdpbf16ps multiplies 16 pairs of bf16 values exactly in float32 and adds both products to 16 float32 sums, half the
+ * instructions of widening to float32 and one fma per product (the same arithmetic as the float path and as PyTorch's
+ * flash kernel, only the order of the sums differs; like the AMX tiles it takes denormal inputs as 0). */
+static int bfloat16_pairs = 1; /* attention_set_bfloat16_pairs */
+
+/* 16 sums += the 16 pairs of `pairs` times the one pair (two bf16 values) at `pair`, as float32. */
+static inline __m512 add_pair_products(__m512 sums, const uint16_t *pair, __m512i pairs) {
+    uint32_t both;
+    memcpy(&both, pair, 4);
+    return _mm512_dpbf16_ps(sums, (__m512bh)_mm512_set1_epi32((int32_t)both), (__m512bh)pairs);
+}
+
+/* A pair's keys as pairs of features ([head_dim / 2][padded_keys][2]) and values as pairs of keys ([padded_keys / 2]
+ * [head_dim][2]), bf16, the padding 0. */
+static void lay_out_pairs(const uint16_t *key, const uint16_t *value, int64_t keys, int64_t padded_keys,
+                          int64_t head_dim, int64_t key_base, int64_t key_stride, int64_t value_base,
+                          int64_t value_stride, uint16_t *key_pairs, uint16_t *value_pairs) {
+    for (int64_t j = 0; j < padded_keys; ++j)
+        for (int64_t d = 0; d < head_dim; d += 2) {
+            uint32_t both = 0;
+            if (j < keys) memcpy(&both, key + key_base + j * key_stride + d, 4);
+            memcpy(key_pairs + (d / 2 * padded_keys + j) * 2, &both, 4);
+        }
+    /* vpermw index: the 16 values of one key (lanes 0-15) and of the next (16-31) interleaved */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t j = 0; j < padded_keys; j += 2)
+        for (int64_t d = 0; d < head_dim; d += LANES) {
+            const uint16_t *first = value + value_base + j * value_stride + d;
+            const __m256i one = j < keys ? _mm256_loadu_si256((const __m256i *)first) : _mm256_setzero_si256();
+            const __m256i next = j + 1 < keys ? _mm256_loadu_si256((const __m256i *)(first + value_stride))
+                                              : _mm256_setzero_si256();
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(one), next, 1);
+            _mm512_storeu_si512(value_pairs + (j / 2 * head_dim + d) * 2, _mm512_permutexvar_epi16(interleave, both));
+        }
+}
+
+/* block_scores on bf16 queries ([QUERY_BLOCK][head_dim]) and keys as pairs of features. */
+static void pair_block_scores(const uint16_t *query_rows, const uint16_t *key_pairs, int64_t padded_keys,
+                              int64_t head_dim, float *scores) {
+    for (int64_t key = 0; key < padded_keys; key += LANES) {
+        __m512 sums[QUERY_BLOCK];
+        for (int r = 0; r < QUERY_BLOCK; ++r) sums[r] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < head_dim; d += 2) {
+            const __m512i column = _mm512_loadu_si512(key_pairs + (d / 2 * padded_keys + key) * 2);
+            for (int r = 0; r < QUERY_BLOCK; ++r)
+                sums[r] = add_pair_products(sums[r], query_rows + r * head_dim + d, column);
+        }
+        for (int r = 0; r < QUERY_BLOCK; ++r) _mm512_storeu_ps(scores + r * padded_keys + key, sums[r]);
+    }
+}
+
+/* value_rows from the bf16 weights (rows of padded_keys) and the values as pairs of keys, written in bf16. */
+static inline __attribute__((always_inline)) void pair_value_rows(const uint16_t *weights, int64_t first, int64_t rows,
+                                                                  const float *totals, const uint16_t *value_pairs,
+                                                                  int64_t padded_keys, int64_t keys, int64_t head_dim,
+                                                                  int64_t feature, int vectors, void *out,
+                                                                  const int64_t *row_out_bases) {
+    __m512 sums[VALUE_ROWS][4];
+    for (int r = 0; r < VALUE_ROWS; ++r)
+        for (int v = 0; v < vectors; ++v) sums[r][v] = _mm512_setzero_ps();
+    for (int64_t key = 0; key < keys; key += 2) { /* a padding key's weight and value are 0 */
+        const uint16_t *pair_row = value_pairs + (key * head_dim + 2 * feature);
+        __m512i value_vectors[4];
+        for (int v = 0; v < vectors; ++v) value_vectors[v] = _mm512_loadu_si512(pair_row + v * 2 * LANES);
+        for (int r = 0; r < VALUE_ROWS; ++r)
+            for (int v = 0; v < vectors; ++v)
+                sums[r][v] = add_pair_products(sums[r][v], weights + (first + r) * padded_keys + key, value_vectors[v]);
+    }
+    for (int r = 0; r < VALUE_ROWS; ++r) {
+        if (first + r >= rows) break;
+        const float inverse = totals[first + r] > 0.0f ? 1.0f / totals[first + r] : 0.0f;
+        for (int v = 0; v < vectors; ++v)
+            store_outputs(sums[r][v], inverse, out, row_out_bases[first + r] + feature + v * LANES, 1);
+    }
+}
+#endif
+
+/* Where a pair's work lives in its thread's buffer (within vector_buffer_floats floats). Floats: keys transposed
+ * ([head_dim][padded_keys]), values ([keys][head_dim]), the block's queries ([QUERY_BLOCK][head_dim]) and scores,
+ * whose weights are written over them. bf16 pairs (uint16 unless said): keys and values as pairs ([head_dim / 2]
+ * [padded_keys][2], [padded_keys / 2][head_dim][2]), the block's queries, scores (float) and their weights in bf16
+ * ([QUERY_BLOCK][padded_keys]). */
+struct vector_buffers {
+    void *keys, *values, *query_rows, *weights;
+    float *scores;
+};
+
+static struct vector_buffers vector_buffers(float *buffer, int64_t padded_keys, int64_t head_dim, int bf16_pairs) {
+    const int64_t element = bf16_pairs ? 2 : 4;
+    char *at = (char *)buffer;
+    struct vector_buffers buffers = {.keys = at, .values = at + element * padded_keys * head_dim};
+    buffers.query_rows = at + 2 * element * padded_keys * head_dim;
+    buffers.scores = (float *)((char *)buffers.query_rows + element * QUERY_BLOCK * head_dim);
+    buffers.weights = bf16_pairs ? (void *)(buffers.scores + QUERY_BLOCK * padded_keys) : (void *)buffers.scores;
+    return buffers;
+}
+
+/* Output rows [group, group + VALUE_ROWS) of a block, features from `feature` on (vectors of them: a constant where
+ * inlined), on the pair's path. */
+static inline __attribute__((always_inline)) void block_values(const struct vector_buffers *buffers, int bf16_pairs,
+                                                               int64_t group, int64_t rows, const float *totals,
+                                                               int64_t padded_keys, int64_t keys, int64_t head_dim,
+                                                               int64_t feature, int vectors, void *out,
+                                                               const int64_t *out_bases, int in_bfloat16) {
+#if defined(__AVX512BF16__)
+    if (bf16_pairs) {
+        pair_value_rows(buffers->weights, group, rows, totals, buffers->values, padded_keys, keys, head_dim, feature,
+                        vectors, out, out_bases);
+        return;
+    }
+#endif
+    (void)bf16_pairs;
+    value_rows(buffers->scores, group, rows, totals, buffers->values, padded_keys, keys, head_dim, feature, vectors,
+               out, out_bases, in_bfloat16);
+}
+
+/* One pair on vectors: float32 values, or bf16 ones widened to float32 or (bf16_pairs) multiplied as bf16 pairs. */
+static void vector_pair(const void *query, const void *key, const void *value, int64_t queries, int64_t keys,
+                        int64_t head_dim, int64_t query_base, int64_t query_stride, int64_t key_base,
+                        int64_t key_stride, int64_t value_base, int64_t value_stride, struct row_mask mask,
+                        int64_t mask_query_stride, void *out, int64_t out_base, int64_t out_stride, int in_bfloat16,
+                        int bf16_pairs, float scale, float *buffer) {
+    const int64_t padded_keys = (keys + LANES - 1) / LANES * LANES;
+    const struct vector_buffers buffers = vector_buffers(buffer, padded_keys, head_dim, bf16_pairs);
+#if defined(__AVX512BF16__)
+    if (bf16_pairs)
+        lay_out_pairs(key, value, keys, padded_keys, head_dim, key_base, key_stride, value_base, value_stride,
+                      buffers.keys, buffers.values);
+    else
+#endif
+        lay_out_floats(key, value, keys, padded_keys, head_dim, key_base, key_stride, value_base, value_stride,
+                       in_bfloat16, buffers.keys, buffers.values);
     for (int64_t first = 0; first < queries; first += QUERY_BLOCK) {
         const int64_t rows = queries - first < QUERY_BLOCK ? queries - first : QUERY_BLOCK;
         int64_t out_bases[QUERY_BLOCK];
         float totals[QUERY_BLOCK];
         for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
             const int64_t i = first + (r < rows ? r : 0); /* rows past the end repeat the first */
-            for (int64_t d = 0; d < head_dim; d += LANES)
-                _mm512_storeu_ps(query_rows + r * head_dim + d,
-                                 load_16(query, query_base + i * query_stride + d, in_bfloat16));
+            if (bf16_pairs)
+                memcpy((uint16_t *)buffers.query_rows + r * head_dim,
+                       (const uint16_t *)query + query_base + i * query_stride, 2 * head_dim);
+            else
+                for (int64_t d = 0; d < head_dim; d += LANES)
+                    _mm512_storeu_ps((float *)buffers.query_rows + r * head_dim + d,
+                                     load_16(query, query_base + i * query_stride + d, in_bfloat16));
             out_bases[r] = out_base + i * out_stride;
         }
-        block_scores(query_rows, keys_t, padded_keys, head_dim, scores);
+#if defined(__AVX512BF16__)
+        if (bf16_pairs)
+            pair_block_scores(buffers.query_rows, buffers.keys, padded_keys, head_dim, buffers.scores);
+        else
+#endif
+            block_scores(buffers.query_rows, buffers.keys, padded_keys, head_dim, buffers.scores);
         for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
             struct row_mask row_mask = mask;
             row_mask.base += (first + (r < rows ? r : 0)) * mask_query_stride;
-            totals[r] = row_weights(scores + r * padded_keys, padded_keys, keys, scale, &row_mask, in_bfloat16, NULL);
+            uint16_t *weights = bf16_pairs ? (uint16_t *)buffers.weights + r * padded_keys : NULL;
+            totals[r] = row_weights(buffers.scores + r * padded_keys, padded_keys, keys, scale, &row_mask, in_bfloat16,
+                                    weights);
         }
         for (int64_t group = 0; group < rows; group += VALUE_ROWS)
             for (int64_t feature = 0; feature < head_dim; feature += 4 * LANES) {
                 const int64_t left = (head_dim - feature) / LANES;
-                if (left >= 4)
-                    value_rows(scores, group, rows, totals, values, padded_keys, keys, head_dim, feature, 4, out,
-                               out_bases, in_bfloat16);
-                else if (left == 3)
-                    value_rows(scores, group, rows, totals, values, padded_keys, keys, head_dim, feature, 3, out,
-                               out_bases, in_bfloat16);
-                else if (left == 2)
-                    value_rows(scores, group, rows, totals, values, padded_keys, keys, head_dim, feature, 2, out,
-                               out_bases, in_bfloat16);
+                const int vectors = left >= 4 ? 4 : (int)left;
+                if (vectors == 4)
+                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, keys, head_dim, feature, 4,
+                                 out, out_bases, in_bfloat16);
+                else if (vectors == 3)
+                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, keys, head_dim, feature, 3,
+                                 out, out_bases, in_bfloat16);
+                else if (vectors == 2)
+                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, keys, head_dim, feature, 2,
+                                 out, out_bases, in_bfloat16);
                 else
-                    value_rows(scores, group, rows, totals, values, padded_keys, keys, head_dim, feature, 1, out,
-                               out_bases, in_bfloat16);
+                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, keys, head_dim, feature, 1,
+                                 out, out_bases, in_bfloat16);
             }
     }
+}
+
+/* Whether bf16 heads off the tiles multiply bf16 bf16_pairs (1: the default where the build has AVX512-BF16) or float32
+ * values widened from them (0); returns the previous setting, -1 where the build has no bf16_pairs: for tests and
+ * benchmarks of either path. */
+int attention_set_bfloat16_pairs(int enabled) {
+#if defined(__AVX512BF16__)
+    const int previous = bfloat16_pairs;
+    bfloat16_pairs = enabled;
+    return previous;
+#else
+    (void)enabled;
+    return -1;
+#endif
 }
 
 static size_t vector_buffer_floats(int64_t keys, int64_t head_dim) {
@@ -388,6 +548,11 @@ int attention(const void *query, const void *key, const void *value, const void 
         head_dim % LANES != 0)
         return -1;
     const int64_t pairs = batch * heads;
+#if defined(__AVX512BF16__)
+    const int bf16_pairs = in_bfloat16 && bfloat16_pairs;
+#else
+    const int bf16_pairs = 0;
+#endif
 #if defined(ATTENTION_AMX)
     const int use_amx = in_bfloat16 && attention_tiles(head_dim);
     const size_t buffer_bytes = use_amx ? amx_buffer_bytes(keys, head_dim) : 4 * vector_buffer_floats(keys, head_dim);
@@ -426,7 +591,7 @@ int attention(const void *query, const void *key, const void *value, const void 
 #endif
                 vector_pair(query, key, value, queries, keys, head_dim, query_base, query_strides[2], key_base,
                             key_strides[2], value_base, value_strides[2], row_mask, mask_strides[2], out, out_base,
-                            out_strides[2], in_bfloat16, scale, buffer);
+                            out_strides[2], in_bfloat16, bf16_pairs, scale, buffer);
             }
 #if defined(ATTENTION_AMX)
             if (use_amx) amx_end();
@@ -442,6 +607,8 @@ int attention(const void *query, const void *key, const void *value, const void 
 int attention_available(void) { return 0; }
 
 int attention_tiles(int64_t head_dim) { return 0; }
+
+int attention_set_bfloat16_pairs(int enabled) { return -1; }
 
 int attention(const void *query, const void *key, const void *value, const void *mask, void *out, int64_t batch,
               int64_t heads, int64_t queries, int64_t keys, int64_t head_dim, const int64_t *query_strides,
