@@ -294,7 +294,7 @@ static struct vector_buffers vector_buffers(float *buffer, int64_t padded_keys, 
 }
 
 /* Output rows [group, group + VALUE_ROWS) of a block, features from `feature` on (vectors of them: a constant where
- * inlined), on the pair's path. */
+ * inlined), from bf16 pairs or float32 values as vector_pair laid them out. */
 static inline __attribute__((always_inline)) void block_values(const struct vector_buffers *buffers, int bf16_pairs,
                                                                int64_t group, int64_t rows, const float *totals,
                                                                int64_t padded_keys, int64_t keys, int64_t head_dim,
@@ -376,8 +376,8 @@ static void vector_pair(const void *query, const void *key, const void *value, i
     }
 }
 
-/* Whether bf16 heads off the tiles multiply bf16 bf16_pairs (1: the default where the build has AVX512-BF16) or float32
- * values widened from them (0); returns the previous setting, -1 where the build has no bf16_pairs: for tests and
+/* Whether bf16 heads off the tiles multiply bf16 pairs (1: the default where the build has AVX512-BF16) or float32
+ * values widened from them (0); returns the previous setting, -1 where the build has no pairs: for tests and
  * benchmarks of either path. */
 int attention_set_bfloat16_pairs(int enabled) {
 #if defined(__AVX512BF16__)
