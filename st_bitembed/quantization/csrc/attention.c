@@ -177,16 +177,44 @@ static inline __attribute__((always_inline)) void value_rows(const float *scores
     }
 }
 
+/* 16 rows of 16 32-bit values transposed in registers: rows[p] then holds value p of every row. */
+static inline void transpose_16x16(__m512i rows[LANES]) {
+    __m512i pairs[LANES], quads[LANES];
+    for (int i = 0; i < LANES; i += 2) { /* in each 128-bit lane: values 0, 1 (lo) or 2, 3 (hi) of rows i, i + 1 */
+        pairs[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+        pairs[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+    }
+    for (int g = 0; g < LANES; g += 4) /* quads[g + c], lane l: value 4 l + c of rows g .. g + 3 */
+        for (int half = 0; half < 2; ++half) {
+            quads[g + 2 * half] = _mm512_unpacklo_epi64(pairs[g + half], pairs[g + 2 + half]);
+            quads[g + 2 * half + 1] = _mm512_unpackhi_epi64(pairs[g + half], pairs[g + 2 + half]);
+        }
+    for (int c = 0; c < 4; ++c) { /* value 4 l + c of all rows: lane l of quads[c], [4 + c], [8 + c], [12 + c] */
+        const __m512i even = _mm512_shuffle_i32x4(quads[c], quads[4 + c], 0x88);
+        const __m512i odd = _mm512_shuffle_i32x4(quads[c], quads[4 + c], 0xdd);
+        const __m512i even_high = _mm512_shuffle_i32x4(quads[8 + c], quads[12 + c], 0x88);
+        const __m512i odd_high = _mm512_shuffle_i32x4(quads[8 + c], quads[12 + c], 0xdd);
+        rows[c] = _mm512_shuffle_i32x4(even, even_high, 0x88);
+        rows[8 + c] = _mm512_shuffle_i32x4(even, even_high, 0xdd);
+        rows[4 + c] = _mm512_shuffle_i32x4(odd, odd_high, 0x88);
+        rows[12 + c] = _mm512_shuffle_i32x4(odd, odd_high, 0xdd);
+    }
+}
+
 /* A pair's keys ([head_dim][padded_keys], float32) and values ([keys][head_dim]) as the vectors read them. */
 static void lay_out_floats(const void *key, const void *value, int64_t keys, int64_t padded_keys, int64_t head_dim,
                            int64_t key_base, int64_t key_stride, int64_t value_base, int64_t value_stride,
                            int in_bfloat16, float *keys_t, float *values) {
-    for (int64_t j = 0; j < padded_keys; ++j)
+    for (int64_t j = 0; j < padded_keys; j += LANES) /* 16 keys x 16 features at a time */
         for (int64_t d = 0; d < head_dim; d += LANES) {
-            float widened[LANES];
-            _mm512_storeu_ps(widened, j < keys ? load_16(key, key_base + j * key_stride + d, in_bfloat16)
-                                               : _mm512_setzero_ps());
-            for (int lane = 0; lane < LANES; ++lane) keys_t[(d + lane) * padded_keys + j] = widened[lane];
+            __m512i rows[LANES];
+            for (int k = 0; k < LANES; ++k) {
+                const __m512 values = j + k < keys ? load_16(key, key_base + (j + k) * key_stride + d, in_bfloat16)
+                                                   : _mm512_setzero_ps();
+                rows[k] = _mm512_castps_si512(values);
+            }
+            transpose_16x16(rows); /* rows[f]: feature d + f of the 16 keys */
+            for (int f = 0; f < LANES; ++f) _mm512_storeu_si512(keys_t + (d + f) * padded_keys + j, rows[f]);
         }
     for (int64_t j = 0; j < keys; ++j)
         for (int64_t d = 0; d < head_dim; d += LANES)
@@ -212,11 +240,17 @@ static inline __m512 add_pair_products(__m512 sums, const uint16_t *pair, __m512
 static void lay_out_pairs(const uint16_t *key, const uint16_t *value, int64_t keys, int64_t padded_keys,
                           int64_t head_dim, int64_t key_base, int64_t key_stride, int64_t value_base,
                           int64_t value_stride, uint16_t *key_pairs, uint16_t *value_pairs) {
-    for (int64_t j = 0; j < padded_keys; ++j)
-        for (int64_t d = 0; d < head_dim; d += 2) {
-            uint32_t both = 0;
-            if (j < keys) memcpy(&both, key + key_base + j * key_stride + d, 4);
-            memcpy(key_pairs + (d / 2 * padded_keys + j) * 2, &both, 4);
+    for (int64_t j = 0; j < padded_keys; j += LANES) /* 16 keys x up to 16 pairs of features at a time */
+        for (int64_t d = 0; d < head_dim; d += 2 * LANES) {
+            const int64_t count = head_dim - d < 2 * LANES ? (head_dim - d) / 2 : LANES; /* 8 or 16 pairs */
+            const __mmask16 features = (__mmask16)((1u << count) - 1);
+            __m512i rows[LANES];
+            for (int k = 0; k < LANES; ++k)
+                rows[k] = j + k < keys ? _mm512_maskz_loadu_epi32(features, key + key_base + (j + k) * key_stride + d)
+                                       : _mm512_setzero_si512();
+            transpose_16x16(rows); /* rows[p]: pair p of the 16 keys */
+            for (int64_t p = 0; p < count; ++p)
+                _mm512_storeu_si512(key_pairs + ((d / 2 + p) * padded_keys + j) * 2, rows[p]);
         }
     /* vpermw index: the 16 values of one key (lanes 0-15) and of the next (16-31) interleaved */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
@@ -410,30 +444,6 @@ static size_t amx_buffer_bytes(int64_t keys, int64_t head_dim) {
     const int64_t padded = (keys + 31) / 32 * 32;
     return (size_t)(2 * (2 * padded * head_dim + TILE_ROWS * head_dim + TILE_ROWS * padded) +
                     4 * (TILE_ROWS * padded + TILE_ROWS * 2 * LANES));
-}
-
-/* 16 rows of 16 32-bit values transposed in registers: rows[p] then holds value p of every row. */
-static inline void transpose_16x16(__m512i rows[LANES]) {
-    __m512i pairs[LANES], quads[LANES];
-    for (int i = 0; i < LANES; i += 2) { /* in each 128-bit lane: values 0, 1 (lo) or 2, 3 (hi) of rows i, i + 1 */
-        pairs[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-        pairs[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-    }
-    for (int g = 0; g < LANES; g += 4) /* quads[g + c], lane l: value 4 l + c of rows g .. g + 3 */
-        for (int half = 0; half < 2; ++half) {
-            quads[g + 2 * half] = _mm512_unpacklo_epi64(pairs[g + half], pairs[g + 2 + half]);
-            quads[g + 2 * half + 1] = _mm512_unpackhi_epi64(pairs[g + half], pairs[g + 2 + half]);
-        }
-    for (int c = 0; c < 4; ++c) { /* value 4 l + c of all rows: lane l of quads[c], [4 + c], [8 + c], [12 + c] */
-        const __m512i even = _mm512_shuffle_i32x4(quads[c], quads[4 + c], 0x88);
-        const __m512i odd = _mm512_shuffle_i32x4(quads[c], quads[4 + c], 0xdd);
-        const __m512i even_high = _mm512_shuffle_i32x4(quads[8 + c], quads[12 + c], 0x88);
-        const __m512i odd_high = _mm512_shuffle_i32x4(quads[8 + c], quads[12 + c], 0xdd);
-        rows[c] = _mm512_shuffle_i32x4(even, even_high, 0x88);
-        rows[8 + c] = _mm512_shuffle_i32x4(even, even_high, 0xdd);
-        rows[4 + c] = _mm512_shuffle_i32x4(odd, odd_high, 0x88);
-        rows[12 + c] = _mm512_shuffle_i32x4(odd, odd_high, 0xdd);
-    }
 }
 
 static void amx_pair(const uint16_t *query, const uint16_t *key, const uint16_t *value, int64_t queries,
