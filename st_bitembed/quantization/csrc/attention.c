@@ -201,6 +201,31 @@ static inline void transpose_16x16(__m512i rows[LANES]) {
     }
 }
 
+/* Keys j .. j + 15 (0 from `keys` on), features d .. d + 2 count - 1 of each as `count` (at most 16) pairs of bf16
+ * values, transposed: rows[p] then holds pair p of the 16 keys, as vdpbf16ps and the bf16 tiles multiply them. */
+static inline void key_feature_pairs(const uint16_t *key, int64_t key_base, int64_t key_stride, int64_t j, int64_t keys,
+                                     int64_t d, int64_t count, __m512i rows[LANES]) {
+    const __mmask16 features = (__mmask16)((1u << count) - 1);
+    for (int k = 0; k < LANES; ++k)
+        rows[k] = j + k < keys ? _mm512_maskz_loadu_epi32(features, key + key_base + (j + k) * key_stride + d)
+                               : _mm512_setzero_si512();
+    transpose_16x16(rows);
+}
+
+/* The 16 bf16 values from feature d on of keys `even` and `even + 1` (0 from `keys` on), interleaved: pairs of keys,
+ * as vdpbf16ps and the bf16 tiles multiply them by pairs of weights. */
+static inline __m512i value_key_pairs(const uint16_t *value, int64_t value_base, int64_t value_stride, int64_t even,
+                                      int64_t keys, int64_t d) {
+    /* vpermw index: the 16 values of one key (lanes 0-15) and of the next (16-31) interleaved */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const uint16_t *first = value + value_base + even * value_stride + d;
+    const __m256i one = even < keys ? _mm256_loadu_si256((const __m256i *)first) : _mm256_setzero_si256();
+    const __m256i next =
+        even + 1 < keys ? _mm256_loadu_si256((const __m256i *)(first + value_stride)) : _mm256_setzero_si256();
+    return _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(one), next, 1));
+}
+
 /* A pair's keys ([head_dim][padded_keys], float32) and values ([keys][head_dim]) as the vectors read them. */
 static void lay_out_floats(const void *key, const void *value, int64_t keys, int64_t padded_keys, int64_t head_dim,
                            int64_t key_base, int64_t key_stride, int64_t value_base, int64_t value_stride,
@@ -243,27 +268,15 @@ static void lay_out_pairs(const uint16_t *key, const uint16_t *value, int64_t ke
     for (int64_t j = 0; j < padded_keys; j += LANES) /* 16 keys x up to 16 pairs of features at a time */
         for (int64_t d = 0; d < head_dim; d += 2 * LANES) {
             const int64_t count = head_dim - d < 2 * LANES ? (head_dim - d) / 2 : LANES; /* 8 or 16 pairs */
-            const __mmask16 features = (__mmask16)((1u << count) - 1);
             __m512i rows[LANES];
-            for (int k = 0; k < LANES; ++k)
-                rows[k] = j + k < keys ? _mm512_maskz_loadu_epi32(features, key + key_base + (j + k) * key_stride + d)
-                                       : _mm512_setzero_si512();
-            transpose_16x16(rows); /* rows[p]: pair p of the 16 keys */
+            key_feature_pairs(key, key_base, key_stride, j, keys, d, count, rows);
             for (int64_t p = 0; p < count; ++p)
                 _mm512_storeu_si512(key_pairs + ((d / 2 + p) * padded_keys + j) * 2, rows[p]);
         }
-    /* vpermw index: the 16 values of one key (lanes 0-15) and of the next (16-31) interleaved */
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t j = 0; j < padded_keys; j += 2)
-        for (int64_t d = 0; d < head_dim; d += LANES) {
-            const uint16_t *first = value + value_base + j * value_stride + d;
-            const __m256i one = j < keys ? _mm256_loadu_si256((const __m256i *)first) : _mm256_setzero_si256();
-            const __m256i next = j + 1 < keys ? _mm256_loadu_si256((const __m256i *)(first + value_stride))
-                                              : _mm256_setzero_si256();
-            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(one), next, 1);
-            _mm512_storeu_si512(value_pairs + (j / 2 * head_dim + d) * 2, _mm512_permutexvar_epi16(interleave, both));
-        }
+        for (int64_t d = 0; d < head_dim; d += LANES)
+            _mm512_storeu_si512(value_pairs + (j / 2 * head_dim + d) * 2,
+                                value_key_pairs(value, value_base, value_stride, j, keys, d));
 }
 
 /* block_scores on bf16 queries ([QUERY_BLOCK][head_dim]) and keys as pairs of features. */
@@ -460,31 +473,17 @@ static void amx_pair(const uint16_t *query, const uint16_t *key, const uint16_t 
     for (int64_t block = 0; block < padded / LANES; ++block)
         for (int64_t chunk = 0; chunk < chunks; ++chunk) {
             __m512i rows[LANES];
-            for (int64_t j = 0; j < LANES; ++j) {
-                const int64_t k = block * LANES + j;
-                rows[j] = k < keys ? _mm512_loadu_si512(key + key_base + k * key_stride + chunk * 32) : _mm512_setzero_si512();
-            }
-            transpose_16x16(rows);
+            key_feature_pairs(key, key_base, key_stride, block * LANES, keys, chunk * 32, LANES, rows);
             uint16_t *tile = key_tiles + (block * chunks + chunk) * 512;
             for (int p = 0; p < LANES; ++p) _mm512_storeu_si512(tile + p * 32, rows[p]);
         }
     /* values: tile (block of 32 keys, 16 features), row p holds keys 2p and 2p + 1 of each feature, interleaved */
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t block = 0; block < padded / 32; ++block)
         for (int64_t feature_block = 0; feature_block < feature_blocks; ++feature_block) {
             uint16_t *tile = value_tiles + (block * feature_blocks + feature_block) * 512;
-            for (int p = 0; p < LANES; ++p) {
-                const int64_t even = block * 32 + 2 * p, odd = even + 1;
-                const __m256i first = even < keys ? _mm256_loadu_si256((const __m256i *)(value + value_base + even *
-                                                                       value_stride + feature_block * LANES))
-                                                  : _mm256_setzero_si256();
-                const __m256i second = odd < keys ? _mm256_loadu_si256((const __m256i *)(value + value_base + odd *
-                                                                       value_stride + feature_block * LANES))
-                                                  : _mm256_setzero_si256();
-                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
-                _mm512_storeu_si512(tile + p * 32, _mm512_permutexvar_epi16(interleave, both));
-            }
+            for (int p = 0; p < LANES; ++p)
+                _mm512_storeu_si512(tile + p * 32, value_key_pairs(value, value_base, value_stride, block * 32 + 2 * p,
+                                                                   keys, feature_block * LANES));
         }
     for (int64_t first = 0; first < queries; first += TILE_ROWS) {
         const int64_t rows = queries - first < TILE_ROWS ? queries - first : TILE_ROWS;
