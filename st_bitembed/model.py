@@ -28,6 +28,7 @@ from st_bitembed.quantization.bitlinear import (
 )
 from st_bitembed.quantization.inference_fusions import use_fused_inference
 from st_bitembed.saving import staged_folder
+from st_bitembed.sub_batches import join_outputs, split_batch, widest_activation_bytes_per_token
 
 PLUGIN_NAMESPACE = "st_bitembed."
 # The Quantize head lives in its own folder, outside modules.json, so vanilla sentence-transformers ignores it.
@@ -79,6 +80,7 @@ class BitEmbed(SentenceTransformer):
         """
         self._quantize_head: Quantize | None = None  # before super().__init__, which already moves the model
         self._releasing_latent_weights = False
+        self._encoding_in_parts = False  # set while encode runs (see forward)
         card_data = kwargs.pop("model_card_data", None) or BitEmbedModelCardData()
         if not isinstance(card_data, BitEmbedModelCardData):
             raise TypeError(
@@ -173,6 +175,21 @@ class BitEmbed(SentenceTransformer):
                 Binary and ubinary are always packed 8 dimensions per byte, as in sentence-transformers.
             Other arguments as for ``SentenceTransformer.encode``.
         """
+        with self._large_batches_in_parts():
+            return self._encode(inputs, *args, precision=precision, pack=pack, convert_to_numpy=convert_to_numpy,
+                                convert_to_tensor=convert_to_tensor, output_value=output_value, **kwargs)  # fmt: skip
+
+    def _encode(
+        self,
+        inputs: Any,
+        *args: Any,
+        precision: PrecisionName | Precision,
+        pack: bool,
+        convert_to_numpy: bool,
+        convert_to_tensor: bool,
+        output_value: str | None,
+        **kwargs: Any,
+    ) -> Any:
         precision = get_precision(precision)
         if isinstance(inputs, (list, tuple)) and not inputs and output_value == "sentence_embedding":
             embeddings = torch.empty(0, self.get_embedding_dimension(), device=self.quantizer.device)
@@ -200,11 +217,33 @@ class BitEmbed(SentenceTransformer):
         return self._codes_as_requested(embeddings, precision, pack, convert_to_numpy, convert_to_tensor)
 
     def forward(self, input: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        output = super().forward(input, **kwargs)
+        # Only encode's batches run in parts: other callers (training, calibration's hooks) see one forward of theirs.
+        parts = self._inference_parts(input) if self._encoding_in_parts else None
+        if parts is None:
+            output = super().forward(input, **kwargs)
+        else:  # a large CPU batch, in parts whose activations glibc serves from memory it keeps
+            outputs = [super(BitEmbed, self).forward(part, **kwargs) for part in parts]
+            output = join_outputs(outputs, [len(part["attention_mask"]) for part in parts])
         if self._releasing_latent_weights:  # until the latent weights are freed at the first inference
             head = [self._quantize_head] if self._quantize_head is not None else []
             self._releasing_latent_weights = not finish_latent_weight_release([self, *head])
         return output
+
+    @contextmanager
+    def _large_batches_in_parts(self) -> Iterator[None]:
+        encoding, self._encoding_in_parts = self._encoding_in_parts, True
+        try:
+            yield
+        finally:
+            self._encoding_in_parts = encoding
+
+    def _inference_parts(self, features: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """``features`` as the parts :mod:`st_bitembed.sub_batches` runs a large batch in on CPU; ``None``: the
+        batch runs whole."""
+        backbone = getattr(self[0], "auto_model", None)
+        if self.device.type != "cpu" or backbone is None:
+            return None
+        return split_batch(features, widest_activation_bytes_per_token(backbone))
 
     def _codes_as_requested(
         self,
