@@ -16,8 +16,8 @@ Two suites, every variant in a fresh process (so that its memory is its own), al
   ../shared/models), saved first as users get them, then loaded in each variant's process: the bf16 checkpoint with
   ``SentenceTransformer(path)`` in fp32 and in bf16, its BitEmbed conversion with ``BitEmbed(path)`` in float32 and
   in bf16, and that model's 2-bit packed export with ``BitEmbed(path)``; forward of batch 32 x 128 random tokens and
-  of one 16- and one
-  64-token query; plus checkpoint sizes (bf16 vs the 2-bit packed export).
+  of one 16- and one 64-token query (BitEmbed's as its ``encode`` runs them: a large batch in parts, see
+  ``st_bitembed/sub_batches.py``); plus checkpoint sizes (bf16 vs the 2-bit packed export).
 
 Peak RSS is reported twice: while loading (and the warm-up), and while encoding (the kernel's high-water mark is
 reset between them); with ``--device cuda`` (shapes suite) also the GPU memory PyTorch allocated while encoding.
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import gzip
 import io
@@ -215,7 +216,9 @@ def measure_shape(variant: str, path: str, repeats: int, device: str) -> dict:
         input_ids = torch.randint(10, vocabulary - 10, (batch, length), device=device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
-    with torch.inference_mode():
+    # BitEmbed's forward as its encode runs it (a large batch in parts); the teacher's encode runs the whole batch.
+    as_encode_runs = model._large_batches_in_parts() if isinstance(model, BitEmbed) else contextlib.nullcontext()
+    with torch.inference_mode(), as_encode_runs:
         model(features(1, 16))  # warm-up (BitEmbed frees its latent weights)
         reset_peak_rss()
         if device == "cuda":
