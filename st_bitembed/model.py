@@ -167,6 +167,10 @@ class BitEmbed(SentenceTransformer):
     ) -> Any:
         """``SentenceTransformer.encode`` with every storage precision of the Quantize head.
 
+        On CPU, a batch whose MLP activations would pass 16 MiB runs in parts (:mod:`st_bitembed.sub_batches`), with
+        less memory and fewer page faults: each text gets the embedding the whole batch gives it (bit for bit on the
+        native kernels).
+
         Args:
             precision: One of :data:`st_bitembed.PRECISIONS`: "float32", "float16", "bfloat16", "int8", "uint8",
                 "int4", "int2", "binary", "ubinary". Codes come from the model's own (trained) head, so a text's
