@@ -167,7 +167,7 @@ class BitEmbed(SentenceTransformer):
     ) -> Any:
         """``SentenceTransformer.encode`` with every storage precision of the Quantize head.
 
-        On CPU, a batch whose MLP activations would pass 16 MiB runs in parts (:mod:`st_bitembed.sub_batches`), with
+        On CPU, a batch whose MLP activations would pass 8 MiB runs in parts (:mod:`st_bitembed.sub_batches`), with
         less memory and fewer page faults: each text gets the embedding the whole batch gives it (bit for bit on the
         native kernels).
 
