@@ -19,12 +19,15 @@ or inverted lists (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
-from one encoding pass.
+from one encoding pass. With ``--train-steps N`` also both heads trained from there as a recipe with the
+multi-precision InfoNCE trains them (``MultiPrecisionLoss(model, InfoNCELoss(model))`` at the default precisions, AdamW
+at ``--train-lr``, batches of 32 all-nli training pairs), the model itself frozen: a non-nested head calibrated on the
+same sentences (what the recipes' conversion gives) and the nested one, each trained for N steps on the same batches.
 
 Usage (offline, from the repository root):
     python tools/offline_kit.py -- python benchmarks/nested_search.py --model output/minilm-cpu-final/model
         [--corpus-size 1000000] [--queries 1000] [--rescore-multipliers 4,16,64] [--probes 16,64]
-        [--parts search,cost] [--threads 2]
+        [--parts search,cost] [--train-steps 540] [--train-lr 3e-4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -85,17 +88,21 @@ def scifact(model, cache: Path) -> tuple[np.ndarray, np.ndarray]:
                                                                              queries["text"], cache)  # fmt: skip
 
 
-def large_corpus(model, cache: Path, size: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def nli_sentences():
+    """The all-nli training triplets and their distinct sentences, in order."""
     from datasets import load_dataset
 
+    nli = load_dataset("sentence-transformers/all-nli", "triplet", split="train")
+    return nli, list(dict.fromkeys([*nli["anchor"], *nli["positive"], *nli["negative"]]))
+
+
+def large_corpus(model, cache: Path, size: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(SHARED / "data/raw/wikipedia_vital/vital_articles_en.jsonl.gz", "rt", encoding="utf8") as file:
         articles = [json.loads(line) for line in file]
-    nli = load_dataset("sentence-transformers/all-nli", "triplet", split="train")
-    sentences = list(dict.fromkeys([*nli["anchor"], *nli["positive"], *nli["negative"]]))
     real = np.concatenate(
         [
             embeddings(model, "wikipedia-passages", [a["extract"] for a in articles], cache),
-            embeddings(model, "all-nli-sentences", sentences, cache),
+            embeddings(model, "all-nli-sentences", nli_sentences()[1], cache),
         ]
     )
     descriptions = [f"{a['title']}: {a['description']}" for a in articles if a.get("description")]
@@ -196,13 +203,57 @@ def _recall_and_time(search, recall) -> tuple[float, float]:
     return recall(found), seconds
 
 
-def nesting_cost(model, calibration: np.ndarray, tasks: list[str]) -> None:
+def training_pairs(model, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of the all-nli training (anchor, positive) pairs: the sentences ``large_corpus`` encodes."""
+    nli, sentences = nli_sentences()
+    encoded = embeddings(model, "all-nli-sentences", sentences, cache)
+    row = {sentence: index for index, sentence in enumerate(sentences)}
+    return encoded[[row[a] for a in nli["anchor"]]], encoded[[row[p] for p in nli["positive"]]]
+
+
+def trained_head(model, head, pairs: tuple[np.ndarray, np.ndarray], steps: int, learning_rate: float, seed: int = 0):
+    """A copy of ``head`` trained for ``steps`` batches of 32 pairs by the multi-precision InfoNCE, as a recipe
+    trains the head (the model's embeddings fixed: they are encoded once)."""
+    import copy
+
+    import torch
+
+    from st_bitembed.losses import InfoNCELoss, MultiPrecisionLoss
+
+    own = model.quantizer
+    trained = copy.deepcopy(head)
+    model.set_quantizer(trained)  # MultiPrecisionLoss trains the model's head
+    try:
+        loss = MultiPrecisionLoss(model, InfoNCELoss(model))
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=learning_rate, weight_decay=0.0)  # the trainer's decay
+        anchors, positives = (torch_tensor(values) for values in pairs)
+        generator = torch.Generator().manual_seed(seed)  # the same batches for every head
+        for _ in range(steps):
+            batch = torch.randint(len(anchors), (32,), generator=generator)
+            loss.compute_loss_from_embeddings([anchors[batch], positives[batch]], None).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        model.set_quantizer(own)
+    return trained.eval()
+
+
+def nesting_cost(
+    model, calibration: np.ndarray, tasks: list[str], pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    steps: int = 0, learning_rate: float = 3e-4,
+) -> None:  # fmt: skip
     import mteb
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
+    from st_bitembed import Quantize
     from st_bitembed.evaluation.encoders import EncodeOnce, QuantizedEncoder
 
     heads = {"own head": model.quantizer, "nested head": nested_head(model, calibration)}
+    if steps:
+        calibrated = Quantize(model.get_embedding_dimension())
+        calibrated.calibrate(torch_tensor(calibration))
+        heads["calibrated, trained"] = trained_head(model, calibrated, pairs, steps, learning_rate)
+        heads["nested, trained"] = trained_head(model, heads["nested head"], pairs, steps, learning_rate)
     precisions = ["int8", "int4", "int2", "binary"]
     encoder = EncodeOnce(SentenceTransformerEncoderWrapper(model))
     scores: dict[tuple[str, str], list[float]] = {}
@@ -214,12 +265,16 @@ def nesting_cost(model, calibration: np.ndarray, tasks: list[str]) -> None:
                                        show_progress_bar=False)  # fmt: skip
                 scores.setdefault((head_name, precision), []).append(100 * result.task_results[0].get_score())
         encoder.clear()
-    print(f"\nnesting cost on {', '.join(tasks)} (mean score x 100)\n")
-    print("| precision | own head | nested head | nested - own |")
-    print("|---|---|---|---|")
+    trained = f"; trained: {steps} steps at learning rate {learning_rate:g}" if steps else ""
+    print(f"\nnesting cost on {', '.join(tasks)} (mean score x 100{trained})\n")
+    names = list(heads)
+    pairs_of_heads = [(0, 1), (2, 3)] if steps else [(0, 1)]  # nested against the non-nested head it compares with
+    print(f"| precision | {' | '.join(names)} | {' | '.join(f'{names[n]} - {names[o]}' for o, n in pairs_of_heads)} |")
+    print("|---|" + "---|" * (len(names) + len(pairs_of_heads)))
     for precision in precisions:
-        own, nested = (float(np.mean(scores[(h, precision)])) for h in heads)
-        print(f"| {precision} | {own:.2f} | {nested:.2f} | {nested - own:+.2f} |")
+        mean = [float(np.mean(scores[(name, precision)])) for name in names]
+        differences = [f"{mean[n] - mean[o]:+.2f}" for o, n in pairs_of_heads]
+        print(f"| {precision} | {' | '.join(f'{m:.2f}' for m in mean)} | {' | '.join(differences)} |")
 
 
 def main() -> None:
@@ -230,6 +285,8 @@ def main() -> None:
     parser.add_argument("--rescore-multipliers", default="4,16,64", help="candidates per hit, comma-separated")
     parser.add_argument("--probes", default="16,64", help="clusters scanned per query by the IVF first pass")
     parser.add_argument("--parts", default="search", help="search, cost (nesting's cost on the kit's tasks) or both")
+    parser.add_argument("--train-steps", type=int, default=0, help="cost: also both heads trained this many steps")
+    parser.add_argument("--train-lr", type=float, default=3e-4, help="cost: the heads' learning rate (the recipes')")
     parser.add_argument("--cache-dir", default=".cache/nested-search", help="encoded embeddings are kept here")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -256,7 +313,8 @@ def main() -> None:
         corpus, queries = large_corpus(model, cache, args.corpus_size, args.queries)
         compare_search(model, calibration, corpus, queries, multipliers, probes)
     if "cost" in args.parts:
-        nesting_cost(model, calibration, KIT_TASKS)
+        pairs = training_pairs(model, cache) if args.train_steps else None
+        nesting_cost(model, calibration, KIT_TASKS, pairs, args.train_steps, args.train_lr)
 
 
 if __name__ == "__main__":
