@@ -115,9 +115,29 @@ def test_loaded_model_keeps_only_codes_encodes_the_same_and_still_trains(qwen3_d
     assert not any(layer.latent_weight_released for layer in layers["released"])
     assert all(torch.equal(layer.ternary_codes()[0], before) for layer, before in
                zip(layers["released"], codes_before))  # fmt: skip
+    released.eval()  # the rebuilt weights' absmean is the scale up to a rounding: the layers keep the exact scale
+    np.testing.assert_array_equal(released.encode(TEXTS), expected)
     train_one_step(released)  # asserts that the latent weights and norms changed
     released.encode(TEXTS)  # a model that trained keeps its latent weights through evaluations
     assert not any(layer.latent_weight_released for layer in layers["released"])
+
+
+def test_latent_weights_rebuilt_while_encoding_train_and_encode_as_trained(qwen3_dir, tmp_path):
+    """The reference kernel rebuilds a released model's latent weights inside encode's inference mode; they must
+    still be weights that train and whose changes the integer path sees (not inference tensors, which keep no
+    version for the layers' caches to check)."""
+    BitEmbed.from_backbone(str(qwen3_dir)).save(str(tmp_path / "model"))
+    model = BitEmbed(str(tmp_path / "model"))
+    model.encode(TEXTS)  # frees the latent weights
+    model.set_bitlinear_kernel("reference")
+    model.encode(TEXTS)  # rebuilds them, in inference mode
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    assert not any(layer.latent_weight_released or layer.weight.is_inference() for layer in layers)
+    model.set_bitlinear_kernel("int8")
+    train_one_step(model)
+    model.save(str(tmp_path / "trained"))
+    expected = BitEmbed(str(tmp_path / "trained"), keep_latent_weights=True).encode(TEXTS)
+    np.testing.assert_array_equal(model.encode(TEXTS), expected)
 
 
 def test_a_training_form_model_loaded_in_bf16_keeps_the_codes_of_its_float32_weights(qwen3_dir, tmp_path):

@@ -52,8 +52,10 @@ class BitLinear(AutoBitLinear):
     :meth:`release_latent_weight` frees the float latent weight and keeps only the codes (what ``BitEmbed(path)``
     does for a model loaded to encode). The layer then materialises a latent weight from its codes when it is
     needed: ``train()``, a forward with gradients, ``state_dict()`` (without keeping it) or ``load_state_dict()``.
-    The materialised weight ``codes * scale / mean(|codes|)`` has the same ternary codes and scale, so the model
-    computes exactly what it did; what it loses is how far each latent weight was from a rounding threshold.
+    The materialised weight ``codes * scale / mean(|codes|)`` has the same ternary codes and, up to a float rounding
+    of its mean, the same scale; until it changes the layer computes with the codes and scale it was rebuilt from, so
+    the integer path computes exactly what it did (transformers' float forward takes the scale from the weight's
+    mean: an ulp or two apart). What the model loses is how far each latent weight was from a rounding threshold.
 
     Saved checkpoints do not record this class: transformers rebuilds ``AutoBitLinear`` from the BitNet
     quantization config, and :class:`~st_bitembed.BitEmbed` swaps in this class after loading.
@@ -77,6 +79,9 @@ class BitLinear(AutoBitLinear):
         # and their scale.
         self._released_codes: torch.Tensor | None = None
         self._released_scale: torch.Tensor | None = None
+        # A latent weight rebuilt from released codes: (its version key, those codes, their scale), the codes and
+        # scale the layer computes with until the weight changes (its absmean is the scale only up to a rounding).
+        self._rebuilt_from: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         # What the inference path reads: the prepared weight, and the bias and norm weight as the GEMMs' rescale
         # reads them (float32; the bias of an offline layer times its scale), and on the native backend the kernel's
         # description of them all, made once per version of the parameters (and device and backend) instead of at
@@ -111,6 +116,8 @@ class BitLinear(AutoBitLinear):
         """``(codes, scale)``: the ``[N, K]`` int8 ternary codes and 0-d float32 scale this layer computes with."""
         if self._released_codes is not None:
             return unpack_codes(self._released_codes, 2, self.in_features), self._released_scale
+        if self._rebuilt_from is not None and self._rebuilt_from[0] == version_key(self.weight):
+            return unpack_codes(self._rebuilt_from[1], 2, self.in_features), self._rebuilt_from[2]
         if self.online_quant:
             return ternary_weight_codes(self.weight)
         # Offline (exported) checkpoints hold the ternary values, with their scale beside them.
@@ -140,15 +147,18 @@ class BitLinear(AutoBitLinear):
             return
         codes, scale = self.ternary_codes()  # computed once, for the GEMM's layout and the 2-bit copy
         self._released_codes, self._released_scale = pack_codes(codes, 2), scale.detach().float().reshape(())
+        self._rebuilt_from = None
         placeholder = torch.zeros(1, dtype=self.weight.dtype, device=self.weight.device)
         self.weight.data = placeholder.expand(self.weight.shape)
         self._prepare(codes, scale, gemm_backend(self.weight.device.type))
 
+    @torch.inference_mode(False)  # also when the reference kernel first runs in encode: the weight may train later
     def materialize_latent_weight(self) -> None:
         """Give the layer a float latent weight again, rebuilt from its codes (see the class docstring)."""
         if self._released_codes is None:
             return
         self.weight.data = self._weight_from_codes()
+        self._rebuilt_from = (version_key(self.weight), self._released_codes, self._released_scale)
         self._released_codes = self._released_scale = None
 
     def _weight_from_codes(self) -> torch.Tensor:
@@ -167,6 +177,7 @@ class BitLinear(AutoBitLinear):
             **state,
             "_ternary": None,
             "_ternary_key": None,
+            "_rebuilt_from": None,
             "_inference_operands": None,
             "_folded_projection": None,
             "_activated_projection": None,
