@@ -9,9 +9,11 @@ Two suites, every variant in a fresh process (so that its memory is its own), al
   2,000 STS-B sentences at batch 32, 256 SciFact abstracts (title + abstract, truncated at the model's 256 tokens)
   at batch 32, and 200 sentences one at a time. The student is ``--student PATH`` (e.g. the ``minilm-cpu`` recipe's
   output); by default the teacher converted and calibrated here (speed does not depend on training). The student's
-  process also checks the fast path against the reference kernel: cosine of the embeddings and share of identical
-  int8 / int4 / binary codes of the output head, beside the same figures for the reference kernel against itself at
-  batch size 1 instead of 32 (how far float rounding alone moves a ternary model's embeddings).
+  process also checks the fast path against the reference kernel (the student with its saved latent weights):
+  cosine of the embeddings and share of identical int8 / int4 / binary codes of the output head, beside the same
+  figures for the reference kernel against itself at batch size 1 instead of 32 (how far float rounding alone moves a
+  ternary model's embeddings); and each projection, given the inputs the reference gives it, computed by both
+  against the same in float64: how often each moves an activation code at a rounding tie.
 - ``shapes``: random-weight Qwen3-0.6B- and Gemma3-270M-shaped backbones (configs and tokenizers from
   ../shared/models), saved first as users get them, then loaded in each variant's process: the bf16 checkpoint with
   ``SentenceTransformer(path)`` in fp32 and in bf16, its BitEmbed conversion with ``BitEmbed(path)`` in float32 and
@@ -124,7 +126,7 @@ def measure_real(variant: str, path: str, repeats: int, student: str | None = No
     result["encode_peak_mib"] = peak_rss_mib()
     texts = [text for texts, _ in workloads().values() for text in texts[:200]]
     if variant == "bitembed":
-        result["fidelity"] = fidelity(model, texts)
+        result["fidelity"] = fidelity(model, path, texts)
     if variant in ("bitembed-bf16", "bitembed-packed"):  # bf16 runs against the float32 model they come from
         in_bf16 = model.encode(texts, convert_to_tensor=True).float()
         source = BitEmbed(student, device="cpu").encode(texts, convert_to_tensor=True)
@@ -132,19 +134,81 @@ def measure_real(variant: str, path: str, repeats: int, student: str | None = No
     return result
 
 
-def fidelity(model, texts: list[str]) -> dict:
+def fidelity(model, path: str, texts: list[str]) -> dict:
     """The fast path against the reference kernel on ``texts`` (embedding cosine and identical head codes), and, as
     the yardstick, the reference kernel against itself when only the batch size changes (32 -> 1: other float
-    rounding in its matrix products, the same arithmetic otherwise)."""
+    rounding in its matrix products); then each projection against exact arithmetic (:func:`projection_exactness`).
+    The reference is the model loaded with its saved latent weights (``keep_latent_weights=True``): latent weights
+    rebuilt from the codes have the same codes, but transformers' forward takes their scale from their mean, an ulp
+    or two from the saved one."""
+    from st_bitembed import BitEmbed
+
     fast = model.encode(texts, convert_to_tensor=True)
-    model.set_bitlinear_kernel("reference")
-    reference = model.encode(texts, convert_to_tensor=True)
-    reference_one_by_one = model.encode(texts, batch_size=1, convert_to_tensor=True)
-    model.set_bitlinear_kernel("int8")
+    reference_model = BitEmbed(path, device="cpu", keep_latent_weights=True)
+    reference_model.set_bitlinear_kernel("reference")
+    reference = reference_model.encode(texts, convert_to_tensor=True)
+    reference_one_by_one = reference_model.encode(texts, batch_size=1, convert_to_tensor=True)
     return {
         "fast": agreement(model, fast, reference),
         "reference_batch_1": agreement(model, reference_one_by_one, reference),
+        "projections": projection_exactness(reference_model, texts[:96]),
     }
+
+
+def projection_exactness(reference_model, texts: list[str]) -> dict:
+    """Where the fast path and the reference kernel part, projection by projection. Weights: how many ternary codes of
+    the latent weights the fast path computes otherwise than transformers' (compiled) weight quantizer, which the
+    reference runs (at a rounding tie of ``w / mean|w|``). Activations: each BitLinear of ``reference_model`` given
+    the inputs its reference forward gives it on ``texts``, computed by both against the same projection in float64
+    with the fast path's weight codes (inserted RMSNorm, per-token int8 codes, bias): per (token, projection), the
+    share whose output is more than 1e-5 (relative) away, which one moved activation code (or weight code) makes,
+    where float rounding alone stays near 1e-7, and the median relative error."""
+    import torch
+    from transformers.integrations.bitnet import WeightQuant
+
+    from st_bitembed.quantization.bitlinear import BitLinear
+
+    layers = [m for m in reference_model.modules() if isinstance(m, BitLinear)]
+    with torch.no_grad():
+        moved_weights = sum(int((layer.ternary_codes()[0] != WeightQuant.apply(layer.weight).sign()).sum())
+                            for layer in layers)  # fmt: skip
+    seen: list[tuple[BitLinear, torch.Tensor, torch.Tensor]] = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append((m, args[0].clone(), out.clone())))
+             for layer in layers]  # fmt: skip
+    reference_model.set_bitlinear_kernel("reference")
+    reference_model.encode(texts)
+    for hook in hooks:
+        hook.remove()
+    reference_model.set_bitlinear_kernel("int8")
+    errors: dict[str, list[torch.Tensor]] = {"fast": [], "reference": []}
+    with torch.inference_mode():
+        for layer, inputs, reference in seen:
+            exact = exact_projection(layer, inputs.double())
+            for key, output in (("fast", layer(inputs)), ("reference", reference)):
+                errors[key].append(((output.double() - exact).norm(dim=-1) / exact.norm(dim=-1)).flatten())
+    return {
+        "weight_codes_apart": moved_weights,
+        "weights": sum(layer.weight.numel() for layer in layers),
+        **{
+            key: {"moved": (torch.cat(e) > 1e-5).double().mean().item(), "median": torch.cat(e).median().item()}
+            for key, e in errors.items()
+        },  # fmt: skip
+    }
+
+
+def exact_projection(layer, inputs):
+    """``layer``'s projection of float64 ``inputs`` in float64, with the fast path's ternary codes and scale."""
+    import torch
+
+    if layer.rms_norm is not None:
+        norm = layer.rms_norm
+        inputs = inputs * torch.rsqrt(inputs.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        inputs = inputs * norm.weight.double()
+    activation_scale = 127 / inputs.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    codes = (inputs * activation_scale).round().clamp(-128, 127)
+    weight_codes, weight_scale = layer.ternary_codes()
+    output = codes @ weight_codes.double().T * weight_scale.double() / activation_scale
+    return output + layer.bias.double() if layer.bias is not None else output
 
 
 def agreement(model, embeddings, reference) -> dict:
@@ -321,6 +385,13 @@ def report_real(args: argparse.Namespace) -> None:
         codes = ", ".join(f"{p} {share:.4%}" for p, share in check["same_codes"].items())
         print(f"{label}: cosine min {check['min_cosine']:.5f} mean {check['mean_cosine']:.6f}; "
               f"identical head codes: {codes}")  # fmt: skip
+    projections = checks["projections"]
+    print(f"ternary weight codes the fast path computes otherwise than the reference: "
+          f"{projections['weight_codes_apart']} of {projections['weights']:,}")  # fmt: skip
+    print("each projection given the reference's inputs, against the same in float64 (share of tokens with a code "
+          "moved, median relative error): " + ", ".join(f"{key} {projections[key]['moved']:.4%}, "
+                                                      f"{projections[key]['median']:.1e}"
+                                                      for key in ("fast", "reference")))  # fmt: skip
     for variant in ("bitembed-bf16", "bitembed-packed"):
         print(f"{variant} vs the float32 student: cosine min {results[variant]['min_cosine_to_float32']:.5f}")
 
