@@ -169,8 +169,9 @@ def projection_exactness(reference_model, texts: list[str]) -> dict:
     from st_bitembed.quantization.bitlinear import BitLinear
 
     layers = [m for m in reference_model.modules() if isinstance(m, BitLinear)]
+    weight_codes = {layer: layer.ternary_codes() for layer in layers}  # the fast path's
     with torch.no_grad():
-        moved_weights = sum(int((layer.ternary_codes()[0] != WeightQuant.apply(layer.weight).sign()).sum())
+        moved_weights = sum(int((weight_codes[layer][0] != WeightQuant.apply(layer.weight).sign()).sum())
                             for layer in layers)  # fmt: skip
     seen: list[tuple[BitLinear, torch.Tensor, torch.Tensor]] = []
     hooks = [layer.register_forward_hook(lambda m, args, out: seen.append((m, args[0].clone(), out.clone())))
@@ -183,7 +184,7 @@ def projection_exactness(reference_model, texts: list[str]) -> dict:
     errors: dict[str, list[torch.Tensor]] = {"fast": [], "reference": []}
     with torch.inference_mode():
         for layer, inputs, reference in seen:
-            exact = exact_projection(layer, inputs.double())
+            exact = exact_projection(layer, inputs.double(), *weight_codes[layer])
             for key, output in (("fast", layer(inputs)), ("reference", reference)):
                 errors[key].append(((output.double() - exact).norm(dim=-1) / exact.norm(dim=-1)).flatten())
     return {
@@ -196,8 +197,8 @@ def projection_exactness(reference_model, texts: list[str]) -> dict:
     }
 
 
-def exact_projection(layer, inputs):
-    """``layer``'s projection of float64 ``inputs`` in float64, with the fast path's ternary codes and scale."""
+def exact_projection(layer, inputs, weight_codes, weight_scale):
+    """``layer``'s projection of float64 ``inputs`` in float64, with the given ternary codes and scale."""
     import torch
 
     if layer.rms_norm is not None:
@@ -206,7 +207,6 @@ def exact_projection(layer, inputs):
         inputs = inputs * norm.weight.double()
     activation_scale = 127 / inputs.abs().amax(-1, keepdim=True).clamp(min=1e-5)
     codes = (inputs * activation_scale).round().clamp(-128, 127)
-    weight_codes, weight_scale = layer.ternary_codes()
     output = codes @ weight_codes.double().T * weight_scale.double() / activation_scale
     return output + layer.bias.double() if layer.bias is not None else output
 

@@ -53,10 +53,11 @@ def calibration_sentences() -> list[str]:
     return list(dict.fromkeys([*stsb["sentence1"], *stsb["sentence2"]]))[:256]  # as the recipes' calibration
 
 
-def nested_head(model, calibration: np.ndarray):
+def calibrated_head(model, calibration: np.ndarray, nested: bool = True):
+    """A Quantize head for ``model``'s embeddings, nested (default) or not, calibrated on ``calibration``."""
     from st_bitembed import Quantize
 
-    head = Quantize(model.get_embedding_dimension(), nested=True)
+    head = Quantize(model.get_embedding_dimension(), nested=nested)
     head.calibrate(torch_tensor(calibration))
     return head
 
@@ -132,7 +133,7 @@ def compare_search(
     from st_bitembed.index import NestedCodeIndex
 
     dimension, top_k = corpus.shape[1], 10
-    head = nested_head(model, calibration)
+    head = calibrated_head(model, calibration)
     float_index = faiss.IndexFlatIP(dimension)
     float_index.add(corpus)
     (_, exact), float_seconds = timed(lambda: float_index.search(queries, top_k))
@@ -245,13 +246,11 @@ def nesting_cost(
     import mteb
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
-    from st_bitembed import Quantize
     from st_bitembed.evaluation.encoders import EncodeOnce, QuantizedEncoder
 
-    heads = {"own head": model.quantizer, "nested head": nested_head(model, calibration)}
+    heads = {"own head": model.quantizer, "nested head": calibrated_head(model, calibration)}
     if steps:
-        calibrated = Quantize(model.get_embedding_dimension())
-        calibrated.calibrate(torch_tensor(calibration))
+        calibrated = calibrated_head(model, calibration, nested=False)
         heads["calibrated, trained"] = trained_head(model, calibrated, pairs, steps, learning_rate)
         heads["nested, trained"] = trained_head(model, heads["nested head"], pairs, steps, learning_rate)
     precisions = ["int8", "int4", "int2", "binary"]
