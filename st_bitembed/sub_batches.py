@@ -21,7 +21,7 @@ import torch
 
 # The widest activation a part may make: well under glibc's 32 MiB ceiling, so that its blocks come from kept memory,
 # and small enough that what glibc keeps after the largest batch stays small (16 MiB kept a float32 MiniLM student's
-# peak RSS above the bf16 teacher's, 8 MiB below it, at the same speed: README, "Parts of 8 MiB").
+# peak RSS above the bf16 teacher's, 8 MiB below it: README, "Parts of 8 MiB").
 ACTIVATION_BUDGET_BYTES = 8 * 2**20
 # Values of a batch's features that every part takes as they are (e.g. sentence-transformers' "modality").
 SHARED_VALUES = (str, int, float, bool, type(None))
