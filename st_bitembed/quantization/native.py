@@ -8,8 +8,10 @@
 - ``ternary_gemm_amx.c``: the same products on AMX tiles, where the CPU has them (:func:`native_amx_available`).
 - ``rms_norm.c``: the model's own RMSNorms that no BitLinear reads, in one pass (``native_norm.py``).
 - ``residual_layer_norm.c``: an encoder block's residual add and LayerNorm, in one pass (``residual_norm.py``).
-- ``attention.c``: an encoder's self-attention, one parallel loop over (sequence, head) pairs
-  (``native_attention.py``).
+- ``attention.c``: self-attention, one parallel loop over (sequence, head) pairs (``native_attention.py``,
+  ``native_decoder_attention.py``).
+- ``rotary.c``: a decoder's rotary position embedding of its query or key heads, after their own RMSNorm, in one pass
+  (``native_decoder_attention.py``).
 - ``ternary_linear.c``: the two in one call (quantizer into a per-thread buffer, then the GEMM), for one projection
   or several of the same input (q, k and v; gate and up) at once: what BitLinear's inference runs on that backend.
 
@@ -51,6 +53,7 @@ SOURCES = tuple(
         "rms_norm.c",
         "residual_layer_norm.c",
         "attention.c",
+        "rotary.c",
     )
 )
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("ternary_gemm.h", "bfloat16.h", "activations.h"))
@@ -81,6 +84,10 @@ RmsNorm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 ResidualLayerNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 # (query, key, value, mask or None, scale) -> attention output, its heads side by side: [batch, queries, heads * dim]
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+# (heads [batch, positions, heads, dim], cos, sin, norm: (float32 scale, eps, round before scale) or None) -> the
+# rotated heads, a new contiguous tensor of the same shape
+RotaryHeads = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, float, bool] | None"],
+                       torch.Tensor]  # fmt: skip
 
 
 def _processor_id() -> str:
@@ -146,13 +153,18 @@ def _load(path: Path) -> ctypes.CDLL:
     library.residual_layer_norm_max_cols.argtypes, library.residual_layer_norm_max_cols.restype = [], ctypes.c_int
     strides = ctypes.POINTER(ctypes.c_int64)
     library.attention.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer]
-    library.attention.argtypes += [integer, strides, strides, strides, strides, strides, ctypes.c_int, ctypes.c_int]
+    library.attention.argtypes += [integer, integer, strides, strides, strides, strides, strides, ctypes.c_int]
+    library.attention.argtypes += [ctypes.c_int]
     library.attention.argtypes += [real, ctypes.c_int]
     library.attention.restype = ctypes.c_int
     library.attention_tiles.argtypes, library.attention_tiles.restype = [integer], ctypes.c_int
+    library.rotary_heads.argtypes = [pointer, integer, integer, integer, integer, strides, pointer, real, ctypes.c_int]
+    library.rotary_heads.argtypes += [pointer, pointer, strides, ctypes.c_int, pointer, ctypes.c_int]
+    library.rotary_heads.restype = ctypes.c_int
     library.attention_set_bfloat16_pairs.argtypes = [ctypes.c_int]
     library.attention_set_bfloat16_pairs.restype = ctypes.c_int
-    for function in (library.attention_available, library.attention_max_keys, library.attention_max_head_dim):
+    max_functions = (library.attention_max_keys, library.attention_max_head_dim, library.rotary_max_head_dim)
+    for function in (library.attention_available, *max_functions):
         function.argtypes, function.restype = [], ctypes.c_int
     layout_functions = (library.ternary_gemm_panel, library.ternary_gemm_tile_rows, library.ternary_gemm_weight_bits)
     for function in layout_functions:
@@ -179,6 +191,10 @@ def _library() -> ctypes.CDLL | None:
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return tensor.data_ptr() if tensor is not None else None
+
+
+def _strides(values: Sequence[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
 
 
 @functools.cache
@@ -498,6 +514,12 @@ def native_residual_layer_norm() -> ResidualLayerNorm | None:
     return residual_layer_norm
 
 
+def native_attention_max_keys() -> int:
+    """The most keys per sequence :func:`native_attention` takes (0 where it is unavailable)."""
+    library = _library()
+    return library.attention_max_keys() if library is not None and library.attention_available() else 0
+
+
 def native_attention_tiles(head_dim: int) -> bool:
     """Whether :func:`native_attention` runs bf16 heads of ``head_dim`` features on AMX tiles (else on vectors)."""
     library = _library()
@@ -523,7 +545,9 @@ ATTENTION_FEATURE_GROUP = 16
 def native_attention() -> Attention | None:
     """``csrc/attention.c``: ``softmax(query @ key^T * scale + mask) @ value`` per sequence and head. The query, key
     and value: ``[batch, heads, positions, head_dim]`` tensors of one dtype (float32 or bfloat16) whose last dimension
-    is contiguous (any other strides, as a transposed view of a projection's output has); the mask: ``None``, boolean
+    is contiguous (any other strides, as a transposed view of a projection's output has), the key and value of
+    ``key_heads`` heads, a divisor of ``heads`` (grouped-query attention: query head ``h`` reads key head
+    ``h // (heads // key_heads)``, as ``repeat_kv`` lays them out); the mask: ``None``, boolean
     (``True``: attend, as in ``scaled_dot_product_attention``) or additive of the query's dtype, broadcastable to
     ``[batch, heads, queries, keys]``; anything else, or more keys or features per head than the kernel takes:
     ``ValueError``. ``None`` where the kernels cannot be built or the CPU lacks AVX-512 (the kernel's only build).
@@ -541,8 +565,8 @@ def native_attention() -> Attention | None:
             raise ValueError(f"attention takes 4-dim float32 or bfloat16 queries, not {query.dtype} "
                              f"{tuple(query.shape)}")  # fmt: skip
         batch, heads, queries, head_dim = query.shape
-        keys = key.shape[2] if key.dim() == 4 else 0
-        if key.shape != (batch, heads, keys, head_dim) or value.shape != key.shape:
+        key_heads, keys = (key.shape[1], key.shape[2]) if key.dim() == 4 else (0, 0)
+        if key.shape != (batch, key_heads, keys, head_dim) or value.shape != key.shape or heads % max(key_heads, 1):
             raise ValueError(f"Keys and values of shape {tuple(key.shape)} and {tuple(value.shape)} do not go with "
                              f"queries of shape {tuple(query.shape)}")  # fmt: skip
         if key.dtype != query.dtype or value.dtype != query.dtype:
@@ -564,14 +588,10 @@ def native_attention() -> Attention | None:
             mask_kind = ATTENTION_MASK_KINDS.get(mask.dtype, ADDITIVE_MASK)
             mask_strides = mask.stride()
         out = torch.empty(batch, queries, heads, head_dim, dtype=query.dtype)
-
-        def strides(values: Sequence[int]) -> ctypes.Array:
-            return (ctypes.c_int64 * len(values))(*values)
-
         failed = library.attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), _pointer(mask), out.data_ptr(),
-                                   batch, heads, queries, keys, head_dim, strides(query.stride()[:3]),
-                                   strides(key.stride()[:3]), strides(value.stride()[:3]), strides(mask_strides),
-                                   strides((out.stride(0), out.stride(2), out.stride(1))),
+                                   batch, heads, key_heads, queries, keys, head_dim, _strides(query.stride()[:3]),
+                                   _strides(key.stride()[:3]), _strides(value.stride()[:3]), _strides(mask_strides),
+                                   _strides((out.stride(0), out.stride(2), out.stride(1))),
                                    query.dtype == torch.bfloat16, mask_kind, scale,
                                    torch.get_num_threads())  # fmt: skip
         if failed:
@@ -579,3 +599,49 @@ def native_attention() -> Attention | None:
         return out.view(batch, queries, heads * head_dim)
 
     return attention
+
+
+@functools.cache
+def native_rotary_heads() -> RotaryHeads | None:
+    """``csrc/rotary.c``: a decoder's rotary position embedding of ``[batch, positions, heads, head_dim]`` query or key
+    heads (float32 or bfloat16, the last dimension contiguous, any other strides), as transformers'
+    ``apply_rotary_pos_emb`` computes it with ``cos`` and ``sin`` of the heads' dtype (``[batch or 1, positions,
+    head_dim]``, the last dimension contiguous); with ``norm`` (the float32 per-feature scale, eps, and whether the
+    normalised values are rounded before the scale: as :func:`native_rms_norm`), each head normalised first (Qwen3's
+    and Gemma3's q_norm and k_norm). Anything else: ``ValueError``. ``None`` where the kernels cannot be built.
+    Returns a new contiguous tensor of the heads' shape and dtype."""
+    library = _library()
+    if library is None:
+        return None
+    max_head_dim = library.rotary_max_head_dim()
+
+    def rotary_heads(
+        heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: tuple[torch.Tensor, float, bool] | None
+    ) -> torch.Tensor:
+        if heads.dim() != 4 or heads.dtype not in (torch.float32, torch.bfloat16) or heads.stride(-1) != 1:
+            raise ValueError(f"rotary_heads takes 4-dim float32 or bfloat16 heads of contiguous features, not "
+                             f"{heads.dtype} {tuple(heads.shape)} of strides {heads.stride()}")  # fmt: skip
+        batch, positions, count, head_dim = heads.shape
+        if not 2 <= head_dim <= max_head_dim or head_dim % 2:
+            raise ValueError(f"rotary_heads takes an even head_dim of at most {max_head_dim}, not {head_dim}")
+        try:
+            cos, sin = (table.expand(batch, positions, head_dim) for table in (cos, sin))
+        except RuntimeError as error:
+            raise ValueError(f"cos and sin of shape {tuple(cos.shape)} do not go with heads of shape "
+                             f"{tuple(heads.shape)}") from error  # fmt: skip
+        if cos.dtype != heads.dtype or sin.dtype != heads.dtype or cos.stride() != sin.stride() or cos.stride(-1) != 1:
+            raise ValueError("rotary_heads takes cos and sin of the heads' dtype and one layout, features contiguous")
+        scale, eps, round_before_scale = norm if norm is not None else (None, 0.0, False)
+        if scale is not None and (scale.dtype != torch.float32 or scale.shape != (head_dim,) or scale.stride(0) != 1):
+            raise ValueError(f"rotary_heads takes a norm scale of {head_dim} contiguous float32 values")
+        out = torch.empty(heads.shape, dtype=heads.dtype)
+        failed = library.rotary_heads(heads.data_ptr(), batch, positions, count, head_dim,
+                                      _strides(heads.stride()[:3]), _pointer(scale), eps, round_before_scale,
+                                      cos.data_ptr(), sin.data_ptr(), _strides(cos.stride()[:2]),
+                                      heads.dtype == torch.bfloat16, out.data_ptr(),
+                                      torch.get_num_threads())  # fmt: skip
+        if failed:
+            raise ValueError(f"rotary_heads does not take heads of {head_dim} features")
+        return out
+
+    return rotary_heads

@@ -20,7 +20,6 @@ stand-in holds the module's own children under their own names.
 from __future__ import annotations
 
 import ctypes
-import math
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from st_bitembed.quantization.kernels import native_linear
 from st_bitembed.quantization.native import (
     native_amx_available,
     native_attention,
+    native_attention_max_keys,
     native_attention_tiles,
     native_projections,
 )
@@ -49,6 +49,34 @@ MAX_VECTOR_BFLOAT16_KEYS = 48
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
+def max_kernel_keys(head_dim: int, dtype: torch.dtype) -> int:
+    """The longest sequence of ``dtype`` heads of ``head_dim`` features handed to the kernel (at most the kernel's own
+    maximum; the module runs longer ones)."""
+    on_vectors = not native_attention_tiles(head_dim)
+    if dtype == torch.bfloat16 and on_vectors and native_amx_available():  # PyTorch's kernel on the tiles
+        return min(MAX_VECTOR_BFLOAT16_KEYS, native_attention_max_keys())
+    return native_attention_max_keys()
+
+
+def kernel_takes(
+    stand_in: StandIn, hidden_states: torch.Tensor, head_dim: int, attention_mask: torch.Tensor | None, kwargs: dict
+) -> bool:
+    """Whether the kernel takes a self-attention call of a stand-in's module (its ``attention``): at inference, float32
+    or bf16 CPU activations of a sequence no longer than :func:`max_kernel_keys`, a 4-dim mask or none, the module's
+    implementation one of :data:`MASK_IMPLEMENTATIONS`, no cache, cross-attention or attention weights asked for."""
+    return (
+        stand_in.at_inference()
+        and hidden_states.device.type == "cpu"
+        and hidden_states.dtype in (torch.float32, torch.bfloat16)
+        and hidden_states.dim() == 3
+        and hidden_states.shape[1] <= max_kernel_keys(head_dim, hidden_states.dtype)
+        and (attention_mask is None or attention_mask.dim() == 4)
+        and all(kwargs.get(name) is None for name in ("cache", "past_key_values", "encoder_hidden_states"))
+        and not kwargs.get("output_attentions")
+        and stand_in.attention.config._attn_implementation in MASK_IMPLEMENTATIONS
+    )
+
+
 class NativeSelfAttention(StandIn):
     """Stands in for an encoder's self-attention at inference (see the module docstring).
 
@@ -66,17 +94,7 @@ class NativeSelfAttention(StandIn):
 
     def applies(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
         """Whether the kernel computes this call's attention (else the module's own forward runs)."""
-        return (
-            self.at_inference()
-            and hidden_states.device.type == "cpu"
-            and hidden_states.dtype in (torch.float32, torch.bfloat16)
-            and hidden_states.dim() == 3
-            and hidden_states.shape[1] <= self.max_keys(hidden_states.dtype)
-            and (attention_mask is None or attention_mask.dim() == 4)
-            and all(kwargs.get(name) is None for name in ("cache", "past_key_values", "encoder_hidden_states"))
-            and not kwargs.get("output_attentions")
-            and self.attention.config._attn_implementation in MASK_IMPLEMENTATIONS
-        )
+        return kernel_takes(self, hidden_states, self.attention.attention_head_size, attention_mask, kwargs)
 
     def projections(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
         """The query, key and value projections of ``hidden_states``: in one native call where all three are
@@ -91,13 +109,9 @@ class NativeSelfAttention(StandIn):
             self._projections = key, native_projections(members)  # holds them: their ids stay theirs
         return native_linear(hidden_states, self._projections[1])
 
-    def max_keys(self, dtype: torch.dtype) -> float:
-        """The longest sequence of ``dtype`` activations handed to the kernel (which refuses any beyond its own
-        maximum: the module runs them)."""
-        on_vectors = not native_attention_tiles(self.attention.attention_head_size)
-        if dtype == torch.bfloat16 and on_vectors and native_amx_available():  # PyTorch's kernel on the tiles
-            return MAX_VECTOR_BFLOAT16_KEYS
-        return math.inf
+    def max_keys(self, dtype: torch.dtype) -> int:
+        """The longest sequence of ``dtype`` activations handed to the kernel (:func:`max_kernel_keys`)."""
+        return max_kernel_keys(self.attention.attention_head_size, dtype)
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -10,6 +8,7 @@ from st_bitembed.quantization import native_attention as native_attention_module
 from st_bitembed.quantization.native import (
     native_amx_available,
     native_attention,
+    native_attention_max_keys,
     native_attention_tiles,
     set_attention_bfloat16_pairs,
 )
@@ -200,14 +199,15 @@ def test_the_stand_in_gives_what_the_module_gives(minilm_dir, dtype, tmp_path):
 @needs_kernel
 def test_long_bf16_sequences_leave_the_vectors_only_for_pytorch_on_amx_tiles(minilm_dir, monkeypatch):
     """bf16 heads the kernel's tiles do not take stay on its vectors at every length, unless the CPU has AMX tiles,
-    which PyTorch's kernel then uses (beyond MAX_VECTOR_BFLOAT16_KEYS keys the module's own forward runs)."""
+    which PyTorch's kernel then uses (beyond MAX_VECTOR_BFLOAT16_KEYS keys the module's own forward runs); never more
+    than the kernel's own maximum."""
     attention = self_attentions(BitEmbed.from_backbone(str(minilm_dir)).eval())[0]
-    for tiles, amx, bfloat16_keys in ((False, False, math.inf), (False, True, MAX_VECTOR_BFLOAT16_KEYS),
-                                      (True, True, math.inf)):  # fmt: skip
+    for tiles, amx, bfloat16_keys in ((False, False, 512), (False, True, MAX_VECTOR_BFLOAT16_KEYS), (True, True, 512)):
         monkeypatch.setattr(native_attention_module, "native_attention_tiles", lambda head_dim, tiles=tiles: tiles)
         monkeypatch.setattr(native_attention_module, "native_amx_available", lambda amx=amx: amx)
+        assert native_attention_max_keys() == 512
         assert attention.max_keys(torch.bfloat16) == bfloat16_keys
-        assert attention.max_keys(torch.float32) == math.inf
+        assert attention.max_keys(torch.float32) == 512
 
 
 @needs_kernel

@@ -10,7 +10,7 @@ from st_bitembed.quantization.native import native_attention
 from st_bitembed.quantization.stand_in import StandIn
 
 STAND_INS = {
-    "qwen3_dir": {"FoldedRMSNorm", "NativeRMSNorm", "FusedGatedMLP"},
+    "qwen3_dir": {"FoldedRMSNorm", "NativeRMSNorm", "FusedGatedMLP", "NativeDecoderAttention"},
     "minilm_dir": {"NativeSelfAttention", "FusedIntermediate", "FusedResidualNorm"},
 }
 
@@ -22,9 +22,9 @@ def stand_ins(model: BitEmbed) -> list[StandIn]:
 @pytest.mark.skipif(native_attention() is None, reason="the native kernels need AVX-512 and a C compiler")
 @pytest.mark.parametrize("backbone", list(STAND_INS))
 def test_stand_ins_show_their_modules_state_follow_train_mode_and_copy_without_caches(backbone, request):
-    """Every stand-in of a decoder (folded and native norms, gated MLPs) and of an encoder (attention, activations,
-    residual norms): exactly its module's state dict; a copy made after encoding starts from empty caches (no C
-    arrays pointing into the original's tensors) and encodes the same embeddings; training mode reaches them."""
+    """Every stand-in of a decoder (folded and native norms, gated MLPs, attention) and of an encoder (attention,
+    activations, residual norms): exactly its module's state dict; a copy made after encoding starts from empty caches
+    (no C arrays pointing into the original's tensors) and encodes the same embeddings; training mode reaches them."""
     model = BitEmbed.from_backbone(str(request.getfixturevalue(backbone))).eval()
     assert {type(stand_in).__name__ for stand_in in stand_ins(model)} == STAND_INS[backbone]
     for stand_in in stand_ins(model):

@@ -544,19 +544,20 @@ int attention_tiles(int64_t head_dim) {
 #endif
 }
 
-/* out[b, h, i, :] = attention of query row i of head h of sequence b over that head's keys and values.
+/* out[b, h, i, :] = attention of query row i of head h of sequence b over the keys and values of key head
+ * h / (heads / key_heads) (grouped-query attention; key_heads = heads: each head its own).
  * query, key, value and out: float32 or bfloat16 (all one dtype), addressed by strides in elements of (sequence, head,
  * position), the last dimension (head_dim features, a multiple of 16) contiguous; mask (NULL with MASK_NONE): bool
  * bytes or additive values of the query's dtype, addressed by strides of (sequence, head, query, key), 0 for a
  * broadcast dimension. Returns 0, or -1 where the sizes are not ones the kernel takes or a buffer cannot be allocated. */
 int attention(const void *query, const void *key, const void *value, const void *mask, void *out, int64_t batch,
-              int64_t heads, int64_t queries, int64_t keys, int64_t head_dim, const int64_t *query_strides,
+              int64_t heads, int64_t key_heads, int64_t queries, int64_t keys, int64_t head_dim, const int64_t *query_strides,
               const int64_t *key_strides, const int64_t *value_strides, const int64_t *mask_strides,
               const int64_t *out_strides, int in_bfloat16, int mask_kind, float scale, int threads) {
     if (keys < 1 || keys > ATTENTION_MAX_KEYS || head_dim < LANES || head_dim > ATTENTION_MAX_HEAD_DIM ||
-        head_dim % LANES != 0)
+        head_dim % LANES != 0 || key_heads < 1 || heads % key_heads != 0)
         return -1;
-    const int64_t pairs = batch * heads;
+    const int64_t pairs = batch * heads, heads_per_key = heads / key_heads;
 #if defined(__AVX512BF16__)
     const int bf16_pairs = in_bfloat16 && bfloat16_pairs;
 #else
@@ -587,8 +588,8 @@ int attention(const void *query, const void *key, const void *value, const void 
                 const struct row_mask row_mask = {mask, mask_kind, b * mask_strides[0] + h * mask_strides[1],
                                                   mask_strides[3]};
                 const int64_t query_base = b * query_strides[0] + h * query_strides[1];
-                const int64_t key_base = b * key_strides[0] + h * key_strides[1];
-                const int64_t value_base = b * value_strides[0] + h * value_strides[1];
+                const int64_t key_base = b * key_strides[0] + h / heads_per_key * key_strides[1];
+                const int64_t value_base = b * value_strides[0] + h / heads_per_key * value_strides[1];
                 const int64_t out_base = b * out_strides[0] + h * out_strides[1];
 #if defined(ATTENTION_AMX)
                 if (use_amx) {
@@ -620,7 +621,7 @@ int attention_tiles(int64_t head_dim) { return 0; }
 int attention_set_bfloat16_pairs(int enabled) { return -1; }
 
 int attention(const void *query, const void *key, const void *value, const void *mask, void *out, int64_t batch,
-              int64_t heads, int64_t queries, int64_t keys, int64_t head_dim, const int64_t *query_strides,
+              int64_t heads, int64_t key_heads, int64_t queries, int64_t keys, int64_t head_dim, const int64_t *query_strides,
               const int64_t *key_strides, const int64_t *value_strides, const int64_t *mask_strides,
               const int64_t *out_strides, int in_bfloat16, int mask_kind, float scale, int threads) {
     return -1;
