@@ -7,11 +7,12 @@ projection with its GELU-tanh in the quantizer against PyTorch's GELU then the q
 intermediate projection with its GELU in the kernel's output against PyTorch's GELU after it; a MiniLM block's
 residual add and LayerNorm in one native pass against PyTorch's two; a gated MLP with its product written by the gate
 and up projections' GEMM against the product taken by the down projection's quantizer; an encoder's self-attention
-(MiniLM's heads) in one native call against PyTorch's ``scaled_dot_product_attention``.
+(MiniLM's heads) in one native call against PyTorch's ``scaled_dot_product_attention``, and a decoder's (Qwen3-0.6B's
+grouped heads, causal), with the masked keys skipped or not.
 
 Usage:
     python benchmarks/kernel_speed.py [--threads 2] [--query-only | --activation-only | --norm-only | --mlp-only |
-        --attention-only]
+        --attention-only | --decoder-attention-only]
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--norm-only", action="store_true", help="only the residual add and LayerNorm in one pass")
     parser.add_argument("--mlp-only", action="store_true", help="only the gated MLPs, product in the GEMM or not")
     parser.add_argument("--attention-only", action="store_true", help="only the encoder self-attention, native or not")
+    parser.add_argument("--decoder-attention-only", action="store_true", help="only a decoder's causal attention")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.query_only:
@@ -92,6 +94,9 @@ def main() -> None:
         return
     if args.attention_only:
         self_attention()
+        return
+    if args.decoder_attention_only:
+        decoder_self_attention()
         return
     compiled = native_activation_codes()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, ms (median)")
@@ -345,3 +350,43 @@ def self_attention() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def decoder_self_attention() -> None:
+    """Qwen3-0.6B's self-attention (16 query heads of 128 sharing 8 key heads), causal, bf16 and float32, on 32 x 128,
+    16 x 256 and 8 x 512 tokens: PyTorch's ``scaled_dot_product_attention`` with ``is_causal`` and ``enable_gqa`` (what
+    transformers runs for a batch without padding) then the heads side by side, vs the native kernel given the causal
+    mask, without and with the hint that it is causal (the masked keys skipped); taking turns, medians of 10."""
+    from st_bitembed.quantization.native_decoder_attention import causal_mask
+
+    kernel = native_attention()
+    if kernel is None:
+        return
+    print("\n| dtype, batch x tokens | PyTorch's attention | native | native, masked keys skipped | speed-up |")
+    print("|---|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    heads, key_heads, head_dim = 16, 8, 128
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, tokens in ((32, 128), (16, 256), (8, 512)):
+            query = torch.randn(batch, tokens, heads, head_dim, generator=generator).to(dtype).transpose(1, 2)
+            key, value = (
+                torch.randn(batch, tokens, key_heads, head_dim, generator=generator).to(dtype).transpose(1, 2)
+                for _ in range(2)
+            )
+            mask = causal_mask(tokens)
+
+            def in_pytorch() -> torch.Tensor:
+                out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                                       enable_gqa=True)  # fmt: skip
+                return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+            timings: dict[str, list[float]] = {"sdpa": [], "native": [], "skipped": []}
+            for _ in range(10):
+                timings["sdpa"].append(milliseconds(in_pytorch, budget=0.2))
+                timings["native"].append(milliseconds(lambda: kernel(query, key, value, mask, head_dim**-0.5), 0.2))
+                timings["skipped"].append(
+                    milliseconds(lambda: kernel(query, key, value, mask, head_dim**-0.5, True), budget=0.2)
+                )
+            sdpa, native, skipped = (statistics.median(timings[name]) for name in ("sdpa", "native", "skipped"))
+            cells = f"{sdpa:.3f} | {native:.3f} | {skipped:.3f} | {sdpa / skipped:.2f}x"
+            print(f"| {str(dtype).removeprefix('torch.')}, {batch} x {tokens} | {cells} |")

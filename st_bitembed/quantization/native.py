@@ -82,8 +82,9 @@ ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2, "silu": 3}
 RmsNorm = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 # (activations, residual, float32 weight, float32 bias, eps) -> LayerNorm(activations + residual)
 ResidualLayerNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-# (query, key, value, mask or None, scale) -> attention output, its heads side by side: [batch, queries, heads * dim]
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+# (query, key, value, mask or None, scale, causal=False) -> attention output, its heads side by side:
+# [batch, queries, heads * dim]
+Attention = Callable[..., torch.Tensor]
 # (heads [batch, positions, heads, dim], cos, sin, norm: (float32 scale, eps, round before scale) or None) -> the
 # rotated heads, a new contiguous tensor of the same shape
 RotaryHeads = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, float, bool] | None"],
@@ -154,7 +155,7 @@ def _load(path: Path) -> ctypes.CDLL:
     strides = ctypes.POINTER(ctypes.c_int64)
     library.attention.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer]
     library.attention.argtypes += [integer, integer, strides, strides, strides, strides, strides, ctypes.c_int]
-    library.attention.argtypes += [ctypes.c_int]
+    library.attention.argtypes += [ctypes.c_int, ctypes.c_int]
     library.attention.argtypes += [real, ctypes.c_int]
     library.attention.restype = ctypes.c_int
     library.attention_tiles.argtypes, library.attention_tiles.restype = [integer], ctypes.c_int
@@ -550,16 +551,23 @@ def native_attention() -> Attention | None:
     ``h // (heads // key_heads)``, as ``repeat_kv`` lays them out); the mask: ``None``, boolean
     (``True``: attend, as in ``scaled_dot_product_attention``) or additive of the query's dtype, broadcastable to
     ``[batch, heads, queries, keys]``; anything else, or more keys or features per head than the kernel takes:
-    ``ValueError``. ``None`` where the kernels cannot be built or the CPU lacks AVX-512 (the kernel's only build).
-    Returns a new ``[batch, queries, heads * head_dim]`` tensor (the heads side by side, as an attention module's
-    output projection reads them)."""
+    ``ValueError``. ``causal``: the mask masks every key after each query's position (``keys - queries`` ahead of its
+    index; a decoder's mask), which the kernel then skips (blocks of queries score only the keys up to their last
+    row's: the same outputs, about half the work of a long sequence); a mask is required with it. ``None`` where the
+    kernels cannot be built or the CPU lacks AVX-512 (the kernel's only build). Returns a new ``[batch, queries, heads
+    * head_dim]`` tensor (the heads side by side, as an attention module's output projection reads them)."""
     library = _library()
     if library is None or not library.attention_available():
         return None
     max_keys, max_head_dim = library.attention_max_keys(), library.attention_max_head_dim()
 
     def attention(
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+        causal: bool = False,
     ) -> torch.Tensor:
         if query.dim() != 4 or query.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"attention takes 4-dim float32 or bfloat16 queries, not {query.dtype} "
@@ -576,6 +584,8 @@ def native_attention() -> Attention | None:
                              f"multiple of {ATTENTION_FEATURE_GROUP}")  # fmt: skip
         if any(tensor.stride(-1) != 1 for tensor in (query, key, value)):
             raise ValueError("attention reads features of unit stride")
+        if causal and mask is None:
+            raise ValueError("A causal attention takes the mask that masks the keys after each query")
         mask_kind, mask_strides = ATTENTION_MASK_KINDS[None], (0, 0, 0, 0)
         if mask is not None:
             if mask.dtype not in (torch.bool, query.dtype) or mask.dim() != 4:
@@ -592,7 +602,7 @@ def native_attention() -> Attention | None:
                                    batch, heads, key_heads, queries, keys, head_dim, _strides(query.stride()[:3]),
                                    _strides(key.stride()[:3]), _strides(value.stride()[:3]), _strides(mask_strides),
                                    _strides((out.stride(0), out.stride(2), out.stride(1))),
-                                   query.dtype == torch.bfloat16, mask_kind, scale,
+                                   query.dtype == torch.bfloat16, mask_kind, causal, scale,
                                    torch.get_num_threads())  # fmt: skip
         if failed:
             raise MemoryError("attention could not allocate its buffers")

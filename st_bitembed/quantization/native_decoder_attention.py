@@ -11,11 +11,14 @@ module's output projection. A head norm that is not a :class:`~st_bitembed.quant
 (or that hooks watch) runs itself first.
 
 The mask is the one the module would use: the model's, else (``sdpa`` with no mask, several queries, a causal module)
-the causal one that ``scaled_dot_product_attention`` applies. Only the classes :data:`DECODER_SELF_ATTENTIONS` names
-are taken, each after a probe shows the stand-in gives what the module gives (the output projection's input: float32
-within 1e-5, bf16 within a rounding step). Training, gradients, a cache, attention weights asked for, sequences longer
-than the kernel takes, logit soft-capping and attention implementations other than ``sdpa`` and ``eager`` run the
-module's own forward. Checkpoints do not change: the stand-in holds the module's own children under their own names.
+the causal one that ``scaled_dot_product_attention`` applies. Where it masks every key after each query (causal:
+checked for the model's boolean masks), the kernel skips those keys: about half the work of a long sequence.
+
+Only the classes :data:`DECODER_SELF_ATTENTIONS` names are taken, each after a probe shows the stand-in gives what the
+module gives (the output projection's input: float32 within 1e-5, bf16 within a rounding step). Training, gradients, a
+cache, attention weights asked for, sequences longer than the kernel takes, logit soft-capping and attention
+implementations other than ``sdpa`` and ``eager`` run the module's own forward. Checkpoints do not change: the
+stand-in holds the module's own children under their own names.
 """
 
 from __future__ import annotations
@@ -81,14 +84,21 @@ class NativeDecoderAttention(StandIn):
             heads = norm(heads)
         return native_rotary_heads()(heads, cos, sin, native_norm)
 
-    def kernel_mask(self, attention_mask: torch.Tensor | None, queries: int, kwargs: dict) -> torch.Tensor | None:
+    def kernel_mask(
+        self, attention_mask: torch.Tensor | None, queries: int, kwargs: dict
+    ) -> tuple[torch.Tensor | None, bool]:
         """The mask the module's attention applies: the model's; with none, ``sdpa``'s causal one for a causal module
-        and several queries (as transformers' ``sdpa_attention_forward`` decides), else none (``eager``)."""
-        if attention_mask is not None or self.attention.config._attn_implementation != "sdpa" or queries < 2:
-            return attention_mask
+        and several queries (as transformers' ``sdpa_attention_forward`` decides), else none (``eager``). And whether
+        it masks every key after each query, which the kernel then skips (a boolean mask is checked)."""
+        if attention_mask is not None:
+            square = attention_mask.shape[-1] == attention_mask.shape[-2] == queries
+            masks_the_future = attention_mask.dtype == torch.bool and square and not attention_mask.triu(1).any()
+            return attention_mask, masks_the_future
+        if self.attention.config._attn_implementation != "sdpa" or queries < 2:
+            return None, False
         is_causal = kwargs.get("is_causal")
         causal = getattr(self.attention, "is_causal", True) if is_causal is None else is_causal
-        return causal_mask(queries) if causal else None
+        return (causal_mask(queries), True) if causal else (None, False)
 
     def forward(
         self,
@@ -109,9 +119,9 @@ class NativeDecoderAttention(StandIn):
         try:
             query = self.rotated(query, getattr(module, "q_norm", None), cos, sin)
             key = self.rotated(key, getattr(module, "k_norm", None), cos, sin)
-            mask = self.kernel_mask(attention_mask, hidden_states.shape[1], kwargs)
+            mask, causal = self.kernel_mask(attention_mask, hidden_states.shape[1], kwargs)
             heads = native_attention()(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask,
-                                       module.scaling)  # fmt: skip
+                                       module.scaling, causal)  # fmt: skip
         except ValueError:  # a size, layout or mask the kernels do not take: the module's own forward
             return module(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                           **kwargs)  # fmt: skip

@@ -8,7 +8,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_
 
 from st_bitembed import BitEmbed
 from st_bitembed.quantization import native_attention as native_attention_module
-from st_bitembed.quantization.native import native_attention, native_rotary_heads
+from st_bitembed.quantization.native import native_attention, native_rotary_heads, set_attention_bfloat16_pairs
 from st_bitembed.quantization.native_decoder_attention import (
     NativeDecoderAttention,
     causal_mask,
@@ -22,6 +22,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 NORMS = {"qwen3": (Qwen3RMSNorm, 0.0, True), "gemma3": (Gemma3RMSNorm, 1.0, False)}
+
+
+@pytest.fixture
+def bfloat16_path(request):
+    """bf16 heads off the tiles multiplied as bf16 pairs (AVX512-BF16, where the CPU has it) or widened to float32."""
+    pairs = request.param == "bf16 pairs"
+    previous = set_attention_bfloat16_pairs(pairs)
+    if previous < 0 and pairs:
+        pytest.skip("no AVX512-BF16 here: bf16 heads off the tiles are widened to float32 (the other case)")
+    yield request.param
+    if previous >= 0:
+        set_attention_bfloat16_pairs(bool(previous))
 
 
 def tables(batch: int, positions: int, head_dim: int, dtype: torch.dtype, generator) -> tuple:
@@ -106,6 +118,42 @@ def test_grouped_query_attention_reads_shared_key_heads_in_place(dtype):
                                    atol=tolerance)  # fmt: skip
     with pytest.raises(ValueError, match="do not go with"):
         native_attention()(query, key[:, :1].expand(2, 3, 11, 64), value[:, :1].expand(2, 3, 11, 64), None, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bfloat16_path", ["bf16 pairs", "float32"], indirect=True)
+@pytest.mark.parametrize("tokens", [5, 37, 130])
+def test_a_causal_mask_lets_the_kernel_skip_the_keys_it_masks(tokens, bfloat16_path, dtype):
+    """Told that the mask masks every key after each query, the kernel skips those keys: bit for bit the outputs it
+    gives without being told (padded sequences, rows with no key left included); it refuses the hint without a mask."""
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(3, tokens, 4, 64, generator=generator).to(dtype).transpose(1, 2)
+    key, value = (torch.randn(3, tokens, 2, 64, generator=generator).to(dtype).transpose(1, 2) for _ in range(2))
+    mask = causal_mask(tokens).expand(3, 1, tokens, tokens).clone()
+    mask[1, ..., tokens // 2 :] = False  # right padding
+    mask[2, ..., : tokens // 3] = False  # left padding: the first rows attend to nothing
+    for attended in (causal_mask(tokens), mask):
+        skipping = native_attention()(query, key, value, attended, 0.125, True)
+        assert torch.equal(skipping, native_attention()(query, key, value, attended, 0.125))
+    with pytest.raises(ValueError, match="causal"):
+        native_attention()(query, key, value, None, 0.125, True)
+
+
+def test_only_masks_that_hide_every_later_key_are_taken_as_causal(converted_qwen3):
+    """The stand-in tells the kernel a mask is causal where it is: sdpa's own causal mask, a model's boolean mask that
+    hides every later key (padded or not), never a mask that lets a query see a later key, nor an additive one."""
+    attention = decoder_attentions(converted_qwen3[0].auto_model)[0]
+    padded = causal_mask(6).expand(2, 1, 6, 6).clone()
+    padded[1, ..., 4:] = False
+    bidirectional = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~padded, torch.finfo(torch.float32).min)
+    mask, causal = attention.kernel_mask(None, 6, {})
+    assert torch.equal(mask, causal_mask(6)) and causal
+    assert attention.kernel_mask(None, 6, {"is_causal": False}) == (None, False)
+    assert attention.kernel_mask(None, 1, {}) == (None, False)
+    assert attention.kernel_mask(padded, 6, {})[1]
+    assert not attention.kernel_mask(bidirectional, 6, {})[1]
+    assert not attention.kernel_mask(additive, 6, {})[1]
 
 
 def decoder_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -133,11 +133,12 @@ static inline void store_outputs(__m512 sums, float inverse, void *out, int64_t 
 
 /* --- vector path ------------------------------------------------------------------------------------------------ */
 
-/* The dot products of a block's QUERY_BLOCK rows (query_rows, float32) with every key (keys_t: [head_dim][padded]),
- * into scores (QUERY_BLOCK rows of padded_keys). Constant row counts keep the accumulators in registers. */
-static void block_scores(const float *query_rows, const float *keys_t, int64_t padded_keys, int64_t head_dim,
-                         float *scores) {
-    for (int64_t key = 0; key < padded_keys; key += LANES) {
+/* The dot products of a block's QUERY_BLOCK rows (query_rows, float32) with the first `scored` keys (a multiple of
+ * LANES) of keys_t ([head_dim][padded_keys]), into scores (QUERY_BLOCK rows of padded_keys). Constant row counts keep
+ * the accumulators in registers. */
+static void block_scores(const float *query_rows, const float *keys_t, int64_t padded_keys, int64_t scored,
+                         int64_t head_dim, float *scores) {
+    for (int64_t key = 0; key < scored; key += LANES) {
         __m512 sums[QUERY_BLOCK];
         for (int r = 0; r < QUERY_BLOCK; ++r) sums[r] = _mm512_setzero_ps();
         for (int64_t d = 0; d < head_dim; ++d) {
@@ -281,8 +282,8 @@ static void lay_out_pairs(const uint16_t *key, const uint16_t *value, int64_t ke
 
 /* block_scores on bf16 queries ([QUERY_BLOCK][head_dim]) and keys as pairs of features. */
 static void pair_block_scores(const uint16_t *query_rows, const uint16_t *key_pairs, int64_t padded_keys,
-                              int64_t head_dim, float *scores) {
-    for (int64_t key = 0; key < padded_keys; key += LANES) {
+                              int64_t scored, int64_t head_dim, float *scores) {
+    for (int64_t key = 0; key < scored; key += LANES) {
         __m512 sums[QUERY_BLOCK];
         for (int r = 0; r < QUERY_BLOCK; ++r) sums[r] = _mm512_setzero_ps();
         for (int64_t d = 0; d < head_dim; d += 2) {
@@ -359,12 +360,14 @@ static inline __attribute__((always_inline)) void block_values(const struct vect
                out, out_bases, in_bfloat16);
 }
 
-/* One pair on vectors: float32 values, or bf16 ones widened to float32 or (bf16_pairs) multiplied as bf16 pairs. */
+/* One pair on vectors: float32 values, or bf16 ones widened to float32 or (bf16_pairs) multiplied as bf16 pairs.
+ * causal: the mask masks every key after a query's own position (keys - queries ahead of its index), so a block of
+ * queries scores, weighs and sums only the keys up to its last row's: the same sums, the masked keys' weights being 0. */
 static void vector_pair(const void *query, const void *key, const void *value, int64_t queries, int64_t keys,
                         int64_t head_dim, int64_t query_base, int64_t query_stride, int64_t key_base,
                         int64_t key_stride, int64_t value_base, int64_t value_stride, struct row_mask mask,
                         int64_t mask_query_stride, void *out, int64_t out_base, int64_t out_stride, int in_bfloat16,
-                        int bf16_pairs, float scale, float *buffer) {
+                        int bf16_pairs, int causal, float scale, float *buffer) {
     const int64_t padded_keys = (keys + LANES - 1) / LANES * LANES;
     const struct vector_buffers buffers = vector_buffers(buffer, padded_keys, head_dim, bf16_pairs);
 #if defined(__AVX512BF16__)
@@ -377,6 +380,9 @@ static void vector_pair(const void *query, const void *key, const void *value, i
                        in_bfloat16, buffers.keys, buffers.values);
     for (int64_t first = 0; first < queries; first += QUERY_BLOCK) {
         const int64_t rows = queries - first < QUERY_BLOCK ? queries - first : QUERY_BLOCK;
+        const int64_t seen = first + rows + keys - queries; /* keys up to the block's last row's position */
+        const int64_t block_keys = causal && seen < keys ? (seen > 1 ? seen : 1) : keys;
+        const int64_t scored = (block_keys + LANES - 1) / LANES * LANES;
         int64_t out_bases[QUERY_BLOCK];
         float totals[QUERY_BLOCK];
         for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
@@ -392,32 +398,32 @@ static void vector_pair(const void *query, const void *key, const void *value, i
         }
 #if defined(__AVX512BF16__)
         if (bf16_pairs)
-            pair_block_scores(buffers.query_rows, buffers.keys, padded_keys, head_dim, buffers.scores);
+            pair_block_scores(buffers.query_rows, buffers.keys, padded_keys, scored, head_dim, buffers.scores);
         else
 #endif
-            block_scores(buffers.query_rows, buffers.keys, padded_keys, head_dim, buffers.scores);
+            block_scores(buffers.query_rows, buffers.keys, padded_keys, scored, head_dim, buffers.scores);
         for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
             struct row_mask row_mask = mask;
             row_mask.base += (first + (r < rows ? r : 0)) * mask_query_stride;
             uint16_t *weights = bf16_pairs ? (uint16_t *)buffers.weights + r * padded_keys : NULL;
-            totals[r] = row_weights(buffers.scores + r * padded_keys, padded_keys, keys, scale, &row_mask, in_bfloat16,
-                                    weights);
+            totals[r] = row_weights(buffers.scores + r * padded_keys, scored, block_keys, scale, &row_mask,
+                                    in_bfloat16, weights);
         }
         for (int64_t group = 0; group < rows; group += VALUE_ROWS)
             for (int64_t feature = 0; feature < head_dim; feature += 4 * LANES) {
                 const int64_t left = (head_dim - feature) / LANES;
                 const int vectors = left >= 4 ? 4 : (int)left;
                 if (vectors == 4)
-                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, keys, head_dim, feature, 4,
+                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, block_keys, head_dim, feature, 4,
                                  out, out_bases, in_bfloat16);
                 else if (vectors == 3)
-                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, keys, head_dim, feature, 3,
+                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, block_keys, head_dim, feature, 3,
                                  out, out_bases, in_bfloat16);
                 else if (vectors == 2)
-                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, keys, head_dim, feature, 2,
+                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, block_keys, head_dim, feature, 2,
                                  out, out_bases, in_bfloat16);
                 else
-                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, keys, head_dim, feature, 1,
+                    block_values(&buffers, bf16_pairs, group, rows, totals, padded_keys, block_keys, head_dim, feature, 1,
                                  out, out_bases, in_bfloat16);
             }
     }
@@ -549,11 +555,14 @@ int attention_tiles(int64_t head_dim) {
  * query, key, value and out: float32 or bfloat16 (all one dtype), addressed by strides in elements of (sequence, head,
  * position), the last dimension (head_dim features, a multiple of 16) contiguous; mask (NULL with MASK_NONE): bool
  * bytes or additive values of the query's dtype, addressed by strides of (sequence, head, query, key), 0 for a
- * broadcast dimension. Returns 0, or -1 where the sizes are not ones the kernel takes or a buffer cannot be allocated. */
+ * broadcast dimension; causal: the mask masks every key after a query's position (keys - queries ahead of its index),
+ * which the vector path then skips (a hint: the mask alone decides what is attended). Returns 0, or -1 where the
+ * sizes are not ones the kernel takes or a buffer cannot be allocated. */
 int attention(const void *query, const void *key, const void *value, const void *mask, void *out, int64_t batch,
-              int64_t heads, int64_t key_heads, int64_t queries, int64_t keys, int64_t head_dim, const int64_t *query_strides,
-              const int64_t *key_strides, const int64_t *value_strides, const int64_t *mask_strides,
-              const int64_t *out_strides, int in_bfloat16, int mask_kind, float scale, int threads) {
+              int64_t heads, int64_t key_heads, int64_t queries, int64_t keys, int64_t head_dim,
+              const int64_t *query_strides, const int64_t *key_strides, const int64_t *value_strides,
+              const int64_t *mask_strides, const int64_t *out_strides, int in_bfloat16, int mask_kind, int causal,
+              float scale, int threads) {
     if (keys < 1 || keys > ATTENTION_MAX_KEYS || head_dim < LANES || head_dim > ATTENTION_MAX_HEAD_DIM ||
         head_dim % LANES != 0 || key_heads < 1 || heads % key_heads != 0)
         return -1;
@@ -601,7 +610,7 @@ int attention(const void *query, const void *key, const void *value, const void 
 #endif
                 vector_pair(query, key, value, queries, keys, head_dim, query_base, query_strides[2], key_base,
                             key_strides[2], value_base, value_strides[2], row_mask, mask_strides[2], out, out_base,
-                            out_strides[2], in_bfloat16, bf16_pairs, scale, buffer);
+                            out_strides[2], in_bfloat16, bf16_pairs, causal, scale, buffer);
             }
 #if defined(ATTENTION_AMX)
             if (use_amx) amx_end();
@@ -621,9 +630,10 @@ int attention_tiles(int64_t head_dim) { return 0; }
 int attention_set_bfloat16_pairs(int enabled) { return -1; }
 
 int attention(const void *query, const void *key, const void *value, const void *mask, void *out, int64_t batch,
-              int64_t heads, int64_t key_heads, int64_t queries, int64_t keys, int64_t head_dim, const int64_t *query_strides,
-              const int64_t *key_strides, const int64_t *value_strides, const int64_t *mask_strides,
-              const int64_t *out_strides, int in_bfloat16, int mask_kind, float scale, int threads) {
+              int64_t heads, int64_t key_heads, int64_t queries, int64_t keys, int64_t head_dim,
+              const int64_t *query_strides, const int64_t *key_strides, const int64_t *value_strides,
+              const int64_t *mask_strides, const int64_t *out_strides, int in_bfloat16, int mask_kind, int causal,
+              float scale, int threads) {
     return -1;
 }
 
