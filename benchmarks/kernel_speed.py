@@ -348,10 +348,6 @@ def self_attention() -> None:
             print(f"| {name}, {batch} x {tokens} | {' | '.join(cells)} | {sdpa / native:.2f}x |")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def decoder_self_attention() -> None:
     """Qwen3-0.6B's self-attention (16 query heads of 128 sharing 8 key heads), causal, bf16 and float32, on 32 x 128,
     16 x 256 and 8 x 512 tokens: PyTorch's ``scaled_dot_product_attention`` with ``is_causal`` and ``enable_gqa`` (what
@@ -390,3 +386,7 @@ def decoder_self_attention() -> None:
             sdpa, native, skipped = (statistics.median(timings[name]) for name in ("sdpa", "native", "skipped"))
             cells = f"{sdpa:.3f} | {native:.3f} | {skipped:.3f} | {sdpa / skipped:.2f}x"
             print(f"| {str(dtype).removeprefix('torch.')}, {batch} x {tokens} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,6 @@ from st_bitembed.quantization.native import (
     native_attention,
     native_attention_max_keys,
     native_attention_tiles,
-    set_attention_bfloat16_pairs,
 )
 from st_bitembed.quantization.native_attention import (
     MAX_VECTOR_BFLOAT16_KEYS,
@@ -42,19 +41,6 @@ def projected(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.d
 
 
 SIZES = [(3, 2, 1, 16), (2, 3, 5, 32), (4, 12, 25, 32), (2, 2, 33, 48), (1, 2, 17, 256), (2, 1, 300, 64)]
-
-
-@pytest.fixture
-def bfloat16_path(request):
-    """bf16 heads off the tiles multiplied as bf16 pairs (AVX512-BF16, the default where the CPU has it) or widened to
-    float32 (elsewhere): both paths, where the CPU has the pairs."""
-    pairs = request.param == "bf16 pairs"
-    previous = set_attention_bfloat16_pairs(pairs)
-    if previous < 0 and pairs:
-        pytest.skip("no AVX512-BF16 here: bf16 heads off the tiles are widened to float32 (the other case)")
-    yield request.param
-    if previous >= 0:
-        set_attention_bfloat16_pairs(bool(previous))
 
 
 @needs_kernel

@@ -8,7 +8,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_
 
 from st_bitembed import BitEmbed
 from st_bitembed.quantization import native_attention as native_attention_module
-from st_bitembed.quantization.native import native_attention, native_rotary_heads, set_attention_bfloat16_pairs
+from st_bitembed.quantization.native import native_attention, native_rotary_heads
 from st_bitembed.quantization.native_decoder_attention import (
     NativeDecoderAttention,
     causal_mask,
@@ -22,18 +22,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 NORMS = {"qwen3": (Qwen3RMSNorm, 0.0, True), "gemma3": (Gemma3RMSNorm, 1.0, False)}
-
-
-@pytest.fixture
-def bfloat16_path(request):
-    """bf16 heads off the tiles multiplied as bf16 pairs (AVX512-BF16, where the CPU has it) or widened to float32."""
-    pairs = request.param == "bf16 pairs"
-    previous = set_attention_bfloat16_pairs(pairs)
-    if previous < 0 and pairs:
-        pytest.skip("no AVX512-BF16 here: bf16 heads off the tiles are widened to float32 (the other case)")
-    yield request.param
-    if previous >= 0:
-        set_attention_bfloat16_pairs(bool(previous))
 
 
 def tables(batch: int, positions: int, head_dim: int, dtype: torch.dtype, generator) -> tuple:
