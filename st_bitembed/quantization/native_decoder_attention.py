@@ -134,7 +134,7 @@ class NativeDecoderAttention(StandIn):
 def agrees_with_the_module(stand_in: NativeDecoderAttention, module: torch.nn.Module) -> bool:
     """Whether the stand-in gives the module's attention at inference on a probe in the query projection's dtype (two
     sequences, one padded, random rotary tables; with ``sdpa`` also without a mask): the output projection's input,
-    float32 within 1e-5, bf16 within a rounding step."""
+    float32 within 1e-5, bf16 within a rounding step, of each value and of the largest (sums in another order)."""
     weight = module.q_proj.weight
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
@@ -159,7 +159,8 @@ def agrees_with_the_module(stand_in: NativeDecoderAttention, module: torch.nn.Mo
             outputs_at_inference(stand_in, module, hidden, (cos, sin), mask)
             if len(queries) != 2 or len(seen) != 2 or seen[0].shape != seen[1].shape:
                 return False
-            if not torch.allclose(seen[0].float(), seen[1].float(), rtol=tolerance, atol=tolerance):
+            largest = max(float(seen[1].abs().max()), 1.0)  # real heads' outputs reach several units
+            if not torch.allclose(seen[0].float(), seen[1].float(), rtol=tolerance, atol=tolerance * largest):
                 return False
     finally:
         for watch in watches:

@@ -207,6 +207,22 @@ def test_a_full_precision_llama_with_grouped_heads_gets_the_module_outputs(imple
         torch.testing.assert_close(out[attention_mask.bool()], reference[attention_mask.bool()], rtol=1e-5, atol=1e-5)
 
 
+def test_heads_of_large_values_are_taken_within_their_own_scale():
+    """Values of a few hundred (real heads reach several units) differ from the module's by float32 rounding of their
+    own size, not by 1e-5 absolute: such a module is still taken, and gives its own outputs within that rounding."""
+    config = LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaModel(config).eval()
+    with torch.no_grad():
+        model.layers[0].self_attn.v_proj.weight.mul_(1000.0)
+        input_ids = torch.randint(0, 100, (2, 30))
+        expected = model(input_ids).last_hidden_state
+        assert use_native_decoder_attention(model) == 1
+        out = model(input_ids).last_hidden_state
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_what_the_kernels_do_not_take_runs_the_module_itself(converted_qwen3, monkeypatch):
     """Training, gradients, attention weights asked for, a cache and sequences longer than the kernel takes run the
     module's own forward; a head norm that hooks watch runs itself, and the rotation then runs without it."""
