@@ -1,7 +1,7 @@
 """A decoder's self-attention at inference: its heads' norms and rotary position embedding in one native pass each for
 q and k, then the attention in one native call.
 
-For one short query (Qwen3-0.6B, 16 tokens) a layer's attention spent longer around its projections than in them:
+For one short query (Qwen3-0.6B, 16 tokens) a layer's attention spent about as long around its projections as in them:
 transformers' q and k norms, the rotary embedding (about seven PyTorch operators for each of q and k), the transposes
 and ``scaled_dot_product_attention`` (whose CPU kernel's set-up per call outweighs 16 tokens' arithmetic), with Python
 between them. At inference the stand-in here calls the module's q, k and v projections as the module does (behind a
@@ -15,10 +15,10 @@ the causal one that ``scaled_dot_product_attention`` applies. Where it masks eve
 checked for the model's boolean masks), the kernel skips those keys: about half the work of a long sequence.
 
 Only the classes :data:`DECODER_SELF_ATTENTIONS` names are taken, each after a probe shows the stand-in gives what the
-module gives (the output projection's input: float32 within 1e-5, bf16 within a rounding step). Training, gradients, a
-cache, attention weights asked for, sequences longer than the kernel takes, logit soft-capping and attention
-implementations other than ``sdpa`` and ``eager`` run the module's own forward. Checkpoints do not change: the
-stand-in holds the module's own children under their own names.
+module gives (the output projection's input: float32 within 1e-5, bf16 within a rounding step, of each value or of
+the largest). Training, gradients, a cache, attention weights asked for, sequences longer than the kernel takes, logit
+soft-capping and attention implementations other than ``sdpa`` and ``eager`` run the module's own forward.
+Checkpoints do not change: the stand-in holds the module's own children under their own names.
 """
 
 from __future__ import annotations
