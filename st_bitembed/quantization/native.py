@@ -515,6 +515,7 @@ def native_residual_layer_norm() -> ResidualLayerNorm | None:
     return residual_layer_norm
 
 
+@functools.cache
 def native_attention_max_keys() -> int:
     """The most keys per sequence :func:`native_attention` takes (0 where it is unavailable)."""
     library = _library()

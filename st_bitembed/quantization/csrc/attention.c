@@ -53,10 +53,6 @@ struct row_mask {
 };
 
 /* 16 values of a float32 or bfloat16 row, widened to float32. */
-static inline __m512 load_16(const void *base, int64_t index, int in_bfloat16) {
-    return in_bfloat16 ? from_bfloat16_512((const uint16_t *)base + index) : _mm512_loadu_ps((const float *)base + index);
-}
-
 /* Which of keys [key, key + 16) a row attends to (below `keys` and allowed by a boolean mask), and the additive mask's
  * values of them (0 elsewhere). */
 static inline __mmask16 attended_keys(const struct row_mask *mask, int64_t key, int64_t keys, int in_bfloat16,
@@ -76,7 +72,7 @@ static inline __mmask16 attended_keys(const struct row_mask *mask, int64_t key, 
         float values[LANES] = {0};
         for (int64_t j = 0; j < LANES && key + j < keys; ++j) {
             const int64_t at = mask->base + (key + j) * mask->key_stride;
-            values[j] = in_bfloat16 ? from_bfloat16(((const uint16_t *)mask->mask)[at]) : ((const float *)mask->mask)[at];
+            values[j] = load_value(mask->mask, at, in_bfloat16);
         }
         *added = _mm512_loadu_ps(values);
     }

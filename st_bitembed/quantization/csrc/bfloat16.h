@@ -19,12 +19,22 @@ static inline uint16_t to_bfloat16(float value) {
     return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
+/* Element `index` of a float32 or bfloat16 array (in_bfloat16), as float32 (exact). */
+static inline float load_value(const void *base, int64_t index, int in_bfloat16) {
+    return in_bfloat16 ? from_bfloat16(((const uint16_t *)base)[index]) : ((const float *)base)[index];
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
 /* 16 bfloat16 values widened to float32 (exact). */
 static inline __m512 from_bfloat16_512(const uint16_t *in) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)in)), 16));
+}
+
+/* Elements index .. index + 15 of a float32 or bfloat16 array (in_bfloat16), as float32 (exact). */
+static inline __m512 load_16(const void *base, int64_t index, int in_bfloat16) {
+    return in_bfloat16 ? from_bfloat16_512((const uint16_t *)base + index) : _mm512_loadu_ps((const float *)base + index);
 }
 
 /* 16 floats rounded to bfloat16 and widened back (as from_bfloat16(to_bfloat16(x))): what PyTorch holds. */

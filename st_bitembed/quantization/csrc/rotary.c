@@ -21,10 +21,6 @@
 
 int rotary_max_head_dim(void) { return ROTARY_MAX_HEAD_DIM; }
 
-static inline float load_value(const void *base, int64_t index, int in_bfloat16) {
-    return in_bfloat16 ? from_bfloat16(((const uint16_t *)base)[index]) : ((const float *)base)[index];
-}
-
 /* value as a tensor of the activations' dtype holds it */
 static inline float kept(float value, int in_bfloat16) {
     return in_bfloat16 ? from_bfloat16(to_bfloat16(value)) : value;
@@ -32,10 +28,6 @@ static inline float kept(float value, int in_bfloat16) {
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-
-static inline __m512 load_16(const void *base, int64_t index, int in_bfloat16) {
-    return in_bfloat16 ? from_bfloat16_512((const uint16_t *)base + index) : _mm512_loadu_ps((const float *)base + index);
-}
 
 static inline __m512 kept_16(__m512 value, int in_bfloat16) {
     return in_bfloat16 ? bfloat16_rounded_512(value) : value;
