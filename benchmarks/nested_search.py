@@ -11,10 +11,12 @@ Search (recall@10 of float32 exact search on the same embeddings, queries/s, byt
 Methods: float32 exact (faiss ``IndexFlatIP``); binary only (sentence-transformers' ``quantize_embeddings`` ubinary,
 faiss ``IndexBinaryFlat``); sentence-transformers' binary -> int8 rescoring (its int8 codes with ranges calibrated on
 the calibration sentences, float query x int8 codes, as its documentation does), and BitEmbed's
-:class:`~st_bitembed.index.NestedCodeIndex` on one int8 or int4 store, the binary first pass derived from it: an exact
-Hamming scan (faiss ``IndexBinaryFlat``), an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``)
-or inverted lists (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus size)``, searched with each of
-``--probes`` clusters per query); build times are printed. Each rescoring method reads each of
+:class:`~st_bitembed.index.NestedCodeIndex` on one store (the nested head's int8 or int4 codes, or
+:class:`~st_bitembed.pca_codes.PCACodes` at 4 bits per dimension fitted on ``PCA_SAMPLE`` vectors of the corpus, evenly
+spread: all of SciFact's 5,183), the binary first pass derived from it: an exact Hamming scan (faiss
+``IndexBinaryFlat``), an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``) or inverted lists
+(faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus size)``, searched with each of ``--probes`` clusters per
+query); build times are printed. Each rescoring method reads each of
 ``--rescore-multipliers`` x 10 candidates.
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
@@ -43,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+# Corpus vectors (evenly spread) the PCA codes are fitted on.
+PCA_SAMPLE = 20_000
 KIT_TASKS = ["STSBenchmark", "SciFact", "SICK-R", "STS12", "STS13", "STS14", "STS15"]
 
 
@@ -131,6 +135,7 @@ def compare_search(
     from sentence_transformers.util import quantize_embeddings
 
     from st_bitembed.index import NestedCodeIndex
+    from st_bitembed.pca_codes import PCACodes
 
     dimension, top_k = corpus.shape[1], 10
     head = calibrated_head(model, calibration)
@@ -147,11 +152,20 @@ def compare_search(
     int8_corpus = quantize_embeddings(corpus, "int8", calibration_embeddings=calibration)
     clusters = max(1, round(len(corpus) ** 0.5))
     first_passes = {"scan": {"exact": True}, "HNSW": {"exact": False}, "IVF": {"exact": False, "clusters": clusters}}
+    sample = corpus[np.unique(np.linspace(0, len(corpus) - 1, min(len(corpus), PCA_SAMPLE)).astype(np.int64))]
+    pca, fit_seconds = timed(lambda: PCACodes.fit(sample, bits_per_dimension=4))
+    pca_codes, code_seconds = timed(lambda: pca.encode(corpus))
+    print(f"PCA codes ({pca.bytes_per_vector} bytes) fitted on {len(sample):,} vectors of the corpus in "
+          f"{fit_seconds:.1f} s, the corpus coded in {code_seconds:.1f} s")  # fmt: skip
+    stores = {
+        "int8": (head, "int8", head.quantize(torch_tensor(corpus), "int8")),
+        "int4": (head, "int4", head.quantize(torch_tensor(corpus), "int4", pack=True)),
+        "PCA 4 bits": (pca, None, pca_codes),
+    }
     nested = {}
-    for store in ("int8", "int4"):
-        codes = head.quantize(torch_tensor(corpus), store, pack=True)
+    for store, (codes_of, precision, codes) in stores.items():
         for first_pass, options in first_passes.items():
-            index = nested[store, first_pass] = NestedCodeIndex(head, store, backend="faiss", **options)
+            index = nested[store, first_pass] = NestedCodeIndex(codes_of, precision, backend="faiss", **options)
             _, seconds = timed(lambda: (index.add(codes), index.first_pass_bytes_per_vector))  # IVF: trains here
             if first_pass != "scan":
                 print(f"{first_pass} first pass over the {store} store's bits built in {seconds:.0f} s")
@@ -186,7 +200,7 @@ def compare_search(
                 searched = f"binary {first_pass}" + (f" ({clusters} clusters, {probe} probed)" if probe else "")
                 rows.append(
                     (
-                        f"BitEmbed nested store: {searched} -> {store} rescoring (x{multiplier})",
+                        f"BitEmbed {store} store: {searched} -> rescoring (x{multiplier})",
                         bytes_per_vector,
                         *_recall_and_time(lambda: nested_search(index, multiplier, probe), recall),
                     )

@@ -1,18 +1,19 @@
-"""One store, every precision: a search index over a nested Quantize head's codes, with a binary first pass in memory
-(an exact Hamming scan, or an approximate HNSW graph or inverted lists) and rescoring from the stored int8 / int4 codes
-(in memory, or memory-mapped from disk)."""
+"""One store, every precision: a search index over a nested Quantize head's codes (or PCA codes fitted to the
+corpus), with a binary first pass in memory (an exact Hamming scan, or an approximate HNSW graph or inverted lists) and
+rescoring from the stored codes (in memory, or memory-mapped from disk)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from st_bitembed.modules.quantize import Quantize
+from st_bitembed.pca_codes import PCACodes
 from st_bitembed.precisions import PrecisionName, get_precision
 from st_bitembed.quantization.packing import hamming_distance
 
@@ -20,6 +21,7 @@ FirstPassBackend = Literal["faiss", "usearch", "torch"]
 INDEX_FILE = "index.json"
 STORE_FILE = "codes.bin"
 HEAD_FOLDER = "quantize"
+PCA_CODES_FOLDER = "pca_codes"
 # An approximate first pass is saved beside the store (a graph takes minutes to build for millions of codes, inverted
 # lists their k-means; a scan's codes are read back from the store in seconds).
 GRAPH_FILES = {"faiss": "first_pass.faiss", "usearch": "first_pass.usearch"}
@@ -36,6 +38,46 @@ _ROWS_PER_BLOCK = 65_536
 # Queries compared at a time by the torch first pass (its XOR intermediate is queries x corpus x bytes).
 _QUERIES_PER_BLOCK = 8
 _STORE_PRECISIONS = ("int8", "int4")
+
+
+class StoreCodes(Protocol):
+    """What the index reads of the codes it stores: a nested head's at one precision, or :class:`PCACodes`."""
+
+    dimension: int
+    bytes_per_vector: int
+
+    def encode(self, embeddings: torch.Tensor) -> np.ndarray: ...
+
+    def sign_bits(self, codes: np.ndarray) -> np.ndarray: ...
+
+    def query_bits(self, queries: torch.Tensor) -> np.ndarray: ...
+
+    def rescoring_documents(self, codes: np.ndarray) -> torch.Tensor: ...
+
+    def rescoring_queries(self, queries: torch.Tensor) -> torch.Tensor: ...
+
+
+class _HeadCodes:
+    """A nested Quantize head's codes at one store precision (int8 unpacked, int4 packed), as the index reads them."""
+
+    def __init__(self, head: Quantize, precision: PrecisionName) -> None:
+        self.head, self.precision, self.dimension = head, precision, head.embedding_dimension
+        self.bytes_per_vector = get_precision(precision).bytes_per_vector(self.dimension)
+
+    def encode(self, embeddings: torch.Tensor) -> np.ndarray:
+        return self.head.quantize(embeddings, self.precision, pack=True).numpy()
+
+    def sign_bits(self, codes: np.ndarray) -> np.ndarray:
+        return self.head.truncate(codes, self.precision, "ubinary", dimension=self.dimension)
+
+    def query_bits(self, queries: torch.Tensor) -> np.ndarray:
+        return self.head.quantize(queries, "ubinary").numpy()
+
+    def rescoring_documents(self, codes: np.ndarray) -> torch.Tensor:
+        return F.normalize(self.head.dequantize(torch.from_numpy(codes), self.precision, self.dimension), dim=-1)
+
+    def rescoring_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        return F.normalize(queries.float(), dim=-1)
 
 
 class NestedCodeIndex:
@@ -58,9 +100,17 @@ class NestedCodeIndex:
     float32's bytes. Their clusters are trained on the whole store at the first search (or save), not on the first
     chunk added; codes added later join the trained lists. An approximate first pass is saved with the index.
 
+    With :class:`~st_bitembed.pca_codes.PCACodes` (fitted on a sample of the corpus) instead of the head, the store
+    holds codes of the corpus's principal components, with more bits where a query's score depends on them more: at
+    4 bits per dimension they rescore about as well as the head's int8 codes (benchmarks/nested_search.py, README). The
+    first pass is then the sign bits of the vectors the codes stand for, still derived from the store; the codes
+    do not truncate to lower precisions.
+
     Args:
-        quantizer: The model's nested Quantize head (``model.quantizer``); it defines what the codes stand for.
-        store_precision: ``"int8"`` (1 byte per dimension) or ``"int4"`` (packed, 2 codes per byte).
+        quantizer: The model's nested Quantize head (``model.quantizer``), or :class:`PCACodes` fitted to the corpus:
+            what the stored codes stand for.
+        store_precision: With a head, ``"int8"`` (1 byte per dimension) or ``"int4"`` (packed, 2 codes per byte;
+            the default); ``None`` with PCA codes (their bits are theirs).
         path: A folder for the store, written as codes are added (corpora larger than memory); ``None``: in memory
             (:meth:`save` writes it).
         backend: The first pass: faiss (``IndexBinaryFlat``, or ``IndexBinaryHNSW``), usearch
@@ -83,25 +133,44 @@ class NestedCodeIndex:
             hits = index.search(model.encode(["Someone eats."]), top_k=2)  # [[{"corpus_id": 0, "score": ...}, ...]]
             index.save()
             same = NestedCodeIndex.load("my-index")
+
+            # PCA codes, 4 bits per dimension, fitted on (a sample of) the corpus; add() takes float embeddings
+            from st_bitembed.pca_codes import PCACodes
+
+            documents = model.encode(corpus_sample)  # a few thousand of the corpus's texts
+            fitted = NestedCodeIndex(PCACodes.fit(documents, bits_per_dimension=4))
+            fitted.add(documents)
     """
 
     def __init__(
         self,
-        quantizer: Quantize,
-        store_precision: PrecisionName = "int4",
+        quantizer: Quantize | PCACodes,
+        store_precision: PrecisionName | None = None,
         path: str | Path | None = None,
         backend: FirstPassBackend = "faiss",
         exact: bool = True,
         clusters: int | None = None,
     ) -> None:
-        if not quantizer.nested:
+        if isinstance(quantizer, PCACodes):
+            if store_precision is not None:
+                raise ValueError(
+                    f"PCA codes have their own bits per dimension: leave store_precision ({store_precision!r}) out, "
+                    "or fit PCACodes with bits_per_dimension=... ."
+                )
+            self._codes: StoreCodes = quantizer
+        elif not quantizer.nested:
             raise ValueError(
                 "NestedCodeIndex needs a nested Quantize head, whose binary codes are the top bits of its int8 / int4 "
                 "codes: convert with BitEmbed.from_backbone(..., nested_codes=True), or give the model "
-                "Quantize(dim, nested=True) with model.set_quantizer and calibrate it."
+                "Quantize(dim, nested=True) with model.set_quantizer and calibrate it; or store PCACodes fitted to "
+                "the corpus (st_bitembed.pca_codes)."
             )
-        if store_precision not in _STORE_PRECISIONS:
-            raise ValueError(f"The store holds {' or '.join(_STORE_PRECISIONS)} codes, not {store_precision!r}.")
+        else:
+            store_precision = store_precision or "int4"
+            if store_precision not in _STORE_PRECISIONS:
+                raise ValueError(f"The store holds {' or '.join(_STORE_PRECISIONS)} codes, not {store_precision!r}.")
+            quantizer = quantizer.cpu().eval()
+            self._codes = _HeadCodes(quantizer, store_precision)
         if backend not in ("faiss", "usearch", "torch"):
             raise ValueError(f"Unknown first-pass backend {backend!r}; choose faiss, usearch or torch.")
         if backend == "torch" and not exact:
@@ -111,11 +180,11 @@ class NestedCodeIndex:
                 f"clusters={clusters} asks for inverted lists, an approximate first pass of faiss: give "
                 "exact=False, backend='faiss' and at least 1 cluster (or clusters=None for a scan or an HNSW graph)."
             )
-        self.quantizer = quantizer.cpu().eval()
+        self.quantizer = quantizer
         self.store_precision = store_precision
         self.backend = backend
         self.path = Path(path) if path is not None else None
-        self.dimension = quantizer.embedding_dimension
+        self.dimension = self._codes.dimension
         self.count = 0
         self._memory_store: list[np.ndarray] = []
         self.exact = exact
@@ -133,7 +202,7 @@ class NestedCodeIndex:
     @property
     def bytes_per_vector(self) -> int:
         """Bytes per vector of the store (the first pass adds :attr:`first_pass_bytes_per_vector` in memory)."""
-        return get_precision(self.store_precision).bytes_per_vector(self.dimension)
+        return self._codes.bytes_per_vector
 
     @property
     def first_pass_bytes_per_vector(self) -> float:
@@ -143,14 +212,22 @@ class NestedCodeIndex:
         return self._first_pass.bytes_per_vector(self.count)
 
     def add(self, codes: np.ndarray | torch.Tensor) -> None:
-        """Append vectors, as ``BitEmbed.encode(texts, precision=store_precision, pack=True)`` returns their codes
-        (int8 codes unpacked; int4 codes packed). Call it chunk by chunk for corpora larger than memory."""
-        codes = np.ascontiguousarray(codes.cpu().numpy() if isinstance(codes, torch.Tensor) else codes)
+        """Append vectors: float embeddings ``[N, dim]`` (coded here), or their codes as
+        ``BitEmbed.encode(texts, precision=store_precision, pack=True)`` returns them (int8 codes unpacked; int4 codes
+        packed) or :meth:`PCACodes.encode` does. Call it chunk by chunk for corpora larger than memory."""
+        codes = codes.cpu() if isinstance(codes, torch.Tensor) else torch.as_tensor(np.asarray(codes))
+        if codes.is_floating_point():
+            if codes.ndim != 2 or codes.shape[1] != self.dimension:
+                raise ValueError(f"Expected embeddings [N, {self.dimension}], got shape {tuple(codes.shape)}.")
+            codes = self._codes.encode(codes)
+        codes = np.ascontiguousarray(codes.numpy() if isinstance(codes, torch.Tensor) else codes)
         expected = (np.int8, self.dimension) if self.store_precision == "int8" else (np.uint8, self.bytes_per_vector)
         if codes.ndim != 2 or codes.dtype != expected[0] or codes.shape[1] != expected[1]:
+            name = self.store_precision or "PCA"
+            source = f"encode(..., precision={name!r}, pack=True)" if self.store_precision else "PCACodes.encode"
             raise ValueError(
-                f"Expected {self.store_precision} codes shaped [N, {expected[1]}] of dtype {np.dtype(expected[0])} "
-                f"(encode(..., precision={self.store_precision!r}, pack=True)), got {codes.dtype} {codes.shape}."
+                f"Expected {name} codes shaped [N, {expected[1]}] of dtype {np.dtype(expected[0])} ({source}) or "
+                f"float embeddings [N, {self.dimension}], got {codes.dtype} {codes.shape}."
             )
         for start in range(0, len(codes), _ROWS_PER_BLOCK):
             block = codes[start : start + _ROWS_PER_BLOCK]
@@ -164,7 +241,7 @@ class NestedCodeIndex:
             self.count += len(block)
 
     def _binary(self, codes: np.ndarray) -> np.ndarray:
-        return self.quantizer.truncate(codes, self.store_precision, "ubinary", dimension=self.dimension)
+        return self._codes.sign_bits(codes)
 
     def _train_first_pass(self) -> None:
         """Inverted lists not trained yet: their clusters from an evenly spread sample of the store's codes, then every
@@ -212,7 +289,7 @@ class NestedCodeIndex:
 
         Args:
             queries: Float embeddings ``[Q, dim]`` (rescored against the dequantized codes: the more accurate
-                choice) or codes at the store's precision (as :meth:`add` takes them).
+                choice) or codes as the store holds them.
             top_k: Hits per query.
             rescore_multiplier: Candidates from the binary first pass per hit; ``0`` returns the first pass alone
                 (scores ``1 - 2 * hamming / dim``).
@@ -224,33 +301,34 @@ class NestedCodeIndex:
         """
         queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries.cpu())
         is_float = queries.is_floating_point()
-        query_bits = self.quantizer.quantize(queries, "ubinary").numpy() if is_float else self._binary(queries.numpy())
+        if is_float and (queries.ndim != 2 or queries.shape[1] != self.dimension):
+            raise ValueError(f"Expected query embeddings [Q, {self.dimension}], got shape {tuple(queries.shape)}.")
+        query_bits = self._codes.query_bits(queries) if is_float else self._binary(queries.numpy())
         candidates = min(self.count, top_k * max(rescore_multiplier, 1))
         self._train_first_pass()
         hamming, ids = self._first_pass.search(query_bits, candidates, ef_search, probes)
         if rescore_multiplier == 0:
             return _hits(1 - 2 * hamming.float() / self.dimension, ids, top_k)
-        query_vectors = F.normalize(queries.float() if is_float else self._dequantize(queries.numpy()), dim=-1)
+        query_vectors = (
+            self._codes.rescoring_queries(queries) if is_float else self._codes.rescoring_documents(queries.numpy())
+        )
         store = self._store()
         scores = torch.empty(ids.shape, dtype=torch.float32)
         queries_per_block = max(1, _ROWS_PER_BLOCK // max(candidates, 1))
         for start in range(0, len(ids), queries_per_block):
             block = ids[start : start + queries_per_block].clamp(min=0)  # a missing candidate (-1) scores -inf below
             unique, inverse = np.unique(block.numpy(), return_inverse=True)  # sorted reads, each row once
-            documents = F.normalize(self._dequantize(np.asarray(store[unique])), dim=-1)
+            documents = self._codes.rescoring_documents(np.asarray(store[unique]))
             documents = documents[torch.from_numpy(inverse).reshape(block.shape)]  # [queries, candidates, dim]
             scores[start : start + len(block)] = torch.einsum(
                 "qd,qkd->qk", query_vectors[start : start + len(block)], documents
             )
         return _hits(scores.masked_fill(ids < 0, -torch.inf), ids, top_k)
 
-    def _dequantize(self, codes: np.ndarray) -> torch.Tensor:
-        return self.quantizer.dequantize(torch.from_numpy(codes), self.store_precision, self.dimension)
-
     def save(self, path: str | Path | None = None) -> Path:
-        """Write the index (its description, the Quantize head, an HNSW first pass and, for an in-memory index, the
-        store) to ``path`` (default: the folder it was built in). An exact first pass is not saved: :meth:`load`
-        derives it from the store."""
+        """Write the index (its description, the Quantize head or PCA codes, an approximate first pass and, for an
+        in-memory index, the store) to ``path`` (default: the folder it was built in). An exact first pass is not
+        saved: :meth:`load` derives it from the store."""
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("This index is in memory: give save() a folder.")
@@ -259,8 +337,11 @@ class NestedCodeIndex:
                 raise FileExistsError(f"{target} already holds an index; choose another folder.")
             target.mkdir(parents=True, exist_ok=True)
             self._store().tofile(target / STORE_FILE)
-        (target / HEAD_FOLDER).mkdir(exist_ok=True)
-        self.quantizer.save(str(target / HEAD_FOLDER))
+        if isinstance(self.quantizer, PCACodes):
+            self.quantizer.save(target / PCA_CODES_FOLDER)
+        else:
+            (target / HEAD_FOLDER).mkdir(exist_ok=True)
+            self.quantizer.save(str(target / HEAD_FOLDER))
         for stale in GRAPH_FILES.values():  # a first pass saved before no longer describes the store
             (target / stale).unlink(missing_ok=True)
         if self.count >= (self.clusters or 0):  # fewer codes than clusters: trained at a search once there are more
@@ -268,6 +349,7 @@ class NestedCodeIndex:
         if not self.exact and not self._first_pass.needs_training:
             self._first_pass.save(target / GRAPH_FILES[self.backend])
         description = {
+            "codes": "pca" if isinstance(self.quantizer, PCACodes) else "quantize",
             "store_precision": self.store_precision,
             "dimension": self.dimension,
             "count": self.count,
@@ -300,8 +382,11 @@ class NestedCodeIndex:
         description = json.loads((path / INDEX_FILE).read_text())
         if exact is None:  # as saved (indexes saved before inverted lists existed have no "clusters")
             exact, clusters = description.get("exact", True), description.get("clusters")
-        head = Quantize.load(str(path / HEAD_FOLDER))
-        index = cls(head, description["store_precision"], backend=backend, exact=exact, clusters=clusters)
+        if description.get("codes") == "pca":  # (indexes saved before PCA codes existed have no "codes")
+            codes: Quantize | PCACodes = PCACodes.load(path / PCA_CODES_FOLDER)
+        else:
+            codes = Quantize.load(str(path / HEAD_FOLDER))
+        index = cls(codes, description["store_precision"], backend=backend, exact=exact, clusters=clusters)
         index.path, index.count = path, description["count"]
         store = index._store()
         if store.nbytes != (path / STORE_FILE).stat().st_size:

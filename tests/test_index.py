@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 from st_bitembed import Quantize
 from st_bitembed.index import STORE_FILE, NestedCodeIndex
+from st_bitembed.pca_codes import PCACodes
 from st_bitembed.search import quantized_semantic_search
 
 DIMENSION = 64
@@ -272,3 +275,64 @@ def test_inverted_lists_need_faiss_an_approximate_first_pass_and_enough_codes(co
         assert ids(loaded.search(queries, top_k=10, rescore_multiplier=50, probes=100)) == ids(
             quantized_semantic_search(queries, head.quantize(corpus, "int4", pack=True), "int4", head, top_k=10)
         )
+
+
+@pytest.fixture(scope="module")
+def pca_corpus() -> tuple[torch.Tensor, np.ndarray, PCACodes]:
+    """40 queries and 500 unit documents of unequal spreads (as real embeddings), and PCA codes fitted on them."""
+    generator = torch.Generator().manual_seed(1)
+    corpus = F.normalize(torch.randn(540, DIMENSION, generator=generator) * torch.linspace(3, 0.1, DIMENSION), dim=-1)
+    return corpus[:40], corpus[40:].numpy(), PCACodes.fit(corpus[40:], bits_per_dimension=4)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_pca_store_rescores_the_vectors_its_codes_stand_for(pca_corpus, backend):
+    queries, corpus, codes = pca_corpus
+    index = NestedCodeIndex(codes, backend=backend)
+    index.add(corpus[:123])  # float embeddings, coded by the index, in chunks
+    index.add(torch.from_numpy(codes.encode(corpus[123:])))  # or codes
+    np.testing.assert_array_equal(index._store(), codes.encode(corpus))
+    assert index.bytes_per_vector == DIMENSION // 2
+    decoded = F.normalize(torch.from_numpy(codes.decode(codes.encode(corpus))), dim=-1)
+    expected = (F.normalize(queries, dim=-1) @ decoded.T).topk(10)
+    found = index.search(queries, top_k=10, rescore_multiplier=50)  # every document a candidate
+    assert ids(found) == expected.indices.tolist()
+    np.testing.assert_allclose([[h["score"] for h in hits] for hits in found], expected.values, atol=1e-5)
+    # The first pass alone: Hamming distances between the queries' sign bits and the decoded vectors'.
+    first = index.search(queries, top_k=5, rescore_multiplier=0)
+    signs = (decoded >= 0).float() * 2 - 1
+    agreement = ((queries >= 0).float() * 2 - 1) @ signs.T / DIMENSION  # 1 - 2 * hamming / dim
+    np.testing.assert_allclose(hamming_scores(first), agreement.topk(5).values, atol=1e-6)
+
+
+def test_pca_index_saves_and_loads_with_its_codes(pca_corpus, tmp_path):
+    queries, corpus, codes = pca_corpus
+    index = NestedCodeIndex(codes, path=tmp_path / "index", backend="torch")
+    index.add(corpus)
+    index.save()
+    loaded = NestedCodeIndex.load(tmp_path / "index", backend="torch")
+    assert isinstance(loaded.quantizer, PCACodes) and loaded.store_precision is None
+    assert ids(loaded.search(queries, top_k=10)) == ids(index.search(queries, top_k=10))
+    query_codes = codes.encode(queries)  # code queries: rescored from what they stand for
+    assert ids(loaded.search(query_codes, top_k=10, rescore_multiplier=50)) == ids(
+        index.search(codes.decode(query_codes), top_k=10, rescore_multiplier=50)
+    )
+    with pytest.raises(ValueError, match="PCA codes have their own bits"):
+        NestedCodeIndex(codes, "int4")
+    with pytest.raises(ValueError, match="Expected PCA codes"):
+        index.add(np.zeros((2, DIMENSION), np.int8))
+    with pytest.raises(ValueError, match=rf"Expected query embeddings \[Q, {DIMENSION}\]"):
+        index.search(queries[:, :-8])
+
+
+def test_an_index_saved_before_pca_codes_still_loads(corpus_and_head, tmp_path):
+    queries, corpus, head = corpus_and_head
+    index = NestedCodeIndex(head, "int4", path=tmp_path / "index", backend="torch")
+    index.add(head.quantize(corpus, "int4", pack=True))
+    index.save()
+    description = json.loads((tmp_path / "index" / "index.json").read_text())
+    del description["codes"]  # as written before
+    (tmp_path / "index" / "index.json").write_text(json.dumps(description))
+    loaded = NestedCodeIndex.load(tmp_path / "index", backend="torch")
+    assert isinstance(loaded.quantizer, Quantize) and loaded.store_precision == "int4"
+    assert ids(loaded.search(queries, top_k=10)) == ids(index.search(queries, top_k=10))

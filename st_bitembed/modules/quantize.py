@@ -75,6 +75,12 @@ def gaussian_optimal_half_range(bits: int) -> float:
 
 
 @lru_cache
+def gaussian_least_mse(bits: int) -> float:
+    """MSE of the uniform midrise quantizer with ``bits`` bits on a standard Gaussian, at its least-MSE half-range."""
+    return float(_gaussian_midrise_errors(bits).min())
+
+
+@lru_cache
 def nested_gaussian_half_range(bits: tuple[int, ...]) -> float:
     """The one half-range that nested precisions of these widths share on a standard Gaussian: the least sum of each
     precision's MSE relative to its own optimum (so that each precision counts alike)."""
