@@ -346,11 +346,17 @@ def run_in_turns(args: argparse.Namespace, children: dict[str, tuple[str, list[s
 
 
 def median_result(results: list[dict]) -> dict:
-    """The element-wise median of results with the same keys (nested dicts of numbers)."""
+    """The element-wise median of results with the same keys (nested dicts of numbers); counts (integers) stay
+    integers (the lower median)."""
     merged = {}
     for key, first in results[0].items():
         values = [result[key] for result in results]
-        merged[key] = median_result(values) if isinstance(first, dict) else statistics.median(values)
+        if isinstance(first, dict):
+            merged[key] = median_result(values)
+        elif all(isinstance(value, int) for value in values):
+            merged[key] = statistics.median_low(values)
+        else:
+            merged[key] = statistics.median(values)
     return merged
 
 
