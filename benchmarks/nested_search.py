@@ -16,8 +16,7 @@ the calibration sentences, float query x int8 codes, as its documentation does),
 spread: all of SciFact's 5,183), the binary first pass derived from it: an exact Hamming scan (faiss
 ``IndexBinaryFlat``), an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``) or inverted lists
 (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus size)``, searched with each of ``--probes`` clusters per
-query); build times are printed. Each rescoring method reads each of
-``--rescore-multipliers`` x 10 candidates.
+query); build times are printed. Each rescoring method reads each of ``--rescore-multipliers`` x 10 candidates.
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
