@@ -103,8 +103,8 @@ class NestedCodeIndex:
     With :class:`~st_bitembed.pca_codes.PCACodes` (fitted on a sample of the corpus) instead of the head, the store
     holds codes of the corpus's principal components, with more bits where a query's score depends on them more: at
     4 bits per dimension they rescore about as well as the head's int8 codes (benchmarks/nested_search.py, README). The
-    first pass is then the sign bits of the vectors the codes stand for, still derived from the store; the codes
-    do not truncate to lower precisions.
+    first pass is then the sign bits of the vectors the codes stand for, in a rotation fitted with them (ITQ: see
+    :class:`PCACodes`), still derived from the store; the codes do not truncate to lower precisions.
 
     Args:
         quantizer: The model's nested Quantize head (``model.quantizer``), or :class:`PCACodes` fitted to the corpus:

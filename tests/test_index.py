@@ -300,8 +300,9 @@ def test_pca_store_rescores_the_vectors_its_codes_stand_for(pca_corpus, backend)
     np.testing.assert_allclose([[h["score"] for h in hits] for hits in found], expected.values, atol=1e-5)
     # The first pass alone: Hamming distances between the queries' sign bits and the decoded vectors'.
     first = index.search(queries, top_k=5, rescore_multiplier=0)
-    signs = (decoded >= 0).float() * 2 - 1
-    agreement = ((queries >= 0).float() * 2 - 1) @ signs.T / DIMENSION  # 1 - 2 * hamming / dim
+    rotation = torch.from_numpy(codes.binary_rotation)  # the sign bits are taken in the codes' binary rotation
+    signs = (decoded @ rotation >= 0).float() * 2 - 1
+    agreement = ((queries @ rotation >= 0).float() * 2 - 1) @ signs.T / DIMENSION  # 1 - 2 * hamming / dim
     np.testing.assert_allclose(hamming_scores(first), agreement.topk(5).values, atol=1e-6)
 
 

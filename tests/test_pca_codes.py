@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sentence_transformers.util import quantize_embeddings
 
 from st_bitembed import Quantize
 from st_bitembed.pca_codes import MAX_COMPONENT_BITS, PCACodes
@@ -91,14 +92,32 @@ def test_at_four_bits_they_rank_better_than_int4_codes_of_the_same_bytes(corpus)
     np.testing.assert_allclose(rescoring.numpy(), queries @ decoded.numpy().T, atol=1e-5)
 
 
-def test_sign_bits_are_those_of_the_decoded_embeddings(corpus):
+def packed_signs(values: np.ndarray) -> list[list[int]]:
+    return [[int("".join("1" if v >= 0 else "0" for v in row[i : i + 8]), 2) for i in range(0, row.size, 8)]
+            for row in values]  # fmt: skip
+
+
+def test_sign_bits_are_those_of_the_decoded_embeddings_in_the_binary_rotation(corpus):
     codes = PCACodes.fit(corpus, bits_per_dimension=4)
     packed = codes.encode(corpus[:50])
     decoded = codes.decode(packed)
-    expected = [[int("".join("1" if v >= 0 else "0" for v in row[i : i + 8]), 2) for i in range(0, DIMENSION, 8)]
-                for row in decoded]  # fmt: skip
+    expected = packed_signs(decoded.astype(np.float64) @ codes.binary_rotation)
     assert codes.sign_bits(packed).tolist() == expected
     assert codes.query_bits(torch.from_numpy(decoded)).tolist() == expected
+    # Without a rotation: sentence-transformers' binary codes of the decoded embeddings.
+    plain = PCACodes(codes.mean, codes.basis, codes.widths, codes.steps)
+    assert plain.sign_bits(packed).tolist() == quantize_embeddings(decoded, "ubinary").tolist()
+
+
+def test_binary_rotation_is_orthogonal_and_loses_less_to_sign_bits_than_the_coordinates(corpus):
+    rotation = PCACodes.fit(corpus, bits_per_dimension=4).binary_rotation.astype(np.float64)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(DIMENSION), atol=1e-5)
+
+    def sign_loss(values: np.ndarray) -> float:  # ITQ's objective: how far the values are from their sign bits
+        return float(np.square(np.sign(values) - values).sum())
+
+    scale = np.sqrt(DIMENSION)  # unit vectors' coordinates scaled to +-1 on average, as sign bits
+    assert sign_loss(corpus @ rotation * scale) < 0.9 * sign_loss(corpus * scale)
 
 
 def test_saved_codes_load_as_they_were(corpus, tmp_path):
