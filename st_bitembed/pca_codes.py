@@ -20,8 +20,9 @@ WEIGHTS_FILE = "pca_codes.safetensors"
 MAX_COMPONENT_BITS = 12
 # Variance, relative to the largest, below which a direction has none (float64 eigh's rounding is ~1e-16 of it).
 _NO_VARIANCE = 1e-12
-# Alternations of the first pass's rotation fit (ITQ); its quantization loss changes little after a few dozen.
-_ROTATION_ITERATIONS = 50
+# Alternations of the first pass's rotation fit (ITQ): on SciFact's abstracts, 10, 20 and 50 found as many true
+# neighbours among the first candidates (the sample's size counts more); 20 fit 20,000 x 1,024 in ~22 s on 2 cores.
+_ROTATION_ITERATIONS = 20
 # Rows packed or unpacked at a time (their bits are spread one per byte in between).
 _ROWS_PER_BLOCK = 8192
 
@@ -119,8 +120,8 @@ class PCACodes:
 
     @classmethod
     def fit(cls, embeddings: np.ndarray | torch.Tensor, bits_per_dimension: float = 4.0) -> PCACodes:
-        """Codes fitted to ``embeddings`` (``[N, dim]``, a sample of the corpus they will code, ``N >= dim``),
-        spending ``round(bits_per_dimension * dim)`` bits per vector."""
+        """Codes fitted to ``embeddings`` (``[N, dim]``, a sample of the corpus they will code, ``N >= dim``; the more
+        the better the first pass's rotation), spending ``round(bits_per_dimension * dim)`` bits per vector."""
         sample = np.asarray(embeddings.detach().float().cpu() if isinstance(embeddings, torch.Tensor) else embeddings)
         if sample.ndim != 2 or len(sample) < sample.shape[1] or not np.isfinite(sample).all():
             raise ValueError(
