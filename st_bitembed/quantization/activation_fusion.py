@@ -21,7 +21,7 @@ import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear
 from st_bitembed.quantization.mlp_fusion import activation_name, gives_what_the_module_gives
-from st_bitembed.quantization.stand_in import StandIn, hooked
+from st_bitembed.quantization.stand_in import StandIn, hooked, put_stand_ins
 
 # Classes whose forward is intermediate_act_fn(dense(x)) (transformers' modeling code).
 ENCODER_INTERMEDIATES = (
@@ -69,19 +69,15 @@ def fuse_intermediate_activations(model: torch.nn.Module) -> int:
     """Put a :class:`FusedIntermediate` in place of each module of ``model`` of a class :data:`ENCODER_INTERMEDIATES`
     names whose projection is a BitLinear and whose activation the kernel computes, where a probe agrees. Returns
     the number of modules fused (earlier ones included)."""
-    fused = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FusedIntermediate):
-            fused += 1
-            continue
+
+    def stand_in_for(module: torch.nn.Module) -> FusedIntermediate | None:
         dense = getattr(module, "dense", None)
         if type(module).__name__ not in ENCODER_INTERMEDIATES or not isinstance(dense, BitLinear):
-            continue
+            return None
         activation = activation_name(module.intermediate_act_fn, dense.weight.dtype)
         if activation is None:
-            continue
+            return None
         stand_in = FusedIntermediate(module, activation)
-        if gives_what_the_module_gives(stand_in, module, exact=False):
-            model.set_submodule(name, stand_in)
-            fused += 1
-    return fused
+        return stand_in if gives_what_the_module_gives(stand_in, module, exact=False) else None
+
+    return put_stand_ins(model, FusedIntermediate, stand_in_for)

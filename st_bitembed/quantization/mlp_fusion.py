@@ -32,7 +32,7 @@ import torch
 from st_bitembed.quantization.bitlinear import BitLinear
 from st_bitembed.quantization.native import TORCH_ACTIVATIONS
 from st_bitembed.quantization.norm_folding import FoldedRMSNorm
-from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference
+from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference, put_stand_ins
 
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers' modeling code).
 GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP")
@@ -121,18 +121,14 @@ def gives_what_the_module_gives(stand_in: torch.nn.Module, module: torch.nn.Modu
 def fuse_gated_mlps(model: torch.nn.Module) -> int:
     """Put a :class:`FusedGatedMLP` in place of each MLP of ``model`` of a class :data:`GATED_MLPS` names whose down
     projection is a BitLinear, where a probe agrees. Returns the number of MLPs fused (earlier ones included)."""
-    fused = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FusedGatedMLP):
-            fused += 1
-            continue
+
+    def stand_in_for(module: torch.nn.Module) -> FusedGatedMLP | None:
         if type(module).__name__ not in GATED_MLPS or not isinstance(getattr(module, "down_proj", None), BitLinear):
-            continue
+            return None
         activation = activation_name(module.act_fn, module.down_proj.weight.dtype)
         stand_in = FusedGatedMLP(module, activation)
         if activation is not None and not gives_what_the_module_gives(stand_in, module, exact=False):
             stand_in = FusedGatedMLP(module)  # the quantizer's activation strays: PyTorch's, with the product fused
-        if gives_what_the_module_gives(stand_in, module, exact=stand_in.activation is None):
-            model.set_submodule(name, stand_in)
-            fused += 1
-    return fused
+        return stand_in if gives_what_the_module_gives(stand_in, module, exact=stand_in.activation is None) else None
+
+    return put_stand_ins(model, FusedGatedMLP, stand_in_for)

@@ -33,7 +33,7 @@ from st_bitembed.quantization.native import (
     native_attention_tiles,
     native_projections,
 )
-from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference
+from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference, put_stand_ins
 
 # Classes whose forward is (transformers' modeling code): q, k, v = query / key / value(hidden_states) viewed as
 # [batch, heads, positions, attention_head_size]; attention over them with the mask and self.scaling; heads side by
@@ -153,15 +153,14 @@ def use_native_attention(model: torch.nn.Module) -> int:
     taken (earlier ones included)."""
     if native_attention() is None:
         return 0
-    taken = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, NativeSelfAttention):
-            taken += 1
-            continue
+
+    def stand_in_for(module: torch.nn.Module) -> NativeSelfAttention | None:
         if type(module).__name__ not in ENCODER_SELF_ATTENTIONS:
-            continue
+            return None
         stand_in = NativeSelfAttention(module)
-        if module.config._attn_implementation in MASK_IMPLEMENTATIONS and agrees_with_the_module(stand_in, module):
-            model.set_submodule(name, stand_in)
-            taken += 1
-    return taken
+        agrees = module.config._attn_implementation in MASK_IMPLEMENTATIONS and agrees_with_the_module(
+            stand_in, module
+        )
+        return stand_in if agrees else None
+
+    return put_stand_ins(model, NativeSelfAttention, stand_in_for)

@@ -30,7 +30,7 @@ import torch
 from st_bitembed.quantization.native import native_attention, native_rotary_heads
 from st_bitembed.quantization.native_attention import MASK_IMPLEMENTATIONS, kernel_takes
 from st_bitembed.quantization.native_norm import NativeRMSNorm
-from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference
+from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference, put_stand_ins
 
 # Classes whose forward is (transformers' modeling code): q, k, v = q_proj / k_proj / v_proj(hidden_states) viewed as
 # [batch, positions, heads, head_dim]; q_norm / k_norm over each head where the class has them; apply_rotary_pos_emb
@@ -175,15 +175,14 @@ def use_native_decoder_attention(model: torch.nn.Module) -> int:
     Returns the number of modules taken (earlier ones included)."""
     if native_attention() is None or native_rotary_heads() is None:
         return 0
-    taken = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, NativeDecoderAttention):
-            taken += 1
-            continue
+
+    def stand_in_for(module: torch.nn.Module) -> NativeDecoderAttention | None:
         if type(module).__name__ not in DECODER_SELF_ATTENTIONS or getattr(module, "attn_logit_softcapping", None):
-            continue
+            return None
         stand_in = NativeDecoderAttention(module)
-        if module.config._attn_implementation in MASK_IMPLEMENTATIONS and agrees_with_the_module(stand_in, module):
-            model.set_submodule(name, stand_in)
-            taken += 1
-    return taken
+        agrees = module.config._attn_implementation in MASK_IMPLEMENTATIONS and agrees_with_the_module(
+            stand_in, module
+        )
+        return stand_in if agrees else None
+
+    return put_stand_ins(model, NativeDecoderAttention, stand_in_for)

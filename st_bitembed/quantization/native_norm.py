@@ -21,7 +21,7 @@ from transformers.integrations.bitnet import AutoBitLinear
 from st_bitembed.quantization.bitlinear import version_key
 from st_bitembed.quantization.native import native_rms_norm
 from st_bitembed.quantization.norm_folding import FoldedRMSNorm, norm_epsilon
-from st_bitembed.quantization.stand_in import StandIn
+from st_bitembed.quantization.stand_in import StandIn, put_stand_ins
 
 # Norm class -> (what its weight is added to, whether it rounds the normalised values to the activations' dtype
 # before the weight): Llama-style norms compute weight * (x * r).to(dtype), Gemma's ((x * r) * (1 + weight)).to(dtype).
@@ -110,16 +110,12 @@ def use_native_norms(model: torch.nn.Module) -> int:
         return 0
     # A BitLinear's own norm is part of its quantizer (folded at inference): not a model norm
     inserted = {id(module.rms_norm) for module in model.modules() if isinstance(module, AutoBitLinear)}
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, NativeRMSNorm):
-            replaced += 1
-            continue
+
+    def stand_in_for(module: torch.nn.Module) -> NativeRMSNorm | None:
         style = NORM_STYLES.get(type(module).__name__)
         if style is None or isinstance(module, FoldedRMSNorm) or id(module) in inserted:
-            continue
+            return None
         stand_in = NativeRMSNorm(module, *style)
-        if computes_its_formula(stand_in):
-            model.set_submodule(name, stand_in)
-            replaced += 1
-    return replaced
+        return stand_in if computes_its_formula(stand_in) else None
+
+    return put_stand_ins(model, NativeRMSNorm, stand_in_for)

@@ -23,7 +23,7 @@ import torch
 
 from st_bitembed.quantization.bitlinear import BitLinear, version_key
 from st_bitembed.quantization.native import native_residual_layer_norm
-from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference
+from st_bitembed.quantization.stand_in import StandIn, hooked, outputs_at_inference, put_stand_ins
 
 # Classes whose forward is LayerNorm(dropout(dense(hidden_states)) + input_tensor) (transformers' modeling code).
 ENCODER_OUTPUTS = (
@@ -121,15 +121,11 @@ def fuse_residual_norms(model: torch.nn.Module) -> int:
     native kernels exist and a probe agrees. Returns the number of modules fused (earlier ones included)."""
     if native_residual_layer_norm() is None:
         return 0
-    fused = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FusedResidualNorm):
-            fused += 1
-            continue
+
+    def stand_in_for(module: torch.nn.Module) -> FusedResidualNorm | None:
         if not takes_its_norm(module):
-            continue
+            return None
         stand_in = FusedResidualNorm(module)
-        if agrees_with_the_module(stand_in, module):
-            model.set_submodule(name, stand_in)
-            fused += 1
-    return fused
+        return stand_in if agrees_with_the_module(stand_in, module) else None
+
+    return put_stand_ins(model, FusedResidualNorm, stand_in_for)

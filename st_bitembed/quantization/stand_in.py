@@ -8,6 +8,7 @@ and training see what they saw before; it starts in the module's training mode.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +45,24 @@ class StandIn(torch.nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), **self.empty_caches()}
+
+
+def put_stand_ins(
+    model: torch.nn.Module, kind: type[StandIn], stand_in_for: Callable[[torch.nn.Module], StandIn | None]
+) -> int:
+    """Put ``stand_in_for(module)`` in place of each module of ``model`` it gives a stand-in for (``None``: the module
+    stays; it builds and probes the stand-in); modules that already are a ``kind`` stay as they are. Returns the number
+    of ``kind`` stand-ins in ``model`` afterwards (earlier ones included)."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, kind):
+            count += 1
+            continue
+        stand_in = stand_in_for(module)
+        if stand_in is not None:
+            model.set_submodule(name, stand_in)
+            count += 1
+    return count
 
 
 def hooked(*modules: object) -> bool:
