@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from st_bitembed.modules.quantize import Quantize
 from st_bitembed.pca_codes import PCACodes
-from st_bitembed.precisions import PrecisionName, get_precision
+from st_bitembed.precisions import PrecisionName
 from st_bitembed.quantization.packing import hamming_distance
 
 FirstPassBackend = Literal["faiss", "usearch", "torch"]
@@ -62,7 +62,7 @@ class _HeadCodes:
 
     def __init__(self, head: Quantize, precision: PrecisionName) -> None:
         self.head, self.precision, self.dimension = head, precision, head.embedding_dimension
-        self.bytes_per_vector = get_precision(precision).bytes_per_vector(self.dimension)
+        self.bytes_per_vector = head.bytes_per_vector(precision)
 
     def encode(self, embeddings: torch.Tensor) -> np.ndarray:
         return self.head.quantize(embeddings, self.precision, pack=True).numpy()
