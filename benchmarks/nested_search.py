@@ -8,16 +8,19 @@ Search (recall@10 of float32 exact search on the same embeddings, queries/s, byt
   the all-nli training sentences, then **random vectors drawn from a Gaussian with the real embeddings' mean and
   covariance**, L2-normalised, up to the size; queries: real embeddings of Wikipedia short descriptions.
 
-Methods: float32 exact (faiss ``IndexFlatIP``); each store alone (every vector's codes decoded and scored: what the
-codes cap a rescoring's recall at, whatever the first pass); binary only (sentence-transformers'
-``quantize_embeddings`` ubinary, faiss ``IndexBinaryFlat``); sentence-transformers' binary -> int8 rescoring (its int8
-codes with ranges calibrated on the calibration sentences, float query x int8 codes, as its documentation does), and
-BitEmbed's :class:`~st_bitembed.index.NestedCodeIndex` on one store (the nested head's int8 or int4 codes, or
-:class:`~st_bitembed.pca_codes.PCACodes` at 4 bits per dimension fitted on ``PCA_SAMPLE`` vectors of the corpus, evenly
-spread: all of SciFact's 5,183), the binary first pass derived from it: an exact Hamming scan (faiss
-``IndexBinaryFlat``), an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``) or inverted lists
-(faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus size)``, searched with each of ``--probes`` clusters per
-query); build times are printed. Each rescoring method reads each of ``--rescore-multipliers`` x 10 candidates.
+Methods: float32 exact (faiss ``IndexFlatIP``); a float32 HNSW graph (faiss ``IndexHNSWFlat``, as many neighbours as
+the binary graphs: what a graph searched with exact distances gives at each speed, in float32's bytes and its links);
+each store alone (every vector's codes decoded and scored: what the codes cap a rescoring's recall at, whatever the
+first pass); binary only (sentence-transformers' ``quantize_embeddings`` ubinary, faiss ``IndexBinaryFlat``);
+sentence-transformers' binary -> int8 rescoring (its int8 codes with ranges calibrated on the calibration sentences,
+float query x int8 codes, as its documentation does), and BitEmbed's :class:`~st_bitembed.index.NestedCodeIndex` on
+one store (the nested head's int8 or int4 codes, or
+:class:`~st_bitembed.pca_codes.PCACodes` at each of ``--pca-bits`` bits per dimension, fitted on ``PCA_SAMPLE``
+vectors of the corpus, evenly spread: all of SciFact's 5,183), the binary first pass derived from it: an exact
+Hamming scan (faiss ``IndexBinaryFlat``), an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``)
+or inverted lists (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus size)``, searched with each of
+``--probes`` clusters per query); build times are printed. Each rescoring method reads each of
+``--rescore-multipliers`` x 10 candidates.
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
@@ -28,7 +31,7 @@ same sentences (what the recipes' conversion gives) and the nested one, each tra
 
 Usage (offline, from the repository root):
     python tools/offline_kit.py -- python benchmarks/nested_search.py --model output/minilm-cpu-final/model
-        [--corpus-size 1000000] [--queries 1000] [--rescore-multipliers 4,16,64] [--probes 16,64]
+        [--corpus-size 1000000] [--queries 1000] [--rescore-multipliers 4,16,64] [--probes 16,64] [--pca-bits 4]
         [--parts search,cost] [--train-steps 540] [--train-lr 3e-4] [--threads 2]
 """
 
@@ -47,6 +50,8 @@ import numpy as np
 SHARED = Path(os.environ.get("ST_BITEMBED_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 # Corpus vectors (evenly spread) the PCA codes are fitted on.
 PCA_SAMPLE = 20_000
+# How many nodes the float32 reference graph's search keeps in view (faiss's efSearch).
+FLOAT_GRAPH_EF_SEARCH = (64, 128, 256)
 KIT_TASKS = ["STSBenchmark", "SciFact", "SICK-R", "STS12", "STS13", "STS14", "STS15"]
 
 
@@ -129,7 +134,13 @@ def timed(function):
 
 
 def compare_search(
-    model, calibration: np.ndarray, corpus: np.ndarray, queries: np.ndarray, multipliers: list[int], probes: list[int]
+    model,
+    calibration: np.ndarray,
+    corpus: np.ndarray,
+    queries: np.ndarray,
+    multipliers: list[int],
+    probes: list[int],
+    pca_bits: list[float],
 ) -> None:
     import faiss
     from sentence_transformers.util import quantize_embeddings
@@ -153,15 +164,16 @@ def compare_search(
     clusters = max(1, round(len(corpus) ** 0.5))
     first_passes = {"scan": {"exact": True}, "HNSW": {"exact": False}, "IVF": {"exact": False, "clusters": clusters}}
     sample = corpus[np.unique(np.linspace(0, len(corpus) - 1, min(len(corpus), PCA_SAMPLE)).astype(np.int64))]
-    pca, fit_seconds = timed(lambda: PCACodes.fit(sample, bits_per_dimension=4))
-    pca_codes, code_seconds = timed(lambda: pca.encode(corpus))
-    print(f"PCA codes ({pca.bytes_per_vector} bytes) fitted on {len(sample):,} vectors of the corpus in "
-          f"{fit_seconds:.1f} s, the corpus coded in {code_seconds:.1f} s")  # fmt: skip
     stores = {
         "int8": (head, "int8", head.quantize(torch_tensor(corpus), "int8")),
         "int4": (head, "int4", head.quantize(torch_tensor(corpus), "int4", pack=True)),
-        "PCA 4 bits": (pca, None, pca_codes),
     }
+    for bits in pca_bits:
+        pca, fit_seconds = timed(lambda: PCACodes.fit(sample, bits_per_dimension=bits))
+        pca_codes, code_seconds = timed(lambda: pca.encode(corpus))
+        print(f"PCA codes, {bits:g} bits ({pca.bytes_per_vector} bytes), fitted on {len(sample):,} vectors of the "
+              f"corpus in {fit_seconds:.1f} s, the corpus coded in {code_seconds:.1f} s")  # fmt: skip
+        stores[f"PCA {bits:g} bits"] = (pca, None, pca_codes)
     nested = {}
     for store, (codes_of, precision, codes) in stores.items():
         for first_pass, options in first_passes.items():
@@ -186,6 +198,7 @@ def compare_search(
         ("float32 exact (faiss IndexFlatIP)", 4 * dimension, 1.0, float_seconds),
         ("binary only (sentence-transformers ubinary, faiss)", dimension // 8, *_recall_and_time(binary_only, recall)),
     ]
+    rows += float_graph_rows(corpus, queries, recall)
     for store, (codes_of, precision, codes) in stores.items():  # what each store's codes cap the rescoring at
         scan = faiss.IndexFlatIP(dimension)
         scan.add(decoded_unit_vectors(codes_of, precision, codes))
@@ -221,6 +234,25 @@ def compare_search(
     for name, bytes_per_vector, found_recall, seconds in rows:
         print(f"| {name} | {bytes_per_vector:,} | {found_recall:.4f} | {len(queries) / seconds:,.0f} | "
               f"{float_seconds / seconds:.1f} |")  # fmt: skip
+
+
+def float_graph_rows(corpus: np.ndarray, queries: np.ndarray, recall) -> list[tuple[str, int, float, float]]:
+    """What a graph reaches when it is searched with float32 distances, whatever it costs in bytes: the frontier of
+    speed and recall that codes navigating a graph of as many links approach from below."""
+    import faiss
+
+    from st_bitembed.index import HNSW_NEIGHBORS
+
+    graph = faiss.IndexHNSWFlat(corpus.shape[1], HNSW_NEIGHBORS, faiss.METRIC_INNER_PRODUCT)
+    _, seconds = timed(lambda: graph.add(corpus))
+    print(f"float32 HNSW graph ({HNSW_NEIGHBORS} neighbours) built in {seconds:.0f} s")
+    bytes_per_vector = round(faiss.serialize_index(graph).size / len(corpus))
+    rows = []
+    for ef_search in FLOAT_GRAPH_EF_SEARCH:
+        graph.hnsw.efSearch = ef_search
+        name = f"float32 HNSW graph, {HNSW_NEIGHBORS} neighbours, efSearch {ef_search} (faiss IndexHNSWFlat)"
+        rows.append((name, bytes_per_vector, *_recall_and_time(lambda: graph.search(queries, 10)[1].tolist(), recall)))
+    return rows
 
 
 def decoded_unit_vectors(codes_of, precision: str | None, codes) -> np.ndarray:
@@ -320,6 +352,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rescore-multipliers", default="4,16,64", help="candidates per hit, comma-separated")
     parser.add_argument("--probes", default="16,64", help="clusters scanned per query by the IVF first pass")
+    parser.add_argument("--pca-bits", default="4", help="bits per dimension of each PCA store, comma-separated")
     parser.add_argument("--parts", default="search", help="search, cost (nesting's cost on the kit's tasks) or both")
     parser.add_argument("--train-steps", type=int, default=0, help="cost: also both heads trained this many steps")
     parser.add_argument("--train-lr", type=float, default=3e-4, help="cost: the heads' learning rate (the recipes')")
@@ -342,12 +375,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, faiss {faiss.__version__}, {args.threads} threads; model {args.model}")
     multipliers = [int(m) for m in args.rescore_multipliers.split(",")]
     probes = [int(p) for p in args.probes.split(",")]
+    pca_bits = [float(b) for b in args.pca_bits.split(",")]
     if "search" in args.parts:
         print("\n## SciFact (real embeddings)")
-        compare_search(model, calibration, *scifact(model, cache), multipliers, probes)
+        compare_search(model, calibration, *scifact(model, cache), multipliers, probes, pca_bits)
         print("\n## Large corpus (real embeddings, then Gaussian vectors with their mean and covariance)")
         corpus, queries = large_corpus(model, cache, args.corpus_size, args.queries)
-        compare_search(model, calibration, corpus, queries, multipliers, probes)
+        compare_search(model, calibration, corpus, queries, multipliers, probes, pca_bits)
     if "cost" in args.parts:
         pairs = training_pairs(model, cache) if args.train_steps else None
         nesting_cost(model, calibration, KIT_TASKS, pairs, args.train_steps, args.train_lr)

@@ -51,6 +51,16 @@ def test_packed_layout_is_bit_planes_of_each_width_widest_first():
                                [[3.5, -3.5, 1.5, 0.0]])  # fmt: skip
 
 
+def test_codes_of_every_width_up_to_the_widest_unpack_to_their_levels():
+    # Identity basis, zero mean, unit steps: the level of x is floor(x) + 0.5 within +-2^(width - 1).
+    widths = np.array([MAX_COMPONENT_BITS, 9, 9, 8, 5, 1, 0])
+    codes = PCACodes(np.zeros(7), np.eye(7), widths, np.ones(7))
+    values = np.random.default_rng(0).uniform(-1.2, 1.2, (50, 7)) * 2.0 ** np.maximum(widths - 1, 0)
+    limit = 2.0 ** (widths - 1)
+    expected = np.where(widths > 0, np.clip(np.floor(values), -limit, limit - 1) + 0.5, 0.0)
+    np.testing.assert_array_equal(codes.components(codes.encode(values)), expected)
+
+
 def test_bits_go_where_a_query_score_depends_on_them(corpus):
     codes = PCACodes.fit(corpus, bits_per_dimension=3)
     assert codes.total_bits == 3 * DIMENSION and codes.bytes_per_vector == 3 * DIMENSION // 8
