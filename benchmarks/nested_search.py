@@ -14,13 +14,12 @@ each store alone (every vector's codes decoded and scored: what the codes cap a 
 first pass); binary only (sentence-transformers' ``quantize_embeddings`` ubinary, faiss ``IndexBinaryFlat``);
 sentence-transformers' binary -> int8 rescoring (its int8 codes with ranges calibrated on the calibration sentences,
 float query x int8 codes, as its documentation does), and BitEmbed's :class:`~st_bitembed.index.NestedCodeIndex` on
-one store (the nested head's int8 or int4 codes, or
-:class:`~st_bitembed.pca_codes.PCACodes` at each of ``--pca-bits`` bits per dimension, fitted on ``PCA_SAMPLE``
-vectors of the corpus, evenly spread: all of SciFact's 5,183), the binary first pass derived from it: an exact
-Hamming scan (faiss ``IndexBinaryFlat``), an HNSW graph on the same bits (faiss ``IndexBinaryHNSW``, ``exact=False``)
-or inverted lists (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus size)``, searched with each of
-``--probes`` clusters per query); build times are printed. Each rescoring method reads each of
-``--rescore-multipliers`` x 10 candidates.
+one store (the nested head's int8 or int4 codes, or :class:`~st_bitembed.pca_codes.PCACodes` at each of ``--pca-bits``
+bits per dimension, fitted on ``PCA_SAMPLE`` vectors of the corpus, evenly spread: all of SciFact's 5,183), the binary
+first pass derived from it: an exact Hamming scan (faiss ``IndexBinaryFlat``), an HNSW graph on the same bits (faiss
+``IndexBinaryHNSW``, ``exact=False``) or inverted lists (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus
+size)``, searched with each of ``--probes`` clusters per query); build times are printed. Each rescoring method reads
+each of ``--rescore-multipliers`` x 10 candidates.
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
@@ -237,8 +236,8 @@ def compare_search(
 
 
 def float_graph_rows(corpus: np.ndarray, queries: np.ndarray, recall) -> list[tuple[str, int, float, float]]:
-    """What a graph reaches when it is searched with float32 distances, whatever it costs in bytes: the frontier of
-    speed and recall that codes navigating a graph of as many links approach from below."""
+    """What a graph reaches when it is searched with float32 distances, whatever it costs in bytes: the reference of
+    speed and recall for a graph of as many links."""
     import faiss
 
     from st_bitembed.index import HNSW_NEIGHBORS

@@ -14,7 +14,7 @@ from sentence_transformers.base.modules import Module
 from torch import nn
 
 from st_bitembed.precisions import INTEGER_PRECISIONS, Precision, PrecisionName, get_precision, to_signed, to_unsigned
-from st_bitembed.quantization.packing import pack_codes, unpack_codes
+from st_bitembed.quantization.packing import byte_codes, pack_codes, unpack_codes
 
 try:
     from typing import Self
@@ -301,8 +301,10 @@ class Quantize(Module):
             return (bits.float() * 2 - 1) / math.sqrt(dimension)
         if precision.unsigned:
             codes = to_signed(codes)
-        if codes.dtype == torch.uint8:  # packed int4 / int2
-            codes = unpack_codes(codes, precision.bits, dimension)
+        if codes.dtype == torch.uint8:  # packed int4 / int2: every byte's levels at once, from a table of all 256
+            levels = byte_codes(precision.bits).to(codes.device).float() + 0.5
+            values = nn.functional.embedding(codes.int(), levels).flatten(-2)[..., :dimension]
+            return values * self.step(precision, values.shape[-1])
         return (codes.float() + 0.5) * self.step(precision, codes.shape[-1])
 
     @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 
@@ -29,6 +31,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, dimension: int) -> torch.Tenso
     unsigned = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
     unsigned = unsigned.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :dimension]
     return (unsigned.to(torch.int16) - offset).to(torch.int8)
+
+
+@cache
+def byte_codes(bits: int) -> torch.Tensor:
+    """The codes :func:`unpack_codes` gives for each of the 256 bytes, int8 ``[256, 8 // bits]``: a lookup table that
+    unpacks a byte in one gather."""
+    return unpack_codes(torch.arange(256, dtype=torch.uint8)[:, None], bits, 8 // bits)
 
 
 _POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.uint8)

@@ -57,6 +57,15 @@ def test_binary_bytes_equal_sentence_transformers():
         assert np.array_equal(head.quantize(embeddings, precision).numpy(), expected)
 
 
+@pytest.mark.parametrize("precision", ["int4", "int2"])
+def test_packed_codes_dequantize_to_the_levels_of_their_codes(precision):
+    # 30 dimensions: the last byte is padded; rows in a [2, 25] batch.
+    head, embeddings = Quantize(30), unit_vectors(50, 30) * 3  # some beyond the range: the outer levels
+    expected = (head.quantize(embeddings, precision).float() + 0.5) * head.step(precision, 30)
+    packed = head.quantize(embeddings, precision, pack=True).reshape(2, 25, -1)
+    assert torch.equal(head.dequantize(packed, precision, 30), expected.reshape(2, 25, 30))
+
+
 def test_fake_quantize_matches_storage_codes_and_trains_the_ranges():
     head = Quantize(32)
     embeddings = unit_vectors(8, 32).requires_grad_()
