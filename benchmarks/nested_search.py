@@ -19,7 +19,8 @@ bits per dimension, fitted on ``PCA_SAMPLE`` vectors of the corpus, evenly sprea
 first pass derived from it: an exact Hamming scan (faiss ``IndexBinaryFlat``), an HNSW graph on the same bits (faiss
 ``IndexBinaryHNSW``, ``exact=False``) or inverted lists (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus
 size)``, searched with each of ``--probes`` clusters per query); build times are printed. Each rescoring method reads
-each of ``--rescore-multipliers`` x 10 candidates.
+each of ``--rescore-multipliers`` x 10 candidates. Every search is timed ``--rounds`` times, the median kept (the
+recall is the first round's: they are all alike).
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
@@ -31,7 +32,7 @@ same sentences (what the recipes' conversion gives) and the nested one, each tra
 Usage (offline, from the repository root):
     python tools/offline_kit.py -- python benchmarks/nested_search.py --model output/minilm-cpu-final/model
         [--corpus-size 1000000] [--queries 1000] [--rescore-multipliers 4,16,64] [--probes 16,64] [--pca-bits 4]
-        [--parts search,cost] [--train-steps 540] [--train-lr 3e-4] [--threads 2]
+        [--parts search,cost] [--train-steps 540] [--train-lr 3e-4] [--threads 2] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -126,10 +127,14 @@ def large_corpus(model, cache: Path, size: int, queries: int, seed: int = 0) -> 
     return np.concatenate([real, synthetic]), query_embeddings
 
 
-def timed(function):
-    start = time.perf_counter()
-    result = function()
-    return result, time.perf_counter() - start
+def timed(function, rounds: int = 1):
+    """``function()``'s first result and the median of its run times over ``rounds`` runs."""
+    results, seconds = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        results.append(function())
+        seconds.append(time.perf_counter() - start)
+    return results[0], float(np.median(seconds))
 
 
 def compare_search(
@@ -140,6 +145,7 @@ def compare_search(
     multipliers: list[int],
     probes: list[int],
     pca_bits: list[float],
+    rounds: int,
 ) -> None:
     import faiss
     from sentence_transformers.util import quantize_embeddings
@@ -151,7 +157,7 @@ def compare_search(
     head = calibrated_head(model, calibration)
     float_index = faiss.IndexFlatIP(dimension)
     float_index.add(corpus)
-    (_, exact), float_seconds = timed(lambda: float_index.search(queries, top_k))
+    (_, exact), float_seconds = timed(lambda: float_index.search(queries, top_k), rounds)
     exact_sets = [set(row) for row in exact.tolist()]
 
     def recall(found: list[list[int]]) -> float:
@@ -193,11 +199,12 @@ def compare_search(
         hits = index.search(queries, top_k=top_k, rescore_multiplier=multiplier, probes=probes)
         return [[hit["corpus_id"] for hit in row] for row in hits]
 
+    binary_recall, binary_seconds = _recall_and_time(binary_only, recall, rounds)
     rows = [
         ("float32 exact (faiss IndexFlatIP)", 4 * dimension, 1.0, float_seconds),
-        ("binary only (sentence-transformers ubinary, faiss)", dimension // 8, *_recall_and_time(binary_only, recall)),
+        ("binary only (sentence-transformers ubinary, faiss)", dimension // 8, binary_recall, binary_seconds),
     ]
-    rows += float_graph_rows(corpus, queries, recall)
+    rows += float_graph_rows(corpus, queries, recall, rounds)
     for store, (codes_of, precision, codes) in stores.items():  # what each store's codes cap the rescoring at
         scan = faiss.IndexFlatIP(dimension)
         scan.add(decoded_unit_vectors(codes_of, precision, codes))
@@ -205,7 +212,7 @@ def compare_search(
             (
                 f"BitEmbed {store} store alone: every vector rescored (decoded, faiss IndexFlatIP)",
                 nested[store, "scan"].bytes_per_vector,
-                *_recall_and_time(lambda: scan.search(queries, top_k)[1].tolist(), recall),
+                *_recall_and_time(lambda: scan.search(queries, top_k)[1].tolist(), recall, rounds),
             )
         )
     for multiplier in multipliers:
@@ -213,7 +220,7 @@ def compare_search(
             (
                 f"sentence-transformers binary -> int8 rescoring (x{multiplier})",
                 dimension // 8 + dimension,
-                *_recall_and_time(lambda: binary_then_int8(multiplier), recall),
+                *_recall_and_time(lambda: binary_then_int8(multiplier), recall, rounds),
             )
         )
         for (store, first_pass), index in nested.items():
@@ -224,7 +231,7 @@ def compare_search(
                     (
                         f"BitEmbed {store} store: {searched} -> rescoring (x{multiplier})",
                         bytes_per_vector,
-                        *_recall_and_time(lambda: nested_search(index, multiplier, probe), recall),
+                        *_recall_and_time(lambda: nested_search(index, multiplier, probe), recall, rounds),
                     )
                 )
     print(f"\n{len(corpus):,} vectors x {dimension}, {len(queries):,} queries, top 10\n")
@@ -235,7 +242,9 @@ def compare_search(
               f"{float_seconds / seconds:.1f} |")  # fmt: skip
 
 
-def float_graph_rows(corpus: np.ndarray, queries: np.ndarray, recall) -> list[tuple[str, int, float, float]]:
+def float_graph_rows(
+    corpus: np.ndarray, queries: np.ndarray, recall, rounds: int
+) -> list[tuple[str, int, float, float]]:
     """What a graph reaches when it is searched with float32 distances, whatever it costs in bytes: the reference of
     speed and recall for a graph of as many links."""
     import faiss
@@ -250,7 +259,8 @@ def float_graph_rows(corpus: np.ndarray, queries: np.ndarray, recall) -> list[tu
     for ef_search in FLOAT_GRAPH_EF_SEARCH:
         graph.hnsw.efSearch = ef_search
         name = f"float32 HNSW graph, {HNSW_NEIGHBORS} neighbours, efSearch {ef_search} (faiss IndexHNSWFlat)"
-        rows.append((name, bytes_per_vector, *_recall_and_time(lambda: graph.search(queries, 10)[1].tolist(), recall)))
+        found = _recall_and_time(lambda: graph.search(queries, 10)[1].tolist(), recall, rounds)
+        rows.append((name, bytes_per_vector, *found))
     return rows
 
 
@@ -267,8 +277,8 @@ def decoded_unit_vectors(codes_of, precision: str | None, codes) -> np.ndarray:
     return decoded / np.linalg.norm(decoded, axis=1, keepdims=True)
 
 
-def _recall_and_time(search, recall) -> tuple[float, float]:
-    found, seconds = timed(search)
+def _recall_and_time(search, recall, rounds: int) -> tuple[float, float]:
+    found, seconds = timed(search, rounds)
     return recall(found), seconds
 
 
@@ -357,6 +367,7 @@ def main() -> None:
     parser.add_argument("--train-lr", type=float, default=3e-4, help="cost: the heads' learning rate (the recipes')")
     parser.add_argument("--cache-dir", default=".cache/nested-search", help="encoded embeddings are kept here")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=1, help="search: each method timed this many times (median)")
     args = parser.parse_args()
 
     import faiss
@@ -377,10 +388,10 @@ def main() -> None:
     pca_bits = [float(b) for b in args.pca_bits.split(",")]
     if "search" in args.parts:
         print("\n## SciFact (real embeddings)")
-        compare_search(model, calibration, *scifact(model, cache), multipliers, probes, pca_bits)
+        compare_search(model, calibration, *scifact(model, cache), multipliers, probes, pca_bits, args.rounds)
         print("\n## Large corpus (real embeddings, then Gaussian vectors with their mean and covariance)")
         corpus, queries = large_corpus(model, cache, args.corpus_size, args.queries)
-        compare_search(model, calibration, corpus, queries, multipliers, probes, pca_bits)
+        compare_search(model, calibration, corpus, queries, multipliers, probes, pca_bits, args.rounds)
     if "cost" in args.parts:
         pairs = training_pairs(model, cache) if args.train_steps else None
         nesting_cost(model, calibration, KIT_TASKS, pairs, args.train_steps, args.train_lr)
