@@ -17,10 +17,10 @@ float query x int8 codes, as its documentation does), and BitEmbed's :class:`~st
 one store (the nested head's int8 or int4 codes, or :class:`~st_bitembed.pca_codes.PCACodes` at each of ``--pca-bits``
 bits per dimension, fitted on ``PCA_SAMPLE`` vectors of the corpus, evenly spread: all of SciFact's 5,183), the binary
 first pass derived from it: an exact Hamming scan (faiss ``IndexBinaryFlat``), an HNSW graph on the same bits (faiss
-``IndexBinaryHNSW``, ``exact=False``) or inverted lists (faiss ``IndexBinaryIVF``, ``exact=False, clusters=sqrt(corpus
-size)``, searched with each of ``--probes`` clusters per query); build times are printed. Each rescoring method reads
-each of ``--rescore-multipliers`` x 10 candidates. Every search is timed ``--rounds`` times, the median kept (the
-recall is the first round's: they are all alike).
+``IndexBinaryHNSW``, ``exact=False``) or inverted lists (faiss ``IndexBinaryIVF``,
+``exact=False, clusters=sqrt(corpus size)``, searched with each of ``--probes`` clusters per query); build times are
+printed. Each rescoring method reads each of ``--rescore-multipliers`` x 10 candidates. Every search is timed
+``--rounds`` times, the median kept (the recall is the first round's: they are all alike).
 
 Cost (``--parts cost``): the model's own head against a nested head (``Quantize(dim, nested=True)``) calibrated on the
 same 256 STS-B training sentences the recipes calibrate on, on the kit's seven tasks at int8 / int4 / int2 / binary,
