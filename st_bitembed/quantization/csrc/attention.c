@@ -52,7 +52,6 @@ struct row_mask {
     int64_t key_stride;
 };
 
-/* 16 values of a float32 or bfloat16 row, widened to float32. */
 /* Which of keys [key, key + 16) a row attends to (below `keys` and allowed by a boolean mask), and the additive mask's
  * values of them (0 elsewhere). */
 static inline __mmask16 attended_keys(const struct row_mask *mask, int64_t key, int64_t keys, int in_bfloat16,
